@@ -1,0 +1,1 @@
+"""Processes and state behind the faces: device daemons and their registry."""

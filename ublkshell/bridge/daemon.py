@@ -1,0 +1,208 @@
+"""The per-device IO daemon: the process the kernel sees as the ublk server.
+
+`python -m ublkshell.bridge.daemon --spec JSON --ready-fd N` adds the device,
+starts one native queue thread per hardware queue, STARTs the device, writes
+its registry entry and tells the spawner (one JSON line on the ready fd).
+Then it only waits: the IO never enters Python.
+
+SIGTERM means "delete the device": STOP_DEV (the queues drain and see the
+abort), close /dev/ublkcN, DEL_DEV. SIGKILL is what `kill` faults use: the
+kernel's abort path then runs for real.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from .._native import ffi, lib
+from ..ctrl import Control, CtrlError
+from ..errors import UblkError
+from ..targets import make_target
+from . import registry
+
+_stop = []
+
+
+def _on_signal(signum, frame):
+    _stop.append(signum)
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} ublkshell-daemon[{os.getpid()}]: {msg}\n")
+    sys.stderr.flush()
+
+
+def _open_cdev(dev_id: int) -> int:
+    path = f"/dev/ublkc{dev_id}"
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # udev (when there is one) may still be creating the node
+            if time.monotonic() > deadline:
+                raise UblkError(f"{path} did not appear after ADD_DEV") from None
+            time.sleep(0.05)
+
+
+def _affinity(ctrl: Control, dev_id: int, nr_queues: int) -> list[int]:
+    cpus = []
+    for q in range(nr_queues):
+        try:
+            allowed = ctrl.get_queue_affinity(dev_id, q)
+        except CtrlError:
+            allowed = []
+        cpus.append(allowed[0] if allowed else -1)
+    return cpus
+
+
+class Daemon:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.target = make_target(spec)
+        self.ctrl = None
+        self.dev_id = -1
+        self.cdev = -1
+        self.dev = ffi.NULL
+
+    def start(self) -> dict:
+        spec = self.spec
+        self.target.open()
+        self.ctrl = Control()
+        flags = 0
+        if self.ctrl.ioctl_encode:
+            flags |= lib.UBLK_F_CMD_IOCTL_ENCODE
+        info = self.ctrl.add_dev(spec.get("dev_id", -1), spec["queues"], spec["depth"],
+                                 spec["max_io"], flags)
+        self.dev_id = info.dev_id
+        self.info = info
+        self.target.attach(self.dev_id)
+        params = ffi.new("struct ublk_params *")
+        self.target.fill_params(params, info.max_io_buf_bytes)
+        self.ctrl.set_params(self.dev_id, params)
+        self.cdev = _open_cdev(self.dev_id)
+
+        cfg = ffi.new("struct us_dev_cfg *")
+        cfg.dev_id = self.dev_id
+        cfg.nr_queues = info.nr_hw_queues
+        cfg.depth = info.queue_depth
+        cfg.max_io_bytes = info.max_io_buf_bytes
+        cfg.dev_flags = info.flags
+        cfg.ioctl_encode = 1 if self.ctrl.ioctl_encode else 0
+        cfg.cdev_fd = self.cdev
+        cfg.target = self.target.kind
+        cfg.backing_fd = self.target.fd
+        cfg.dev_bytes = self.target.size
+        cfg.backing_bytes = self.target.backing_bytes
+        for q, cpu in enumerate(_affinity(self.ctrl, self.dev_id, info.nr_hw_queues)[:64]):
+            cfg.cpus[q] = cpu
+        err = ffi.new("int *")
+        self.dev = lib.us_dev_start(cfg, err)
+        if self.dev == ffi.NULL:
+            raise UblkError(f"starting the queues failed: {os.strerror(-err[0])}")
+        # returns once every queue has FETCHed every tag
+        self.ctrl.start_dev(self.dev_id, os.getpid())
+        entry = {
+            "id": self.dev_id,
+            "pid": os.getpid(),
+            "target": self.spec["target"],
+            "describe": self.target.describe(),
+            "size": self.target.size,
+            "block_size": self.target.block_size,
+            "queues": int(info.nr_hw_queues),
+            "depth": int(info.queue_depth),
+            "max_io": int(info.max_io_buf_bytes),
+            "flags": int(info.flags),
+            "spec": self.spec,
+            "log": os.environ.get("UBLKSHELL_DAEMON_LOG", ""),
+            "started": time.time(),
+            **self.target.state(),
+        }
+        registry.write(self.dev_id, entry)
+        _log(f"dev {self.dev_id}: serving {self.target.describe()} "
+             f"({entry['queues']} queues x {entry['depth']})")
+        return entry
+
+    def serve(self) -> int:
+        """Wait until the queues end; on a stop signal, delete the device."""
+        stop_sent_at = None
+        while not lib.us_dev_wait(self.dev, 200):
+            if _stop and stop_sent_at is None:
+                _log(f"dev {self.dev_id}: signal {_stop[0]}, stopping")
+                stop_sent_at = time.monotonic()
+                try:
+                    self.ctrl.stop_dev(self.dev_id)
+                except CtrlError as e:
+                    _log(str(e))
+                    lib.us_dev_abort(self.dev)
+            elif stop_sent_at is not None and time.monotonic() - stop_sent_at > 10:
+                _log(f"dev {self.dev_id}: queues still busy 10 s after STOP_DEV, leaving them")
+                lib.us_dev_abort(self.dev)
+                stop_sent_at = float("inf")
+        rc = 0
+        for q in range(self.info.nr_hw_queues):
+            e = lib.us_dev_queue_error(self.dev, q)
+            if e:
+                _log(f"dev {self.dev_id}: queue {q} ended with {os.strerror(-e)}")
+                rc = 1
+        self.teardown(delete=bool(_stop))
+        return rc
+
+    def teardown(self, delete: bool) -> None:
+        if self.dev != ffi.NULL:
+            lib.us_dev_free(self.dev)
+            self.dev = ffi.NULL
+        if self.cdev >= 0:
+            os.close(self.cdev)
+            self.cdev = -1
+        self.target.close()
+        if delete and self.dev_id >= 0 and self.ctrl is not None:
+            try:
+                self.ctrl.stop_dev(self.dev_id)
+            except CtrlError:
+                pass
+            try:
+                self.ctrl.del_dev(self.dev_id)
+            except CtrlError as e:
+                _log(str(e))
+            self.target.remove()
+            registry.remove(self.dev_id)
+            _log(f"dev {self.dev_id}: deleted")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ublkshell-daemon")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--ready-fd", type=int, default=-1)
+    args = ap.parse_args(argv)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+
+    def report(msg: dict) -> None:
+        if args.ready_fd >= 0:
+            try:
+                os.write(args.ready_fd, (json.dumps(msg) + "\n").encode())
+                os.close(args.ready_fd)
+            except OSError:
+                pass
+            args.ready_fd = -1
+
+    d = None
+    try:
+        d = Daemon(json.loads(args.spec))
+        entry = d.start()
+    except (UblkError, OSError) as e:
+        msg = str(e) if isinstance(e, UblkError) else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
+        _log(f"failed: {msg}")
+        if d is not None:
+            d.teardown(delete=True)
+        report({"ok": False, "error": msg})
+        return 1
+    report({"ok": True, "device": entry})
+    return d.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""cffi builder for ublkshell._native (API mode, compiled against liburing).
+
+The cdef is generated from our own headers so that the C code and what Python
+sees cannot drift apart: struct bodies come from uapi.h, every integer
+#define in uapi.h becomes a constant on `lib`, and ushell_api.h is the call
+surface.
+"""
+import os
+import re
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ["ring.c", "ctrl.c", "target_null.c", "target_mem.c", "target_loop.c"]
+
+
+def _read(name):
+    with open(os.path.join(HERE, name)) as f:
+        return f.read()
+
+
+def _strip_preprocessor(text):
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+
+
+def _constants(text):
+    names = re.findall(r"^\s*#define\s+([A-Z][A-Z0-9_]+)\s+\S", text, flags=re.M)
+    skip = {"USHELL_UAPI_H"}
+    return "\n".join(f"#define {n} ..." for n in names if n not in skip)
+
+
+def make_ffi():
+    uapi = _read("uapi.h")
+    ffi = FFI()
+    ffi.cdef("""
+typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32;
+typedef uint64_t __u64; typedef int32_t __s32;
+""")
+    ffi.cdef(_strip_preprocessor(uapi))
+    ffi.cdef(_constants(uapi))
+    ffi.cdef(_strip_preprocessor(_read("ushell_api.h")))
+    ffi.set_source(
+        "ublkshell._native",
+        '#include "ushell.h"\n',
+        sources=[os.path.join("ublkshell", "native", s) for s in SOURCES],
+        include_dirs=[os.path.join("ublkshell", "native")],
+        libraries=["uring", "pthread"],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-std=gnu11"],
+    )
+    return ffi
+
+
+ffibuilder = make_ffi()
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

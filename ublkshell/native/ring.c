@@ -1,0 +1,389 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The per-queue ring loop: one thread and one io_uring per hardware queue.
+ *
+ * Each tag has exactly one command outstanding with the driver. A FETCH (then
+ * COMMIT_AND_FETCH) completes when the driver hands us a request; the target
+ * serves it, on this same ring when it has IO to do, and the result goes back
+ * with the next COMMIT_AND_FETCH. Everything queued while reaping one batch of
+ * CQEs is submitted with a single io_uring_enter.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+
+#include "ushell.h"
+
+static size_t page_round(size_t n)
+{
+	size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+
+	return (n + pg - 1) & ~(pg - 1);
+}
+
+struct io_uring_sqe *us_get_sqe(struct us_queue *q)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+
+	if (!sqe) {
+		io_uring_submit(&q->ring);
+		sqe = io_uring_get_sqe(&q->ring);
+	}
+	if (sqe)
+		us_sqe128_zero(sqe);
+	return sqe;
+}
+
+static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int result)
+{
+	struct io_uring_sqe *sqe = us_get_sqe(q);
+	struct ublksrv_io_cmd *cmd;
+
+	if (!sqe) {
+		/* cannot happen with the ring sized for depth; stop rather than lose a tag */
+		q->error = -EBUSY;
+		q->stopping = 1;
+		return;
+	}
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->fd = q->dev->cfg.cdev_fd;
+	sqe->cmd_op = op;
+	sqe->user_data = us_ud(tag, UD_CMD);
+	cmd = us_sqe_cmd(sqe);
+	cmd->q_id = q->q_id;
+	cmd->tag = tag;
+	cmd->result = result;
+	cmd->addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
+	q->cmd_inflight++;
+}
+
+static void commit(struct us_queue *q, unsigned tag, int result)
+{
+	queue_uring_cmd(q, tag, q->dev->op_commit, result);
+}
+
+static void serve(struct us_queue *q, unsigned tag)
+{
+	const struct ublksrv_io_desc *iod = &q->iods[tag];
+	struct us_io *io = &q->ios[tag];
+	int r;
+
+	io->op_flags = iod->op_flags;
+	io->nr_sectors = iod->nr_sectors;
+	io->start_sector = iod->start_sector;
+	io->done = 0;
+	io->attempt = 0;
+	r = q->dev->tgt->queue_io(q, tag, io);
+	if (r != US_QUEUED)
+		commit(q, tag, r);
+}
+
+static void handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
+{
+	unsigned tag = us_ud_tag(cqe->user_data);
+	int r;
+
+	switch (us_ud_kind(cqe->user_data)) {
+	case UD_STOP:
+		q->stopping = 2;
+		return;
+	case UD_TGT:
+		q->tgt_inflight--;
+		r = q->dev->tgt->io_done(q, tag, &q->ios[tag], cqe->res);
+		if (r != US_QUEUED)
+			commit(q, tag, r);
+		return;
+	}
+
+	q->cmd_inflight--;
+	if (cqe->res == UBLK_IO_RES_OK) {
+		serve(q, tag);
+	} else if (cqe->res == UBLK_IO_RES_ABORT) {
+		/* the device is going away (STOP_DEV, or we are being torn down) */
+		q->stopping = 1;
+	} else {
+		/* NEED_GET_DATA is never enabled; anything else is a protocol error */
+		if (!q->error)
+			q->error = cqe->res > 0 ? -EPROTO : cqe->res;
+		q->stopping = 1;
+	}
+}
+
+static int queue_setup(struct us_queue *q)
+{
+	struct us_dev *d = q->dev;
+	const struct us_dev_cfg *c = &d->cfg;
+	struct io_uring_params p;
+	/* a tag has at most one command and one target SQE in flight, plus the stop poll */
+	unsigned entries = 2 * c->depth + 2;
+	size_t stride;
+	int ret, i;
+
+	if (q->cpu >= 0) {
+		cpu_set_t set;
+
+		CPU_ZERO(&set);
+		CPU_SET(q->cpu, &set);
+		/* best effort: a cpuset may forbid the cpu the driver prefers */
+		sched_setaffinity(0, sizeof(set), &set);
+	}
+
+	memset(&p, 0, sizeof(p));
+	p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN |
+		IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+	p.cq_entries = 2 * entries;
+	ret = io_uring_queue_init_params(entries, &q->ring, &p);
+	if (ret == -EINVAL) {
+		/* kernels before 6.1 know no DEFER_TASKRUN */
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
+		p.cq_entries = 2 * entries;
+		ret = io_uring_queue_init_params(entries, &q->ring, &p);
+	}
+	if (ret < 0)
+		return ret;
+	q->ring_ok = 1;
+
+	/* the driver lays the queues out at a stride sized for the largest depth */
+	stride = page_round(UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc));
+	q->iods_len = page_round(c->depth * sizeof(struct ublksrv_io_desc));
+	q->iods = mmap(NULL, q->iods_len, PROT_READ, MAP_SHARED | MAP_POPULATE,
+		       c->cdev_fd, UBLKSRV_CMD_BUF_OFFSET + (off_t)q->q_id * stride);
+	if (q->iods == MAP_FAILED) {
+		q->iods = NULL;
+		return -errno;
+	}
+
+	q->ios = calloc(c->depth, sizeof(*q->ios));
+	if (!q->ios)
+		return -ENOMEM;
+	q->bufs_len = (size_t)c->depth * c->max_io_bytes;
+	q->bufs = mmap(NULL, q->bufs_len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (q->bufs == MAP_FAILED) {
+		q->bufs = NULL;
+		return -ENOMEM;
+	}
+	for (i = 0; i < c->depth; i++)
+		q->ios[i].buf = q->bufs + (size_t)i * c->max_io_bytes;
+	return 0;
+}
+
+static void queue_stop_poll(struct us_queue *q)
+{
+	struct io_uring_sqe *sqe = us_get_sqe(q);
+
+	io_uring_prep_poll_add(sqe, q->dev->stop_efd, POLLIN);
+	sqe->user_data = us_ud(0, UD_STOP);
+}
+
+static void queue_loop(struct us_queue *q)
+{
+	const struct us_dev_cfg *c = &q->dev->cfg;
+	int i;
+
+	queue_stop_poll(q);
+	for (i = 0; i < c->depth; i++)
+		queue_uring_cmd(q, i, q->dev->op_fetch, 0);
+
+	for (;;) {
+		struct io_uring_cqe *cqe;
+		unsigned head, n = 0;
+		int ret;
+
+		if (q->stopping == 2)
+			break;
+		if (q->stopping && !q->cmd_inflight && !q->tgt_inflight)
+			break;
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+		if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+			q->error = ret;
+			break;
+		}
+		io_uring_for_each_cqe(&q->ring, head, cqe) {
+			handle_cqe(q, cqe);
+			n++;
+		}
+		io_uring_cq_advance(&q->ring, n);
+	}
+}
+
+static void queue_teardown(struct us_queue *q)
+{
+	/* exiting the ring cancels what is still outstanding: the driver sees an abort */
+	if (q->ring_ok)
+		io_uring_queue_exit(&q->ring);
+	q->ring_ok = 0;
+	if (q->iods)
+		munmap((void *)q->iods, q->iods_len);
+	q->iods = NULL;
+	if (q->bufs)
+		munmap(q->bufs, q->bufs_len);
+	q->bufs = NULL;
+	free(q->ios);
+	q->ios = NULL;
+}
+
+static void *queue_thread(void *arg)
+{
+	struct us_queue *q = arg;
+	struct us_dev *d = q->dev;
+	int ret = queue_setup(q), go;
+
+	pthread_mutex_lock(&d->lock);
+	if (ret) {
+		q->error = ret;
+		d->nr_failed++;
+	}
+	d->nr_ready++;
+	pthread_cond_broadcast(&d->cond);
+	while (!d->go)
+		pthread_cond_wait(&d->cond, &d->lock);
+	go = d->go;
+	pthread_mutex_unlock(&d->lock);
+
+	if (go > 0 && !ret)
+		queue_loop(q);
+	queue_teardown(q);
+
+	pthread_mutex_lock(&d->lock);
+	d->nr_exited++;
+	pthread_cond_broadcast(&d->cond);
+	pthread_mutex_unlock(&d->lock);
+	return NULL;
+}
+
+static const struct us_target_ops *target_ops(int kind)
+{
+	switch (kind) {
+	case US_TGT_NULL: return &us_target_null;
+	case US_TGT_MEM: return &us_target_mem;
+	case US_TGT_LOOP: return &us_target_loop;
+	}
+	return NULL;
+}
+
+struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
+{
+	struct us_dev *d;
+	int i, started = 0;
+
+	*err = 0;
+	if (cfg->nr_queues < 1 || cfg->depth < 1 || cfg->depth > UBLK_MAX_QUEUE_DEPTH ||
+	    cfg->max_io_bytes < 512 || !target_ops(cfg->target)) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	d = calloc(1, sizeof(*d) + cfg->nr_queues * sizeof(struct us_queue));
+	if (!d) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	d->cfg = *cfg;
+	d->tgt = target_ops(cfg->target);
+	d->op_fetch = cfg->ioctl_encode ? UBLK_U_IO_FETCH_REQ : UBLK_IO_FETCH_REQ;
+	d->op_commit = cfg->ioctl_encode ? UBLK_U_IO_COMMIT_AND_FETCH_REQ :
+		UBLK_IO_COMMIT_AND_FETCH_REQ;
+	d->stop_efd = eventfd(0, EFD_CLOEXEC);
+	if (d->stop_efd < 0) {
+		*err = -errno;
+		free(d);
+		return NULL;
+	}
+	pthread_mutex_init(&d->lock, NULL);
+	pthread_cond_init(&d->cond, NULL);
+
+	for (i = 0; i < cfg->nr_queues; i++) {
+		struct us_queue *q = &d->q[i];
+
+		q->dev = d;
+		q->q_id = i;
+		q->cpu = i < 64 ? cfg->cpus[i] : -1;
+		if (pthread_create(&q->thr, NULL, queue_thread, q)) {
+			*err = -EAGAIN;
+			break;
+		}
+		started++;
+	}
+
+	pthread_mutex_lock(&d->lock);
+	while (d->nr_ready < started)
+		pthread_cond_wait(&d->cond, &d->lock);
+	if (!*err && d->nr_failed) {
+		for (i = 0; i < started; i++)
+			if (d->q[i].error) {
+				*err = d->q[i].error;
+				break;
+			}
+	}
+	d->go = *err ? -1 : 1;
+	pthread_cond_broadcast(&d->cond);
+	pthread_mutex_unlock(&d->lock);
+
+	if (*err) {
+		for (i = 0; i < started; i++)
+			pthread_join(d->q[i].thr, NULL);
+		close(d->stop_efd);
+		free(d);
+		return NULL;
+	}
+	return d;
+}
+
+int us_dev_wait(struct us_dev *d, int timeout_ms)
+{
+	struct timespec ts;
+	int done;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += timeout_ms / 1000;
+	ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&d->lock);
+	while (d->nr_exited < d->cfg.nr_queues)
+		if (pthread_cond_timedwait(&d->cond, &d->lock, &ts) == ETIMEDOUT)
+			break;
+	done = d->nr_exited >= d->cfg.nr_queues;
+	pthread_mutex_unlock(&d->lock);
+	return done;
+}
+
+void us_dev_abort(struct us_dev *d)
+{
+	uint64_t one = 1;
+
+	if (write(d->stop_efd, &one, sizeof(one)) < 0)
+		perror("ublkshell: stop eventfd");
+}
+
+int us_dev_queue_error(struct us_dev *d, int q_id)
+{
+	if (q_id < 0 || q_id >= d->cfg.nr_queues)
+		return -EINVAL;
+	return d->q[q_id].error;
+}
+
+void us_dev_free(struct us_dev *d)
+{
+	int i;
+
+	if (!d)
+		return;
+	us_dev_abort(d);
+	for (i = 0; i < d->cfg.nr_queues; i++)
+		pthread_join(d->q[i].thr, NULL);
+	close(d->stop_efd);
+	pthread_mutex_destroy(&d->lock);
+	pthread_cond_destroy(&d->cond);
+	free(d);
+}

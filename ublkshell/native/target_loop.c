@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * loop: a file or block device, through io_uring on the queue's own ring.
+ * FLUSH -> fdatasync, FUA -> RWF_DSYNC on the write, DISCARD -> punch a hole,
+ * WRITE_ZEROES -> zero range (punch when the request allows unmapping).
+ * Reads at or past the backing file's end return zeros.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <linux/fs.h>
+
+#include "ushell.h"
+
+#ifndef RWF_DSYNC
+#define RWF_DSYNC 0x00000002
+#endif
+
+static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
+{
+	int fd = q->dev->cfg.backing_fd;
+	uint64_t off = (io->start_sector << 9) + io->done;
+	unsigned len = (io->nr_sectors << 9) - io->done;
+	unsigned op = io->op_flags & 0xff;
+	struct io_uring_sqe *sqe = us_get_sqe(q);
+	int mode;
+
+	if (!sqe)
+		return -EBUSY;
+	switch (op) {
+	case UBLK_IO_OP_READ:
+		io_uring_prep_read(sqe, fd, io->buf + io->done, len, off);
+		break;
+	case UBLK_IO_OP_WRITE:
+		io_uring_prep_write(sqe, fd, io->buf + io->done, len, off);
+		if (io->op_flags & UBLK_IO_F_FUA)
+			sqe->rw_flags = RWF_DSYNC;
+		break;
+	case UBLK_IO_OP_FLUSH:
+		io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+		break;
+	case UBLK_IO_OP_DISCARD:
+		io_uring_prep_fallocate(sqe, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+					off, len);
+		break;
+	case UBLK_IO_OP_WRITE_ZEROES:
+		/* attempt 0 follows the request's wish, attempt 1 tries the other way */
+		mode = !!(io->op_flags & UBLK_IO_F_NOUNMAP) ^ !!io->attempt ?
+			FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE;
+		io_uring_prep_fallocate(sqe, fd, mode | FALLOC_FL_KEEP_SIZE, off, len);
+		break;
+	default:
+		/* the SQE is already taken: turn it into a no-op that reports the error */
+		io_uring_prep_nop(sqe);
+		io->attempt = 0xff;
+		break;
+	}
+	sqe->user_data = us_ud(tag, UD_TGT);
+	q->tgt_inflight++;
+	return US_QUEUED;
+}
+
+static int loop_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
+{
+	return loop_submit(q, tag, io);
+}
+
+static int loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int res)
+{
+	unsigned op = io->op_flags & 0xff;
+	unsigned len = io->nr_sectors << 9;
+	uint64_t off = io->start_sector << 9;
+
+	if (io->attempt == 0xff)
+		return -EOPNOTSUPP;
+	if (res == -EAGAIN || res == -EINTR)
+		return loop_submit(q, tag, io);
+
+	switch (op) {
+	case UBLK_IO_OP_READ:
+		if (res < 0)
+			return res;
+		io->done += res;
+		if (io->done < len && (res == 0 || off + io->done >= q->dev->cfg.backing_bytes)) {
+			memset(io->buf + io->done, 0, len - io->done);
+			io->done = len;
+		}
+		return io->done < len ? loop_submit(q, tag, io) : (int)len;
+	case UBLK_IO_OP_WRITE:
+		if (res <= 0)
+			return res < 0 ? res : -EIO;
+		io->done += res;
+		return io->done < len ? loop_submit(q, tag, io) : (int)len;
+	case UBLK_IO_OP_DISCARD:
+		/* discard is advisory: a backing store that cannot punch just keeps the data */
+		return res == -EOPNOTSUPP ? 0 : (res < 0 ? res : 0);
+	case UBLK_IO_OP_WRITE_ZEROES:
+		if (res == -EOPNOTSUPP && !io->attempt) {
+			io->attempt = 1;
+			return loop_submit(q, tag, io);
+		}
+		return res < 0 ? res : 0;
+	}
+	/* FLUSH, and every op that commits no byte count */
+	return res < 0 ? res : 0;
+}
+
+const struct us_target_ops us_target_loop = {
+	.name = "loop",
+	.queue_io = loop_queue_io,
+	.io_done = loop_io_done,
+};

@@ -1,0 +1,71 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * mem: RAM-backed and sparse. The data lives in a file on tmpfs (not in this
+ * process) so it outlives a killed daemon and a recovered one finds it.
+ * pread/pwrite rather than a mapping: a full tmpfs then fails the IO with
+ * ENOSPC instead of killing the daemon with SIGBUS.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ushell.h"
+
+static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
+{
+	int fd = q->dev->cfg.backing_fd;
+	off_t off = (off_t)io->start_sector << 9;
+	size_t len = (size_t)io->nr_sectors << 9, done = 0;
+	ssize_t n;
+
+	(void)tag;
+	switch (io->op_flags & 0xff) {
+	case UBLK_IO_OP_READ:
+		while (done < len) {
+			n = pread(fd, io->buf + done, len - done, off + done);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0)
+				return -errno;
+			if (n == 0) {
+				memset(io->buf + done, 0, len - done);
+				break;
+			}
+			done += n;
+		}
+		return len;
+	case UBLK_IO_OP_WRITE:
+		while (done < len) {
+			n = pwrite(fd, io->buf + done, len - done, off + done);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0)
+				return n < 0 ? -errno : -EIO;
+			done += n;
+		}
+		return len;
+	case UBLK_IO_OP_FLUSH:
+		return 0;
+	case UBLK_IO_OP_DISCARD:
+	case UBLK_IO_OP_WRITE_ZEROES:
+		/* a hole reads back as zeros and gives the memory back */
+		if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) < 0)
+			return -errno;
+		return 0;
+	}
+	return -EOPNOTSUPP;
+}
+
+static int mem_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int res)
+{
+	(void)q; (void)tag; (void)io;
+	return res;
+}
+
+const struct us_target_ops us_target_mem = {
+	.name = "mem",
+	.queue_io = mem_queue_io,
+	.io_done = mem_io_done,
+};

@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The native side of ublkshell: control commands and the per-queue ring loop.
+ * Python (cffi) sees only what ushell_api.h declares; this header is the
+ * contract between the ring loop and the targets.
+ */
+#ifndef USHELL_H
+#define USHELL_H
+
+#include <stdint.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <string.h>
+#include <liburing.h>
+#include "uapi.h"
+#include "ushell_api.h"
+
+/* a target's queue_io/io_done returns this when it left IO in flight on the ring */
+#define US_QUEUED	(-0x7fffffff)
+
+/* sqe->user_data: tag in bits 0-15, kind in 16-23 */
+enum us_ud_kind { UD_CMD = 0, UD_TGT = 1, UD_STOP = 2 };
+
+static inline uint64_t us_ud(unsigned tag, unsigned kind)
+{
+	return (uint64_t)tag | ((uint64_t)kind << 16);
+}
+static inline unsigned us_ud_tag(uint64_t ud) { return ud & 0xffff; }
+static inline unsigned us_ud_kind(uint64_t ud) { return (ud >> 16) & 0xff; }
+
+struct us_io {
+	char		*buf;
+	/* the descriptor is copied out: the driver may rewrite it after commit */
+	uint32_t	op_flags;
+	uint32_t	nr_sectors;
+	uint64_t	start_sector;
+	uint32_t	done;		/* bytes moved so far (short IO is resubmitted) */
+	uint32_t	attempt;	/* target specific retry state */
+	uint32_t	dirty;		/* null target: bytes of write data left in buf */
+};
+
+struct us_queue;
+
+struct us_target_ops {
+	const char *name;
+	/* start an IO: return the commit result, or US_QUEUED */
+	int (*queue_io)(struct us_queue *q, unsigned tag, struct us_io *io);
+	/* a target SQE of this tag completed: commit result, or US_QUEUED */
+	int (*io_done)(struct us_queue *q, unsigned tag, struct us_io *io, int res);
+};
+
+extern const struct us_target_ops us_target_null;
+extern const struct us_target_ops us_target_mem;
+extern const struct us_target_ops us_target_loop;
+
+struct us_dev;
+
+struct us_queue {
+	struct us_dev	*dev;
+	int		q_id;
+	int		cpu;
+	pthread_t	thr;
+	struct io_uring	ring;
+	int		ring_ok;
+	const struct ublksrv_io_desc *iods;
+	size_t		iods_len;
+	char		*bufs;
+	size_t		bufs_len;
+	struct us_io	*ios;
+	unsigned	cmd_inflight;
+	unsigned	tgt_inflight;
+	int		stopping;
+	int		error;
+	uint64_t	stop_val;
+};
+
+struct us_dev {
+	struct us_dev_cfg cfg;
+	const struct us_target_ops *tgt;
+	unsigned	op_fetch, op_commit;
+	int		stop_efd;
+	pthread_mutex_t	lock;
+	pthread_cond_t	cond;
+	int		nr_ready;	/* queues that finished setup */
+	int		nr_failed;
+	int		go;		/* 1: fetch and serve, -1: give up */
+	int		nr_exited;
+	struct us_queue	q[];
+};
+
+/* an SQE, zeroed to 128 bytes, flushing the SQ when it is full */
+struct io_uring_sqe *us_get_sqe(struct us_queue *q);
+
+/*
+ * SQE128 rings: the command area runs past the classic 64-byte SQE, where
+ * the compiler's view of struct io_uring_sqe ends; go through a plain pointer.
+ */
+static inline void *us_sqe_cmd(struct io_uring_sqe *sqe)
+{
+	return (char *)(uintptr_t)sqe + offsetof(struct io_uring_sqe, cmd);
+}
+
+static inline void us_sqe128_zero(struct io_uring_sqe *sqe)
+{
+	void *p = (void *)(uintptr_t)sqe;
+
+	memset(p, 0, 128);
+}
+
+#endif

@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * What Python calls through cffi. build.py feeds this file (preprocessor
+ * lines dropped) to cffi's cdef, so keep it to plain declarations.
+ */
+#ifndef USHELL_API_H
+#define USHELL_API_H
+#include <stdint.h>
+
+enum us_target_kind { US_TGT_NULL = 0, US_TGT_MEM = 1, US_TGT_LOOP = 2 };
+
+struct us_dev_cfg {
+	int		dev_id;
+	int		nr_queues;
+	int		depth;
+	unsigned	max_io_bytes;
+	uint64_t	dev_flags;	/* the UBLK_F_* the device was added with */
+	int		ioctl_encode;	/* 1: UBLK_U_IO_* opcodes, 0: legacy numbers */
+	int		cdev_fd;	/* /dev/ublkcN, opened once and shared */
+	int		target;		/* enum us_target_kind */
+	int		backing_fd;	/* loop: file or block device; mem: its shm file */
+	uint64_t	dev_bytes;
+	uint64_t	backing_bytes;	/* loop: reads at or past this are zeros */
+	int		cpus[64];	/* queue -> cpu to pin to, -1 none (queues >= 64 unpinned) */
+};
+
+struct us_dev;
+
+/* one control command on /dev/ublk-control: returns cqe->res (>= 0 or -errno) */
+int us_ctrl_cmd(int ctrl_fd, unsigned cmd_op, struct ublksrv_ctrl_cmd *cmd);
+
+/*
+ * Set up every queue (thread, ring, descriptor mmap, buffers) and let the
+ * threads FETCH every tag. Returns NULL with *err = -errno on failure.
+ * START_DEV (or END_USER_RECOVERY) must follow from another thread.
+ */
+struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err);
+/* 1 once every queue thread has exited, 0 after timeout_ms */
+int us_dev_wait(struct us_dev *d, int timeout_ms);
+/* make the queue threads leave at once, abandoning their commands to the kernel */
+void us_dev_abort(struct us_dev *d);
+/* first fatal error a queue hit (-errno), 0 if none */
+int us_dev_queue_error(struct us_dev *d, int q_id);
+void us_dev_free(struct us_dev *d);
+
+/* smallest O_DIRECT alignment (512 or 4096) that reads from fd work with, 0 if none */
+int us_probe_direct(int fd);
+#endif

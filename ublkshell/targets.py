@@ -1,0 +1,203 @@
+"""The built-in targets, Python half: validate options, open the backing store,
+choose device parameters. The IO itself is C (native/target_*.c).
+
+Adding a target is one C file with a `struct us_target_ops` plus one class
+here registered in TARGETS.
+"""
+import fcntl
+import os
+import stat
+import struct
+
+from ._native import ffi, lib
+from .errors import UsageError
+from .sizes import parse_size
+
+MEM_DIR = os.environ.get("UBLKSHELL_MEM_DIR", "/dev/shm/ublkshell")
+_BLKGETSIZE64 = 0x80081272
+_BLKSSZGET = 0x1268
+
+
+class Target:
+    name = ""
+    kind = -1
+    needs_size = True
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.fd = -1
+        self.size = 0
+        self.backing_bytes = 0
+        self.block_size = spec.get("block_size", 512)
+
+    # -- run in the CLI: reject bad input before any device exists --------
+    @classmethod
+    def validate(cls, spec: dict) -> None:
+        if cls.needs_size and not spec.get("size"):
+            raise UsageError(f"--size is required for the {cls.name} target (e.g. --size 1G)")
+        if spec.get("file"):
+            raise UsageError(f"-f/--file is only for the loop target, not {cls.name}")
+
+    # -- run in the daemon ------------------------------------------------
+    def open(self) -> None:
+        """Open the backing store; called before ADD_DEV."""
+        self.size = self.spec["size"]
+
+    def attach(self, dev_id: int) -> None:
+        """The device exists now (dev_id known)."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def state(self) -> dict:
+        """What `list` and a recovering daemon need to know besides the spec."""
+        return {}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        """The device was deleted: drop what only it used."""
+
+    def fill_params(self, p, max_io_bytes: int) -> None:
+        shift = self.block_size.bit_length() - 1
+        p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_DISCARD
+        # a volatile cache + FUA so that FLUSH and FUA reach the target
+        p.basic.attrs = lib.UBLK_ATTR_VOLATILE_CACHE | lib.UBLK_ATTR_FUA
+        p.basic.logical_bs_shift = shift
+        p.basic.physical_bs_shift = max(shift, 12)
+        p.basic.io_min_shift = shift
+        p.basic.io_opt_shift = max(shift, 12)
+        p.basic.max_sectors = max_io_bytes >> 9
+        p.basic.dev_sectors = self.size >> 9
+        p.discard.discard_granularity = max(self.block_size, 4096)
+        p.discard.max_discard_sectors = 0xFFFFFFFF >> 9
+        p.discard.max_write_zeroes_sectors = 0xFFFFFFFF >> 9
+        p.discard.max_discard_segments = 1
+
+
+class NullTarget(Target):
+    name = "null"
+    kind = lib.US_TGT_NULL
+
+
+class MemTarget(Target):
+    name = "mem"
+    kind = lib.US_TGT_MEM
+
+    def attach(self, dev_id: int) -> None:
+        os.makedirs(MEM_DIR, mode=0o700, exist_ok=True)
+        path = self.spec.get("mem_path") or os.path.join(MEM_DIR, f"ublkb{dev_id}.mem")
+        recovering = bool(self.spec.get("mem_path"))
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if recovering else os.O_TRUNC)
+        self.fd = os.open(path, flags, 0o600)
+        os.ftruncate(self.fd, self.size)
+        self.path = path
+
+    def state(self) -> dict:
+        return {"mem_path": getattr(self, "path", None)}
+
+    def remove(self) -> None:
+        path = getattr(self, "path", None) or self.spec.get("mem_path")
+        if path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+class LoopTarget(Target):
+    name = "loop"
+    kind = lib.US_TGT_LOOP
+    needs_size = False
+
+    @classmethod
+    def validate(cls, spec: dict) -> None:
+        path = spec.get("file")
+        if not path:
+            raise UsageError("the loop target needs a backing file: -f/--file PATH")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UsageError(f"-f/--file: {path}: no such file") from None
+        except OSError as e:
+            raise UsageError(f"-f/--file: {path}: {e.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"-f/--file: {path}: not a regular file or block device")
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0 and not spec.get("size"):
+            raise UsageError(f"-f/--file: {path} is empty: give --size to serve it anyway")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UsageError(f"-f/--file: {path}: needs read and write permission")
+
+    def open(self) -> None:
+        path = self.spec["file"]
+        self.direct = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+            align = lib.us_probe_direct(fd)
+            if align and (align <= self.block_size or not self.spec.get("block_size_given")):
+                self.block_size = max(self.block_size, align)
+                self.direct = True
+            else:
+                os.close(fd)
+                fd = -1
+        except OSError:
+            fd = -1
+        if fd < 0:
+            # tmpfs before 6.6, some FUSE and network filesystems: buffered IO
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.fd = fd
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+            self.backing_bytes = struct.unpack("Q", buf)[0]
+        else:
+            self.backing_bytes = st.st_size
+        size = self.spec.get("size") or self.backing_bytes
+        self.size = size - size % self.block_size
+
+    def describe(self) -> str:
+        return f"loop {self.spec['file']}"
+
+    def state(self) -> dict:
+        return {"direct_io": self.direct}
+
+
+TARGETS = {t.name: t for t in (NullTarget, MemTarget, LoopTarget)}
+
+
+def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
+               max_io="512k", dev_id=-1) -> dict:
+    """Check the options of `add` and turn them into the daemon's spec."""
+    if target not in TARGETS:
+        raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    spec = {"target": target, "dev_id": dev_id}
+    if file is not None:
+        spec["file"] = os.path.abspath(file)
+    if size is not None:
+        spec["size"] = parse_size(size, "--size")
+    if not 1 <= queues <= 64:
+        raise UsageError(f"-q/--queues: {queues} is out of range (1..64)")
+    if not 1 <= depth <= lib.UBLK_MAX_QUEUE_DEPTH:
+        raise UsageError(f"-d/--depth: {depth} is out of range (1..{lib.UBLK_MAX_QUEUE_DEPTH})")
+    spec["queues"], spec["depth"] = queues, depth
+    bs = 512 if block_size is None else parse_size(block_size, "--block-size")
+    if bs not in (512, 1024, 2048, 4096):
+        raise UsageError(f"--block-size: {block_size} must be 512, 1k, 2k or 4k")
+    spec["block_size"], spec["block_size_given"] = bs, block_size is not None
+    mio = parse_size(max_io, "--max-io")
+    if mio % 4096 or not 4096 <= mio <= (32 << 20):
+        raise UsageError(f"--max-io: {max_io} must be a multiple of 4k between 4k and 32M")
+    spec["max_io"] = mio
+    if "size" in spec and spec["size"] % bs:
+        raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
+    if dev_id is not None and dev_id != -1 and not 0 <= dev_id < (1 << 20):
+        raise UsageError(f"-n/--number: {dev_id} is not a valid device id")
+    TARGETS[target].validate(spec)
+    return spec
+
+
+def make_target(spec: dict) -> Target:
+    return TARGETS[spec["target"]](spec)
