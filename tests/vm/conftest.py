@@ -1,0 +1,106 @@
+"""Fixtures for tests against the real ublk_drv (they run inside the bundled VM).
+
+Everything that can block (a CLI call, dd, fio) runs as a subprocess with a
+timeout: a wedged device must fail a test, never hang the suite.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+CONTROL = "/dev/ublk-control"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(autouse=True)
+def _real_driver():
+    if not os.path.exists(CONTROL):
+        pytest.fail("this test needs the real ublk_drv (/dev/ublk-control is missing): "
+                    "run it through scripts/test.sh, which boots the bundled VM")
+    if os.geteuid() != 0:
+        pytest.fail("ublk control needs root")
+
+
+def run(argv, timeout=120, check=True, **kw):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode:
+        raise AssertionError(f"{argv} exited {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
+    return p
+
+
+def cli(*args, timeout=180, check=True):
+    return run([sys.executable, "-m", "ublkshell", *args], timeout=timeout, check=check)
+
+
+class Devices:
+    """Creates devices through the CLI and deletes whatever is left at teardown."""
+
+    def __init__(self):
+        self.ids = []
+
+    def add(self, *args) -> dict:
+        p = cli("add", *args, "--json")
+        dev = json.loads(p.stdout)
+        self.ids.append(dev["id"])
+        dev["path"] = f"/dev/ublkb{dev['id']}"
+        return dev
+
+    def cleanup(self):
+        for dev_id in self.ids:
+            if os.path.exists(f"/dev/ublkc{dev_id}"):
+                cli("del", str(dev_id), check=False, timeout=60)
+
+
+@pytest.fixture
+def devices():
+    d = Devices()
+    yield d
+    d.cleanup()
+    left = [n for n in os.listdir("/dev") if n.startswith("ublkc")]
+    assert not left, f"devices left behind: {left}"
+
+
+@pytest.fixture
+def scratch(tmp_path_factory):
+    """A directory on the guest's tmpfs (never on the shared host filesystem)."""
+    d = f"/dev/shm/ublkshell-test-{os.getpid()}-{time.monotonic_ns()}"
+    os.makedirs(d)
+    yield d
+    subprocess.run(["rm", "-rf", d])
+
+
+def pattern(nbytes: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(nbytes)
+
+
+def pwrite_direct(path: str, data: bytes, offset: int) -> None:
+    import mmap
+
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf.write(data)
+        assert os.pwritev(fd, [buf], offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def pread_direct(path: str, nbytes: int, offset: int) -> bytes:
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, nbytes)
+        assert os.preadv(fd, [buf], offset) == nbytes
+        return bytes(buf)
+    finally:
+        os.close(fd)
