@@ -38,7 +38,10 @@ class CtrlError(UblkError):
     def __init__(self, command: str, dev_id, err: int):
         self.command, self.dev_id, self.errno = command, dev_id, err
         what = command if dev_id is None else f"{command} on device {dev_id}"
-        super().__init__(f"{what} failed: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
+        why = f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"
+        if err == errno.EPERM:
+            why += ": ublk control needs root (CAP_SYS_ADMIN)"
+        super().__init__(f"{what} failed: {why}")
 
 
 class Control:

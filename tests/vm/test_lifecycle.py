@@ -81,3 +81,23 @@ def test_sigkill_of_daemon_fails_io_and_del_cleans_up(devices):
     cli("del", str(dev["id"]), timeout=60)
     assert _wait(lambda: _gone(dev["id"]), 10)
     assert not os.path.exists(f"/run/ublkshell/devices/{dev['id']}.json")
+
+
+def test_without_cap_sys_admin_gets_one_line(devices):
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "util-linux setpriv is needed"
+    p = subprocess.run([setpriv, "--bounding-set=-sys_admin", "--inh-caps=-sys_admin",
+                        sys.executable, "-m", "ublkshell", "add", "-t", "mem", "--size", "16M"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip() == ("ublkshell: ADD_DEV failed: Operation not permitted (EPERM): "
+                                "ublk control needs root (CAP_SYS_ADMIN)"), p.stderr
+
+
+def test_requested_id_in_use_is_one_line(devices):
+    dev = devices.add("-t", "null", "--size", "16M")
+    p = cli("add", "-t", "null", "--size", "16M", "-n", str(dev["id"]), check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().startswith(f"ublkshell: ADD_DEV on device {dev['id']} failed: "), p.stderr

@@ -177,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spec", required=True)
     ap.add_argument("--ready-fd", type=int, default=-1)
     args = ap.parse_args(argv)
+    # hold no directory of a filesystem that may end up on our own device
+    os.chdir("/")
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, _on_signal)
 

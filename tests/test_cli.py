@@ -1,0 +1,102 @@
+"""Option parsing and error messages: bad input gets one line, never a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ublkshell.errors import UsageError
+from ublkshell.sizes import human, parse_size
+from ublkshell.targets import build_spec
+
+
+def cli(*args, env=None):
+    e = dict(os.environ, UBLKSHELL_STATE_DIR="/tmp/ublkshell-test-state", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "ublkshell", *args], capture_output=True,
+                          text=True, timeout=60, env=e)
+
+
+@pytest.mark.parametrize("text,value", [
+    ("512", 512), ("4k", 4096), ("4K", 4096), ("64M", 64 << 20), ("1G", 1 << 30),
+    ("1.5G", 3 << 29), ("100GiB", 100 << 30), ("2t", 2 << 40), ("8kb", 8192),
+])
+def test_sizes(text, value):
+    assert parse_size(text, "--size") == value
+
+
+@pytest.mark.parametrize("text", ["", "G", "1X", "-5", "0", "1.2.3G", "abc"])
+def test_bad_sizes_name_the_option(text):
+    with pytest.raises(UsageError, match="^--size: "):
+        parse_size(text, "--size")
+
+
+def test_human():
+    assert human(1 << 30) == "1G" and human(256 << 20) == "256M" and human(1536 << 20) == "1.5G"
+    assert human(100) == "100B"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["add", "-t", "bogus", "--size", "1G"], "ublkshell: -t/--type: unknown target 'bogus' (choose from null, mem, loop)"),
+    (["add", "-t", "mem"], "ublkshell: --size is required for the mem target (e.g. --size 1G)"),
+    (["add", "-t", "mem", "--size", "1Q"], "ublkshell: --size: '1Q' is not a size (try 512, 4k, 64M, 1G)"),
+    (["add", "-t", "mem", "--size", "1G", "-d", "4097"], "ublkshell: -d/--depth: 4097 is out of range (1..4096)"),
+    (["add", "-t", "mem", "--size", "1G", "-d", "0"], "ublkshell: -d/--depth: 0 is out of range (1..4096)"),
+    (["add", "-t", "mem", "--size", "1G", "-q", "0"], "ublkshell: -q/--queues: 0 is out of range (1..64)"),
+    (["add", "-t", "mem", "--size", "1000"], "ublkshell: --size: 1000 is not a multiple of the block size (512)"),
+    (["add", "-t", "mem", "--size", "1G", "--block-size", "3k"], "ublkshell: --block-size: 3k must be 512, 1k, 2k or 4k"),
+    (["add", "-t", "mem", "--size", "1G", "--max-io", "5000"], "ublkshell: --max-io: 5000 must be a multiple of 4k between 4k and 32M"),
+    (["add", "-t", "loop"], "ublkshell: the loop target needs a backing file: -f/--file PATH"),
+    (["add", "-t", "loop", "-f", "/nonexistent/disk.img"], "ublkshell: -f/--file: /nonexistent/disk.img: no such file"),
+    (["add", "-t", "loop", "-f", "/"], "ublkshell: -f/--file: /: not a regular file or block device"),
+    (["add", "-t", "null", "--size", "1G", "-f", "/etc/hostname"], "ublkshell: -f/--file is only for the loop target, not null"),
+    (["add", "-t", "mem", "--size", "1G", "-d", "x"], "ublkshell: argument -d/--depth: invalid int value: 'x'"),
+    (["del"], "ublkshell: del: which device? give an id (see `ublkshell list`) or -a for all"),
+    (["del", "-a", "3"], "ublkshell: del: give device ids or -a, not both"),
+    (["frobnicate"], None),
+])
+def test_bad_input_is_one_line_with_exit_2(args, message):
+    p = cli(*args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    if message:
+        assert lines[0] == message
+    else:
+        assert lines[0].startswith("ublkshell: ")
+
+
+def test_empty_loop_file_needs_size(tmp_path):
+    img = tmp_path / "empty.img"
+    img.write_bytes(b"")
+    p = cli("add", "-t", "loop", "-f", str(img))
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"ublkshell: -f/--file: {img} is empty: give --size to serve it anyway"
+
+
+@pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="this kernel has ublk_drv")
+@pytest.mark.parametrize("args", [["list"], ["features"], ["del", "0"], ["add", "-t", "mem", "--size", "1G"]])
+def test_missing_driver_says_how_to_get_it(args):
+    p = cli(*args)
+    assert p.returncode == 1
+    assert p.stderr.strip() == (
+        "ublkshell: the running kernel has no ublk_drv (/dev/ublk-control is missing): load it "
+        "with `modprobe ublk_drv`, or run inside the bundled VM: `ublkshell vm -- ublkshell ...`")
+
+
+def test_help_teaches():
+    p = cli("--help")
+    assert p.returncode == 0
+    for word in ("add -t loop -f disk.img", "ublkshell vm --", "del -a", "features"):
+        assert word in p.stdout
+    p = cli("add", "--help")
+    assert p.returncode == 0 and "--depth" in p.stdout and "null" in p.stdout
+
+
+def test_spec_from_good_options(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 4096)
+    spec = build_spec("loop", file=str(img), queues=2, depth=64)
+    assert spec["file"] == str(img) and spec["queues"] == 2 and spec["depth"] == 64
+    assert spec["block_size"] == 512 and spec["max_io"] == 512 << 10
+    assert build_spec("mem", size="1G")["size"] == 1 << 30
