@@ -86,7 +86,7 @@ def run_demo(size: str, allow_vm: bool = True) -> int:
             _step("fio: 4k random writes with crc32c verify over 32M")
             _run(["fio", "--name=verify", f"--filename={blk}", "--rw=randwrite", "--bs=4k",
                   "--size=32M", "--ioengine=io_uring", "--direct=1", "--iodepth=16",
-                  "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"], "fio")
+                  "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"], "fio")
         for d in list_devices():
             if d["id"] == dev["id"]:
                 _step(f"list: dev {d['id']} {d['state']} {human(d['size'])} {d['target']}")

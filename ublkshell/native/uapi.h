@@ -102,7 +102,57 @@ struct ublk_batch_io {
 #define UBLKSRV_CMD_BUF_OFFSET	0
 #define UBLKSRV_IO_BUF_OFFSET	0x80000000
 #define UBLK_MAX_QUEUE_DEPTH	4096
-#define UBLK_MAX_NR_QUEUES	4096
+
+/* UBLK_F_USER_COPY: pread/pwrite offsets on /dev/ublkcN encode queue, tag and offset */
+#define UBLK_IO_BUF_OFF		0
+#define UBLK_IO_BUF_BITS	25
+#define UBLK_IO_BUF_BITS_MASK	((1ULL << UBLK_IO_BUF_BITS) - 1)
+#define UBLK_TAG_OFF		UBLK_IO_BUF_BITS
+#define UBLK_TAG_BITS		16
+#define UBLK_TAG_BITS_MASK	((1ULL << UBLK_TAG_BITS) - 1)
+#define UBLK_QID_OFF		(UBLK_TAG_OFF + UBLK_TAG_BITS)
+#define UBLK_QID_BITS		12
+#define UBLK_QID_BITS_MASK	((1ULL << UBLK_QID_BITS) - 1)
+#define UBLK_MAX_NR_QUEUES	(1U << UBLK_QID_BITS)
+#define UBLKSRV_IO_BUF_TOTAL_BITS	(UBLK_QID_OFF + UBLK_QID_BITS)
+#define UBLKSRV_IO_BUF_TOTAL_SIZE	(1ULL << UBLKSRV_IO_BUF_TOTAL_BITS)
+#define UBLK_INTEGRITY_FLAG_OFF	62
+#define UBLKSRV_IO_INTEGRITY_FLAG	(1ULL << UBLK_INTEGRITY_FLAG_OFF)
+
+/* UBLK_F_AUTO_BUF_REG: carried in the FETCH/COMMIT sqe->addr */
+#define UBLK_AUTO_BUF_REG_FALLBACK	(1 << 0)
+#define UBLK_AUTO_BUF_REG_F_MASK	UBLK_AUTO_BUF_REG_FALLBACK
+
+struct ublk_auto_buf_reg {
+	__u16	index;
+	__u8	flags;
+	__u8	reserved0;
+	__u32	reserved1;
+};
+
+/* UBLK_F_BATCH_IO element layout flags */
+#define UBLK_BATCH_F_HAS_ZONE_LBA		(1 << 0)
+#define UBLK_BATCH_F_HAS_BUF_ADDR		(1 << 1)
+#define UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK	(1 << 2)
+
+struct ublk_elem_header {
+	__u16	tag;
+	__u16	buf_index;
+	__s32	result;
+};
+
+/* UBLK_F_SHMEM_ZC: registered shared memory, and how io_desc.addr names it */
+struct ublk_shmem_buf_reg {
+	__u64	addr;
+	__u64	len;
+	__u32	flags;
+	__u32	reserved;
+};
+#define UBLK_SHMEM_BUF_READ_ONLY	(1U << 0)
+#define UBLK_SHMEM_ZC_OFF_MASK		0xffffffffULL
+#define UBLK_SHMEM_ZC_IDX_OFF		32
+#define UBLK_SHMEM_ZC_IDX_MASK		0xffffULL
+#define UBLK_MIN_SEGMENT_SIZE		4096
 
 /* feature flags (GET_FEATURES answer; also ADD_DEV request flags) */
 #define UBLK_F_SUPPORT_ZERO_COPY	(1ULL << 0)

@@ -16,13 +16,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import UblkError
+
 SUITE = "trixie-backports"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 _SOURCES_DEB822 = Path("/etc/apt/sources.list.d/debian.sources")
 _SOURCES_LIST = Path("/etc/apt/sources.list")
 
 
-class FetchError(Exception):
+class FetchError(UblkError):
     """A one-line, user-facing reason why a package could not be fetched."""
 
 
@@ -114,7 +116,13 @@ def _update(reason: str) -> None:
     (a / "preferences").touch()
     (a / "sources.list").write_text(f"deb [signed-by={KEYRING}] {_mirror()} {SUITE} main\n")
     progress(f"apt-get update for {SUITE} ({reason})")
-    _run(["apt-get", *_apt_opts(), "-qq", "update"], what=f"apt-get update ({SUITE})")
+    p = subprocess.run(["apt-get", *_apt_opts(), "-qq", "update"], capture_output=True, text=True)
+    # apt-get update exits 0 when a mirror is unreachable (it only warns), so check the lists.
+    if p.returncode != 0 or not _lists_present():
+        lines = [l for l in (p.stderr + p.stdout).splitlines() if l.strip()]
+        why = next((l.strip() for l in lines if "Failed to fetch" in l or l.startswith("E:")),
+                   lines[-1].strip() if lines else f"exit {p.returncode}")
+        raise FetchError(f"apt-get update found no {SUITE} package lists at {_mirror()}: {why}")
 
 
 def _ensure_lists() -> None:

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import UblkError
 from . import debfetch
 from .debfetch import FetchError, progress
 
@@ -46,7 +47,7 @@ _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 _NOISE = (b"reboot: Power down", b"sysrq: Power Off", b"SeaBIOS (version")
 
 
-class HarnessError(Exception):
+class HarnessError(UblkError):
     """A one-line, user-facing reason the VM could not be run."""
 
 
@@ -157,7 +158,10 @@ def _job_script(cmd: list[str], modroot: Path) -> str:
 
 
 def _clean(line: bytes) -> bytes:
-    line = _ANSI.sub(b"", line.replace(b"\r", b""))
+    # Progress output (pytest's "collecting", fio) redraws with CR: keep what a terminal
+    # would finally show rather than every redraw glued together.
+    parts = [p for p in line.split(b"\r") if p.strip()]
+    line = _ANSI.sub(b"", parts[-1] if parts else b"")
     # SeaBIOS prints this without a newline before the kernel's first line.
     return re.sub(rb"^.*Booting from ROM\.*", b"", line)
 
@@ -230,7 +234,7 @@ def _boot(qemu: list[str], job: Path, budget: float, timeout: float) -> int | No
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = _clean(raw.rstrip(b"\n"))
+            line = _clean(raw.rstrip(b"\n")).rstrip()
             if not line.strip() or any(n in line for n in _NOISE):
                 continue
             if out is not None:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The project's one test command (README and CI run exactly this).
+#   scripts/test.sh [PYTEST ARGS...]      extra args go to both pytest runs
+# Phase 1 runs the host tests; phase 2 boots one VM with a real ublk_drv and runs tests/vm
+# there. UBLKSHELL_SKIP_VM=1 skips phase 2 (quick local loops only; never a full pass).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+py="$root/.venv/bin/python"
+
+header() { printf '\n======== %s ========\n' "$*"; }
+
+header "setup"
+scripts/setup.sh
+
+header "host tests: pytest -m 'not vm' tests"
+host_rc=0
+"$py" -m pytest -m "not vm" tests "$@" || host_rc=$?
+# Extra args may select only VM tests, leaving nothing to collect on the host.
+if [ "$host_rc" -eq 5 ]; then
+  echo "test: no host tests selected"
+  host_rc=0
+fi
+
+vm_status=skipped
+vm_rc=0
+if [ "${UBLKSHELL_SKIP_VM:-}" = 1 ]; then
+  header "VM TESTS SKIPPED (UBLKSHELL_SKIP_VM=1): THIS IS NOT A FULL TEST RUN"
+else
+  header "VM tests: pytest -m vm tests/vm, inside a VM with ublk_drv (first run fetches a kernel)"
+  "$py" -m ublkshell.vm --timeout 2400 -- "$py" -m pytest -m vm tests/vm -v "$@" || vm_rc=$?
+  if [ "$vm_rc" -eq 5 ]; then
+    echo "test: the VM run collected no tests; a VM suite that ran nothing is a failure" >&2
+  fi
+  if [ "$vm_rc" -eq 0 ]; then vm_status=passed; else vm_status="FAILED (exit $vm_rc)"; fi
+fi
+
+header "summary"
+if [ "$host_rc" -eq 0 ]; then echo "host tests: passed"; else echo "host tests: FAILED (exit $host_rc)"; fi
+echo "VM tests: $vm_status"
+if [ "$vm_status" = skipped ]; then
+  echo "WARNING: VM tests were skipped (UBLKSHELL_SKIP_VM=1)" >&2
+fi
+[ "$host_rc" -eq 0 ] && [ "$vm_rc" -eq 0 ]
