@@ -10,7 +10,7 @@ import time
 from .ctrl import Control, CtrlError, list_device_ids
 from .errors import UblkError
 from .uapi import STATES, feature_names
-from .bridge import registry
+from .bridge import registry, shm
 
 ADD_TIMEOUT = float(os.environ.get("UBLKSHELL_ADD_TIMEOUT", "120"))
 
@@ -156,6 +156,7 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
                 os.unlink(mem)
             except FileNotFoundError:
                 pass
+        shm.remove(dev_id)
         registry.remove(dev_id)
 
 

@@ -20,7 +20,7 @@ from .._native import ffi, lib
 from ..ctrl import Control, CtrlError
 from ..errors import UblkError
 from ..targets import make_target
-from . import registry
+from . import registry, shm
 
 _stop = []
 
@@ -66,6 +66,7 @@ class Daemon:
         self.dev_id = -1
         self.cdev = -1
         self.dev = ffi.NULL
+        self.stats = None
 
     def start(self) -> dict:
         spec = self.spec
@@ -83,6 +84,8 @@ class Daemon:
         self.target.fill_params(params, info.max_io_buf_bytes)
         self.ctrl.set_params(self.dev_id, params)
         self.cdev = _open_cdev(self.dev_id)
+        self.stats = shm.create(self.dev_id, info.nr_hw_queues, info.queue_depth,
+                                spec.get("records", shm.DEFAULT_RECORDS), os.getpid())
 
         cfg = ffi.new("struct us_dev_cfg *")
         cfg.dev_id = self.dev_id
@@ -96,6 +99,7 @@ class Daemon:
         cfg.backing_fd = self.target.fd
         cfg.dev_bytes = self.target.size
         cfg.backing_bytes = self.target.backing_bytes
+        cfg.shm = self.stats.base
         for q, cpu in enumerate(_affinity(self.ctrl, self.dev_id, info.nr_hw_queues)[:64]):
             cfg.cpus[q] = cpu
         err = ffi.new("int *")
@@ -117,6 +121,7 @@ class Daemon:
             "flags": int(info.flags),
             "spec": self.spec,
             "log": os.environ.get("UBLKSHELL_DAEMON_LOG", ""),
+            "stats": self.stats.path,
             "started": time.time(),
             **self.target.state(),
         }
@@ -168,6 +173,7 @@ class Daemon:
             except CtrlError as e:
                 _log(str(e))
             self.target.remove()
+            shm.remove(self.dev_id)
             registry.remove(self.dev_id)
             _log(f"dev {self.dev_id}: deleted")
 

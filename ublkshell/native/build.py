@@ -11,7 +11,7 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["ring.c", "ctrl.c", "target_null.c", "target_mem.c", "target_loop.c"]
+SOURCES = ["ring.c", "ctrl.c", "records.c", "target_null.c", "target_mem.c", "target_loop.c"]
 
 
 def _read(name):
@@ -21,17 +21,23 @@ def _read(name):
 
 def _strip_preprocessor(text):
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+    # cdef cannot see macros: inline plain numbers so array sizes like [US_HIST_BUCKETS] parse
+    numbers = dict(re.findall(r"^\s*#define\s+([A-Z][A-Z0-9_]+)\s+(\d+)\s*$", text, flags=re.M))
+    body = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+    for name, value in numbers.items():
+        body = re.sub(rf"\b{name}\b", value, body)
+    return body
 
 
 def _constants(text):
     names = re.findall(r"^\s*#define\s+([A-Z][A-Z0-9_]+)\s+\S", text, flags=re.M)
-    skip = {"USHELL_UAPI_H"}
+    skip = {"USHELL_UAPI_H", "USHELL_RECORDS_H"}
     return "\n".join(f"#define {n} ..." for n in names if n not in skip)
 
 
 def make_ffi():
     uapi = _read("uapi.h")
+    records = _read("records.h")
     ffi = FFI()
     ffi.cdef("""
 typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32;
@@ -39,6 +45,8 @@ typedef uint64_t __u64; typedef int32_t __s32;
 """)
     ffi.cdef(_strip_preprocessor(uapi))
     ffi.cdef(_constants(uapi))
+    ffi.cdef(_strip_preprocessor(records))
+    ffi.cdef(_constants(records))
     ffi.cdef(_strip_preprocessor(_read("ushell_api.h")))
     ffi.set_source(
         "ublkshell._native",

@@ -66,6 +66,7 @@ static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int r
 
 static void commit(struct us_queue *q, unsigned tag, int result)
 {
+	us_rec_end(q, tag, &q->ios[tag], result);
 	queue_uring_cmd(q, tag, q->dev->op_commit, result);
 }
 
@@ -80,6 +81,8 @@ static void serve(struct us_queue *q, unsigned tag)
 	io->start_sector = iod->start_sector;
 	io->done = 0;
 	io->attempt = 0;
+	io->fault = 0;
+	us_rec_begin(q, tag, io);
 	r = q->dev->tgt->queue_io(q, tag, io);
 	if (r != US_QUEUED)
 		commit(q, tag, r);
@@ -173,6 +176,8 @@ static int queue_setup(struct us_queue *q)
 	}
 	for (i = 0; i < c->depth; i++)
 		q->ios[i].buf = q->bufs + (size_t)i * c->max_io_bytes;
+	if (c->shm)
+		us_shm_attach(q, c->shm);
 	return 0;
 }
 

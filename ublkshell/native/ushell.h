@@ -13,6 +13,7 @@
 #include <string.h>
 #include <liburing.h>
 #include "uapi.h"
+#include "records.h"
 #include "ushell_api.h"
 
 /* a target's queue_io/io_done returns this when it left IO in flight on the ring */
@@ -37,6 +38,8 @@ struct us_io {
 	uint32_t	done;		/* bytes moved so far (short IO is resubmitted) */
 	uint32_t	attempt;	/* target specific retry state */
 	uint32_t	dirty;		/* null target: bytes of write data left in buf */
+	uint32_t	fault;		/* fault action applied to this IO, 0 none */
+	uint64_t	t_start_ns;
 };
 
 struct us_queue;
@@ -71,7 +74,11 @@ struct us_queue {
 	unsigned	tgt_inflight;
 	int		stopping;
 	int		error;
-	uint64_t	stop_val;
+	/* this queue's part of the device's shared memory (NULL: not recording) */
+	struct us_shm_queue *shmq;
+	struct us_tag_state *shm_tags;
+	struct us_rec	*shm_recs;
+	uint32_t	rec_entries;
 };
 
 struct us_dev {
@@ -87,6 +94,10 @@ struct us_dev {
 	int		nr_exited;
 	struct us_queue	q[];
 };
+
+void us_shm_attach(struct us_queue *q, void *base);
+void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io);
+void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result);
 
 /* an SQE, zeroed to 128 bytes, flushing the SQ when it is full */
 struct io_uring_sqe *us_get_sqe(struct us_queue *q);

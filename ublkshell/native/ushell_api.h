@@ -22,6 +22,7 @@ struct us_dev_cfg {
 	uint64_t	dev_bytes;
 	uint64_t	backing_bytes;	/* loop: reads at or past this are zeros */
 	int		cpus[64];	/* queue -> cpu to pin to, -1 none (queues >= 64 unpinned) */
+	void		*shm;		/* the device's shared memory (records.h), NULL for none */
 };
 
 struct us_dev;
@@ -42,6 +43,22 @@ void us_dev_abort(struct us_dev *d);
 /* first fatal error a queue hit (-errno), 0 if none */
 int us_dev_queue_error(struct us_dev *d, int q_id);
 void us_dev_free(struct us_dev *d);
+
+/* the device's shared memory (records.h): layout, initialisation, readers */
+uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries);
+int us_shm_init(void *base, uint64_t len, uint32_t nr_queues, uint32_t depth,
+		uint32_t rec_entries, uint32_t dev_id, int32_t pid);
+struct us_shm_queue *us_shm_queue(void *base, int q_id);
+struct us_tag_state *us_shm_tags(void *base, int q_id);
+uint64_t us_rec_head(void *base, int q_id);
+/* 1: *out is record seq; 0: not written yet; -1: overwritten (the reader fell behind) */
+int us_rec_read(void *base, int q_id, uint64_t seq, struct us_rec *out);
+int us_hist_bucket(uint64_t v);
+uint64_t us_hist_low(int idx);
+uint64_t us_now_ns(void);
+/* one IO through the recording code, without a device (tests) */
+int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint64_t sector,
+		     uint32_t nr_sectors, int32_t result, uint64_t lat_ns);
 
 /* smallest O_DIRECT alignment (512 or 4096) that reads from fd work with, 0 if none */
 int us_probe_direct(int fd);

@@ -1,0 +1,93 @@
+"""A device's shared memory (native/records.h): created by its daemon, read by
+everyone else. Counters, latency histograms, per-tag state and the IO record
+rings, all in a file on tmpfs so a killed daemon's numbers stay readable."""
+import mmap
+import os
+
+from .._native import ffi, lib
+from ..errors import UblkError
+
+SHM_DIR = os.environ.get("UBLKSHELL_MEM_DIR", "/dev/shm/ublkshell")
+DEFAULT_RECORDS = 16384
+OPS = ("read", "write", "flush", "discard", "write_zeroes", "other")
+OP_NAMES = {0: "read", 1: "write", 2: "flush", 3: "discard", 5: "write_zeroes"}
+
+
+def path_for(dev_id: int) -> str:
+    return os.path.join(SHM_DIR, f"ublkb{dev_id}.stats")
+
+
+class Shm:
+    def __init__(self, path: str, writable: bool = False):
+        self.path = path
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size < ffi.sizeof("struct us_shm_hdr"):
+                raise UblkError(f"{path}: too small to hold device statistics")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        finally:
+            os.close(fd)
+        self.buf = ffi.from_buffer("char[]", self.map, require_writable=writable)
+        self.base = ffi.cast("void *", self.buf)
+        self.hdr = ffi.cast("struct us_shm_hdr *", self.base)
+
+    def check(self) -> "Shm":
+        if self.hdr.magic != lib.US_SHM_MAGIC or self.hdr.version != lib.US_SHM_VERSION:
+            raise UblkError(f"{self.path}: not ublkshell statistics (or another version)")
+        return self
+
+    @property
+    def nr_queues(self) -> int:
+        return int(self.hdr.nr_queues)
+
+    @property
+    def depth(self) -> int:
+        return int(self.hdr.depth)
+
+    def queue(self, q: int):
+        return lib.us_shm_queue(self.base, q)
+
+    def op_stats(self, q: int, op: int):
+        return self.queue(q).ops[op]
+
+    def close(self) -> None:
+        self.buf = self.base = self.hdr = None
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a cdata view is still alive somewhere; the mapping goes with it
+
+
+def create(dev_id: int, nr_queues: int, depth: int, records: int, pid: int) -> Shm:
+    if records < 16 or records & (records - 1):
+        raise UblkError(f"--records: {records} must be a power of two >= 16")
+    os.makedirs(SHM_DIR, mode=0o700, exist_ok=True)
+    path = path_for(dev_id)
+    size = lib.us_shm_size(nr_queues, depth, records)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    s = Shm(path, writable=True)
+    rc = lib.us_shm_init(s.base, size, nr_queues, depth, records, dev_id, pid)
+    if rc:
+        raise UblkError(f"{path}: cannot lay out statistics: {os.strerror(-rc)}")
+    return s
+
+
+def open_device(dev_id: int) -> Shm:
+    path = path_for(dev_id)
+    try:
+        return Shm(path).check()
+    except FileNotFoundError:
+        raise UblkError(f"device {dev_id} has no statistics (not served by ublkshell?)") from None
+
+
+def remove(dev_id: int) -> None:
+    try:
+        os.unlink(path_for(dev_id))
+    except FileNotFoundError:
+        pass

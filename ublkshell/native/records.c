@@ -1,0 +1,258 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Writing (queue threads) and reading (Python, through cffi) the device's
+ * shared memory described in records.h.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+
+#include "ushell.h"
+
+static inline uint64_t round8(uint64_t n) { return (n + 63) & ~63ULL; }
+
+static uint64_t queue_stride(uint32_t depth, uint32_t rec_entries)
+{
+	return round8(sizeof(struct us_shm_queue) + depth * sizeof(struct us_tag_state)) +
+		(uint64_t)rec_entries * sizeof(struct us_rec);
+}
+
+static uint64_t tags_off(void)
+{
+	return sizeof(struct us_shm_queue);
+}
+
+static uint64_t recs_off(uint32_t depth)
+{
+	return round8(sizeof(struct us_shm_queue) + depth * sizeof(struct us_tag_state));
+}
+
+uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries)
+{
+	return round8(sizeof(struct us_shm_hdr)) + nr_queues * queue_stride(depth, rec_entries);
+}
+
+uint64_t us_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+int us_shm_init(void *base, uint64_t len, uint32_t nr_queues, uint32_t depth,
+		uint32_t rec_entries, uint32_t dev_id, int32_t pid)
+{
+	struct us_shm_hdr *h = base;
+	struct timespec rt;
+
+	if (!rec_entries || (rec_entries & (rec_entries - 1)))
+		return -EINVAL;
+	if (len < us_shm_size(nr_queues, depth, rec_entries))
+		return -ENOSPC;
+	memset(base, 0, us_shm_size(nr_queues, depth, rec_entries));
+	h->version = US_SHM_VERSION;
+	h->hdr_size = sizeof(*h);
+	h->nr_queues = nr_queues;
+	h->depth = depth;
+	h->rec_entries = rec_entries;
+	h->hist_buckets = US_HIST_BUCKETS;
+	h->queue_off = round8(sizeof(*h));
+	h->queue_stride = queue_stride(depth, rec_entries);
+	h->daemon_pid = pid;
+	h->dev_id = dev_id;
+	h->created_mono_ns = us_now_ns();
+	clock_gettime(CLOCK_REALTIME, &rt);
+	h->created_real_ns = (uint64_t)rt.tv_sec * 1000000000ULL + rt.tv_nsec;
+	/* readers check the magic last */
+	__atomic_store_n(&h->magic, US_SHM_MAGIC, __ATOMIC_RELEASE);
+	return 0;
+}
+
+struct us_shm_queue *us_shm_queue(void *base, int q_id)
+{
+	struct us_shm_hdr *h = base;
+
+	if (!base || q_id < 0 || (uint32_t)q_id >= h->nr_queues)
+		return NULL;
+	return (struct us_shm_queue *)((char *)base + h->queue_off + q_id * h->queue_stride);
+}
+
+struct us_tag_state *us_shm_tags(void *base, int q_id)
+{
+	struct us_shm_queue *sq = us_shm_queue(base, q_id);
+
+	return sq ? (struct us_tag_state *)((char *)sq + tags_off()) : NULL;
+}
+
+static struct us_rec *shm_recs(void *base, struct us_shm_queue *sq)
+{
+	return (struct us_rec *)((char *)sq + recs_off(((struct us_shm_hdr *)base)->depth));
+}
+
+int us_hist_bucket(uint64_t v)
+{
+	int e, idx;
+
+	if (v < (1u << US_HIST_SUB_BITS))
+		return (int)v;
+	e = 63 - __builtin_clzll(v);
+	idx = (e - US_HIST_SUB_BITS + 1) * (1 << US_HIST_SUB_BITS) +
+		(int)((v >> (e - US_HIST_SUB_BITS)) & ((1 << US_HIST_SUB_BITS) - 1));
+	return idx < US_HIST_BUCKETS ? idx : US_HIST_BUCKETS - 1;
+}
+
+uint64_t us_hist_low(int idx)
+{
+	int e, m;
+
+	if (idx < (1 << US_HIST_SUB_BITS))
+		return idx;
+	e = idx / (1 << US_HIST_SUB_BITS) + US_HIST_SUB_BITS - 1;
+	m = idx % (1 << US_HIST_SUB_BITS);
+	return ((uint64_t)((1 << US_HIST_SUB_BITS) + m)) << (e - US_HIST_SUB_BITS);
+}
+
+static int op_index(uint32_t op_flags)
+{
+	unsigned op = op_flags & 0xff;
+
+	switch (op) {
+	case UBLK_IO_OP_READ: return 0;
+	case UBLK_IO_OP_WRITE: return 1;
+	case UBLK_IO_OP_FLUSH: return 2;
+	case UBLK_IO_OP_DISCARD: return 3;
+	case UBLK_IO_OP_WRITE_ZEROES: return 4;
+	}
+	return US_OP_OTHER;
+}
+
+/* relaxed single-writer updates: readers only need each word untorn */
+#define WR(p, v)	__atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
+#define RD(p)		__atomic_load_n(&(p), __ATOMIC_RELAXED)
+
+void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io)
+{
+	struct us_tag_state *t;
+
+	io->t_start_ns = us_now_ns();
+	if (!q->shmq)
+		return;
+	t = &q->shm_tags[tag];
+	WR(t->t_start_ns, io->t_start_ns);
+	WR(t->start_sector, io->start_sector);
+	WR(t->op_flags, io->op_flags);
+	WR(t->nr_sectors, io->nr_sectors);
+	WR(t->state, 1);
+	WR(q->shmq->inflight, RD(q->shmq->inflight) + 1);
+}
+
+void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result)
+{
+	struct us_shm_queue *sq = q->shmq;
+	struct us_op_stats *os;
+	struct us_rec *r;
+	uint64_t now, lat, seq;
+	int b;
+
+	if (!sq)
+		return;
+	now = us_now_ns();
+	lat = now - io->t_start_ns;
+	os = &sq->ops[op_index(io->op_flags)];
+	WR(os->ios, RD(os->ios) + 1);
+	if (result < 0)
+		WR(os->errors, RD(os->errors) + 1);
+	else if ((io->op_flags & 0xff) <= UBLK_IO_OP_WRITE)
+		WR(os->bytes, RD(os->bytes) + (uint64_t)result);
+	WR(os->lat_sum_ns, RD(os->lat_sum_ns) + lat);
+	if (lat > RD(os->lat_max_ns))
+		WR(os->lat_max_ns, lat);
+	b = us_hist_bucket(lat);
+	WR(os->hist[b], RD(os->hist[b]) + 1);
+
+	seq = RD(sq->rec_head);
+	r = &q->shm_recs[seq & (q->rec_entries - 1)];
+	/* invalidate first: a reader that sees seq unchanged across its copy got a whole record */
+	__atomic_store_n(&r->seq, 0, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+	r->t_start_ns = io->t_start_ns;
+	r->lat_ns = lat;
+	r->start_sector = io->start_sector;
+	r->nr_sectors = io->nr_sectors;
+	r->op_flags = io->op_flags;
+	r->result = result;
+	r->tag = tag;
+	r->q_id = q->q_id;
+	r->fault = io->fault;
+	__atomic_store_n(&r->seq, seq + 1, __ATOMIC_RELEASE);
+	__atomic_store_n(&sq->rec_head, seq + 1, __ATOMIC_RELEASE);
+
+	WR(q->shm_tags[tag].state, 0);
+	WR(sq->inflight, RD(sq->inflight) - 1);
+}
+
+uint64_t us_rec_head(void *base, int q_id)
+{
+	struct us_shm_queue *sq = us_shm_queue(base, q_id);
+
+	return sq ? __atomic_load_n(&sq->rec_head, __ATOMIC_ACQUIRE) : 0;
+}
+
+int us_rec_read(void *base, int q_id, uint64_t seq, struct us_rec *out)
+{
+	struct us_shm_hdr *h = base;
+	struct us_shm_queue *sq = us_shm_queue(base, q_id);
+	struct us_rec *r;
+	uint64_t s1, s2;
+
+	if (!sq)
+		return -EINVAL;
+	if (seq >= __atomic_load_n(&sq->rec_head, __ATOMIC_ACQUIRE))
+		return 0;
+	r = &shm_recs(base, sq)[seq & (h->rec_entries - 1)];
+	s1 = __atomic_load_n(&r->seq, __ATOMIC_ACQUIRE);
+	memcpy(out, r, sizeof(*out));
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	s2 = __atomic_load_n(&r->seq, __ATOMIC_RELAXED);
+	/* published records only change when the writer laps the reader */
+	return s1 == seq + 1 && s2 == s1 ? 1 : -1;
+}
+
+void us_shm_attach(struct us_queue *q, void *base)
+{
+	struct us_shm_hdr *h = base;
+
+	q->shmq = us_shm_queue(base, q->q_id);
+	if (!q->shmq)
+		return;
+	q->shm_tags = us_shm_tags(base, q->q_id);
+	q->shm_recs = shm_recs(base, q->shmq);
+	q->rec_entries = h->rec_entries;
+}
+
+/*
+ * Record one IO through the same code the queue threads run, without a
+ * device: for tests of the ring, counters and histograms on any kernel.
+ */
+int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint64_t sector,
+		     uint32_t nr_sectors, int32_t result, uint64_t lat_ns)
+{
+	struct us_queue q;
+	struct us_io io;
+
+	memset(&q, 0, sizeof(q));
+	memset(&io, 0, sizeof(io));
+	q.q_id = q_id;
+	us_shm_attach(&q, base);
+	if (!q.shmq || tag >= ((struct us_shm_hdr *)base)->depth)
+		return -EINVAL;
+	io.op_flags = op_flags;
+	io.start_sector = sector;
+	io.nr_sectors = nr_sectors;
+	us_rec_begin(&q, tag, &io);
+	io.t_start_ns -= lat_ns;
+	us_rec_end(&q, tag, &io, result);
+	return 0;
+}
