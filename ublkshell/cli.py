@@ -5,7 +5,6 @@ import os
 import sys
 
 from .errors import UblkError, UsageError
-from .sizes import human
 
 EPILOG = """\
 examples:
@@ -98,163 +97,48 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", default="256M")
     demo.add_argument("--no-vm", action="store_true", help="never fall back to the VM")
 
+    sv = sub.add_parser("serve", help="run the server (socket, stats tree, daemon watch) in the foreground",
+                        description="Run the ublkshell server: a root-only control socket (JSON lines, "
+                                    "docs/protocol.md), the FUSE stats tree, and a watch on every device "
+                                    "daemon. SIGTERM stops it and deletes the devices unless --keep-devices.")
+    sv.add_argument("--socket", default=None, help="control socket (default /run/ublkshell/ublkshell.sock)")
+    sv.add_argument("--mount", default="/mnt/ublkstats", help="where to mount the stats tree (default /mnt/ublkstats)")
+    sv.add_argument("--no-fuse", action="store_true", help="do not mount the stats tree")
+    sv.add_argument("--keep-devices", action="store_true", help="leave the devices running when the server stops")
+
     sub.add_parser("vm", help="run a command inside the bundled VM (kernel with ublk_drv)",
                    add_help=False)
     return p
 
 
-def _cmd_add(args) -> int:
-    from .devices import add
-    from .targets import build_spec
+def _args_of(args) -> dict:
+    """argparse namespace -> the verb's argument dict (the same keys the server takes)."""
+    a = dict(vars(args))
+    a.pop("verb", None)
+    if args.verb == "add":
+        a["target"] = a.pop("type")
+        a["dev_id"] = a.pop("number")
+    return a
 
-    spec = build_spec(args.type, file=args.file, size=args.size, queues=args.queues,
-                      depth=args.depth, block_size=args.block_size, max_io=args.max_io,
-                      dev_id=args.number)
-    dev = add(spec)
-    if args.json:
-        print(json.dumps(dev, sort_keys=True))
+
+def _one_shot(args) -> int:
+    from .verbs import VERBS, dumps
+
+    run, render = VERBS[args.verb]
+    result = run(_args_of(args))
+    if getattr(args, "json", False):
+        print(dumps(result))
+    elif args.verb == "stats":
+        print(render(result, queues=args.queues))
     else:
-        print(f"dev {dev['id']} -> /dev/ublkb{dev['id']} ({dev['describe']}, "
-              f"{human(dev['size'])}, {dev['queues']} queue{'s' if dev['queues'] > 1 else ''} "
-              f"x {dev['depth']})")
-    return 0
-
-
-def _cmd_del(args) -> int:
-    from .devices import delete, delete_all
-
-    if args.all:
-        if args.ids:
-            raise UsageError("del: give device ids or -a, not both")
-        ids = delete_all()
-        print(f"deleted {len(ids)} device{'s' if len(ids) != 1 else ''}")
-        return 0
-    if not args.ids:
-        raise UsageError("del: which device? give an id (see `ublkshell list`) or -a for all")
-    for dev_id in args.ids:
-        delete(dev_id)
-        print(f"dev {dev_id} deleted")
-    return 0
-
-
-def _cmd_list(args) -> int:
-    from .devices import list_devices
-
-    devs = list_devices()
-    if args.json:
-        print(json.dumps(devs, sort_keys=True))
-        return 0
-    if not devs:
-        print("no ublk devices")
-        return 0
-    print(f"{'ID':>3} {'STATE':<8} {'SIZE':>7} {'Q x D':>9} {'PID':>7}  {'TARGET':<28} FEATURES")
-    for d in devs:
-        pid = str(d["pid"]) if d["daemon_alive"] else f"{d['pid']}†" if d["pid"] > 0 else "-"
-        size = human(d["size"]) if d["size"] is not None else "?"
-        print(f"{d['id']:>3} {d['state']:<8} {size:>7} {str(d['queues']) + ' x ' + str(d['depth']):>9} "
-              f"{pid:>7}  {d['target']:<28} {','.join(d['flags']) or '-'}")
-    if any(not d["daemon_alive"] for d in devs):
-        print("† daemon gone: IO fails until the device is deleted (`ublkshell del ID`)")
-    return 0
-
-
-def _cmd_features(args) -> int:
-    from .devices import features
-    from .uapi import FEATURE_HELP, FEATURES
-
-    mask = features()
-    if args.json:
-        print(json.dumps({"mask": mask, "features": {n: bool(mask & b) for n, b in FEATURES.items()}}))
-        return 0
-    print(f"ublk_drv features 0x{mask:x}")
-    for name, bit in FEATURES.items():
-        mark = "yes" if mask & bit else " no"
-        print(f"  {mark}  {name:<24} {FEATURE_HELP[name]}")
-    return 0
-
-
-def _cmd_stats(args) -> int:
-    from .bridge.shm import OPS, open_device
-    from .stats import fmt_ns, snapshot, summarize
-
-    snap = snapshot(open_device(args.id))
-    if args.json:
-        out = {"device": args.id, "inflight": snap["inflight"],
-               "ops": {n: summarize(o) for n, o in snap["ops"].items()},
-               "queues": [{"queue": q["queue"], "inflight": q["inflight"],
-                           "ops": {n: summarize(o) for n, o in q["ops"].items()}} for q in snap["queues"]]}
-        print(json.dumps(out, sort_keys=True))
-        return 0
-    print(f"dev {args.id}: {snap['inflight']} in flight")
-    print(f"{'OP':<13}{'IOS':>10}{'BYTES':>10}{'ERRORS':>8}{'AVG':>9}{'P50':>9}{'P99':>9}{'MAX':>9}")
-    rows = [("", snap["ops"])]
-    if args.queues:
-        rows += [(f"q{q['queue']} ", q["ops"]) for q in snap["queues"]]
-    for prefix, ops in rows:
-        for name in OPS:
-            o = summarize(ops[name])
-            if not o["ios"]:
-                continue
-            print(f"{prefix + name:<13}{o['ios']:>10}{human(o['bytes']):>10}{o['errors']:>8}"
-                  f"{fmt_ns(o['avg_ns']):>9}{fmt_ns(o['p50_ns']):>9}{fmt_ns(o['p99_ns']):>9}{fmt_ns(o['max_ns']):>9}")
-    return 0
-
-
-def _cmd_lat(args) -> int:
-    from ._native import lib
-    from .bridge.shm import OPS, open_device
-    from .stats import fmt_ns, snapshot, summarize
-
-    if args.op not in OPS:
-        raise UsageError(f"lat: unknown op {args.op!r} (choose from {', '.join(OPS)})")
-    op = snapshot(open_device(args.id))["ops"][args.op]
-    sm = summarize(op)
-    if args.json:
-        buckets = [{"low_ns": lib.us_hist_low(i), "count": n} for i, n in enumerate(op["hist"]) if n]
-        print(json.dumps({"device": args.id, "op": args.op, **sm, "buckets": buckets}, sort_keys=True))
-        return 0
-    if not sm["ios"]:
-        print(f"dev {args.id}: no {args.op} IO yet")
-        return 0
-    # regroup the ~3% buckets into powers of two so that the picture fits a terminal
-    rows = {}
-    for i, n in enumerate(op["hist"]):
-        if n:
-            low = lib.us_hist_low(i)
-            key = 1 << max(0, low.bit_length() - 1) if low else 0
-            rows[key] = rows.get(key, 0) + n
-    peak = max(rows.values())
-    print(f"dev {args.id} {args.op}: {sm['ios']} IOs, avg {fmt_ns(sm['avg_ns'])}, "
-          f"p50 {fmt_ns(sm['p50_ns'])}, p99 {fmt_ns(sm['p99_ns'])}, p99.9 {fmt_ns(sm['p999_ns'])}, "
-          f"max {fmt_ns(sm['max_ns'])}")
-    for low in sorted(rows):
-        n = rows[low]
-        bar = "#" * max(1, round(50 * n / peak))
-        print(f"{fmt_ns(low):>8} .. {fmt_ns(max(1, low * 2)):<8} {n:>9} {bar}")
-    return 0
-
-
-def _cmd_inflight(args) -> int:
-    from .bridge.shm import open_device
-    from .stats import fmt_ns, inflight
-
-    tags = inflight(open_device(args.id))
-    if args.json:
-        print(json.dumps(tags, sort_keys=True))
-        return 0
-    if not tags:
-        print(f"dev {args.id}: nothing in flight")
-        return 0
-    print(f"{'Q':>3} {'TAG':>5} {'OP':<13} {'SECTOR+N':<20} {'AGE':>9}")
-    for t in sorted(tags, key=lambda t: -t["age_ns"]):
-        print(f"{t['queue']:>3} {t['tag']:>5} {t['op']:<13} {str(t['sector']) + '+' + str(t['sectors']):<20} "
-              f"{fmt_ns(t['age_ns']):>9}")
+        print(render(result))
     return 0
 
 
 def _cmd_trace(args) -> int:
     from .bridge.shm import open_device
     from .stats import Filter, follow, format_record, parse_duration
+    from .verbs import TRACE_HEADER
 
     flt = Filter.parse(args.filters)
     duration = parse_duration(args.duration, "--duration") / 1e9 if args.duration else 0.0
@@ -262,7 +146,7 @@ def _cmd_trace(args) -> int:
     if args.json:
         emit = lambda r: print(json.dumps(r, sort_keys=True), flush=True)  # noqa: E731
     else:
-        print(f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT", flush=True)
+        print(TRACE_HEADER, flush=True)
         emit = lambda r: print(format_record(r), flush=True)  # noqa: E731
     try:
         lost = follow(s, flt, emit, count=args.count, duration=duration, from_start=args.from_start)
@@ -296,9 +180,17 @@ def main(argv=None) -> int:
         if not args.verb:
             parser.print_help()
             return 0
-        return {"add": _cmd_add, "del": _cmd_del, "list": _cmd_list, "features": _cmd_features,
-                "stats": _cmd_stats, "lat": _cmd_lat, "inflight": _cmd_inflight,
-                "trace": _cmd_trace, "demo": _cmd_demo}[args.verb](args)
+        if args.verb == "trace":
+            return _cmd_trace(args)
+        if args.verb == "serve":
+            from .bridge.protocol import SOCKET_PATH
+            from .bridge.server import serve
+
+            return serve(args.socket or SOCKET_PATH, None if args.no_fuse else args.mount,
+                         args.keep_devices)
+        if args.verb == "demo":
+            return _cmd_demo(args)
+        return _one_shot(args)
     except UsageError as e:
         print(f"ublkshell: {e}", file=sys.stderr)
         return 2

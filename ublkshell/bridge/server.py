@@ -1,0 +1,258 @@
+"""`ublkshell serve`: the trio server behind the REPL, the FUSE stats tree and
+the Python API. It owns no IO: each device keeps its own daemon process. The
+server answers clients on a root-only unix socket, watches the daemons,
+serves the stats tree, and on SIGTERM stops cleanly (deleting the devices
+unless told to keep them)."""
+import os
+import signal
+import socket
+import sys
+import time
+
+import trio
+
+from ..errors import UblkError, UsageError
+from . import registry, shm as shm_mod
+from .protocol import MAX_LINE, SOCKET_PATH, VERSION, ProtocolError, decode_request, encode
+
+DEFAULT_MOUNT = "/mnt/ublkstats"
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} ublkshell-server[{os.getpid()}]: {msg}\n")
+    sys.stderr.flush()
+
+
+class DeviceSource:
+    """What the FUSE tree and the stream commands see: registry entries and
+    each device's shared memory, kept open while the file stays the same."""
+
+    def __init__(self):
+        self._shms = {}
+
+    def devices(self) -> dict:
+        return registry.all_entries()
+
+    def shm(self, dev_id: int):
+        path = shm_mod.path_for(dev_id)
+        try:
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            self._shms.pop(dev_id, None)
+            return None
+        cached = self._shms.get(dev_id)
+        if cached and cached[0] == ino:
+            return cached[1]
+        try:
+            s = shm_mod.Shm(path).check()
+        except (OSError, UblkError):
+            return None
+        self._shms[dev_id] = (ino, s)
+        return s
+
+
+class Server:
+    def __init__(self, socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False):
+        self.socket_path = socket_path
+        self.mountpoint = mountpoint
+        self.keep_devices = keep_devices
+        self.source = DeviceSource()
+        self.alive = {}
+        self.events = []  # recent server events, for `events`
+        self.stop = trio.Event()
+
+    def event(self, kind: str, **fields) -> None:
+        ev = {"t": time.time(), "kind": kind, **fields}
+        self.events = (self.events + [ev])[-200:]
+        log(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+
+    # -- socket ------------------------------------------------------------
+    async def _bind(self) -> trio.socket.SocketType:
+        os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.socket_path)
+            raise UblkError(f"a ublkshell server already listens on {self.socket_path}")
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        finally:
+            probe.close()
+        try:
+            os.unlink(self.socket_path)  # stale, left by a crash
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(self.socket_path)
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, 0o600)
+        sock.listen(64)
+        return sock
+
+    async def _serve_conn(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        if not await self._request(stream, line):
+                            return
+                if len(buf) > MAX_LINE:
+                    await self._send(stream, {"id": None, "ok": False,
+                                              "error": f"request longer than {MAX_LINE} bytes"})
+                    return
+
+    async def _send(self, stream, msg: dict) -> bool:
+        try:
+            await stream.send_all(encode(msg))
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    async def _request(self, stream, line: bytes) -> bool:
+        from ..verbs import VERBS
+
+        try:
+            rid, cmd, args = decode_request(line)
+        except ProtocolError as e:
+            return await self._send(stream, {"id": None, "ok": False, "error": str(e)})
+        try:
+            if cmd == "ping":
+                result = {"version": VERSION, "pid": os.getpid(), "mount": self.mountpoint}
+            elif cmd == "events":
+                result = self.events[-int(args.get("last", 50)):]
+            elif cmd == "shutdown":
+                self.stop.set()
+                result = {}
+            elif cmd == "trace":
+                return await self._trace(stream, rid, args)
+            elif cmd in VERBS:
+                run = VERBS[cmd][0]
+                result = await trio.to_thread.run_sync(run, args)
+            else:
+                raise UsageError(f"unknown command {cmd!r}")
+        except UblkError as e:
+            return await self._send(stream, {"id": rid, "ok": False, "error": str(e)})
+        except (KeyError, TypeError, ValueError) as e:
+            return await self._send(stream, {"id": rid, "ok": False,
+                                             "error": f"bad arguments for {cmd}: {type(e).__name__}: {e}"})
+        except Exception as e:  # a bug must not take the server down
+            log(f"internal error on {cmd}: {type(e).__name__}: {e}")
+            return await self._send(stream, {"id": rid, "ok": False,
+                                             "error": f"internal error: {type(e).__name__}: {e}"})
+        return await self._send(stream, {"id": rid, "ok": True, "result": result})
+
+    async def _trace(self, stream, rid, args) -> bool:
+        from ..stats import Filter, Tail
+
+        dev_id = int(args["id"])
+        flt = Filter.parse([str(w) for w in args.get("filters", [])])
+        count = int(args.get("count", 0))
+        s = self.source.shm(dev_id)
+        if s is None:
+            raise UblkError(f"device {dev_id} has no statistics (not served by ublkshell?)")
+        tail = Tail(s, from_start=bool(args.get("from_start")))
+        sent = 0
+        while True:
+            for r in tail.poll():
+                if flt.match(r):
+                    if not await self._send(stream, {"id": rid, "event": r}):
+                        return False
+                    sent += 1
+                    if count and sent >= count:
+                        return await self._send(stream, {"id": rid, "ok": True,
+                                                         "result": {"lost": tail.lost, "sent": sent}})
+            await trio.sleep(0.05)
+
+    async def _accept(self, sock, nursery) -> None:
+        while True:
+            conn, _ = await sock.accept()
+            nursery.start_soon(self._serve_conn, trio.SocketStream(conn))
+
+    # -- supervision -------------------------------------------------------
+    async def _watch(self) -> None:
+        """Notice daemons that die (kill faults, crashes) and devices that come and go."""
+        while True:
+            entries = await trio.to_thread.run_sync(registry.all_entries)
+            for dev_id, e in entries.items():
+                alive = registry.pid_alive(e.get("pid"))
+                was = self.alive.get(dev_id)
+                if was is None:
+                    self.event("device-added" if alive else "device-found-dead", id=dev_id, pid=e.get("pid"))
+                elif was and not alive:
+                    self.event("daemon-died", id=dev_id, pid=e.get("pid"))
+                self.alive[dev_id] = alive
+            for dev_id in set(self.alive) - set(entries):
+                self.event("device-deleted", id=dev_id)
+                del self.alive[dev_id]
+            await trio.sleep(0.5)
+
+    async def _tree(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            from .fusetree import run_tree
+        except ImportError as e:
+            log(f"stats tree disabled: {e}")
+            task_status.started()
+            return
+        try:
+            await run_tree(self.mountpoint, self.source, task_status=task_status)
+        except (OSError, RuntimeError, UblkError) as e:
+            log(f"stats tree on {self.mountpoint} failed: {e}")
+            task_status.started()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = await self._bind()
+        log(f"listening on {self.socket_path}")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._accept, sock, nursery)
+                nursery.start_soon(self._watch)
+                if self.mountpoint:
+                    await nursery.start(self._tree)
+                task_status.started()
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async def on_signal():
+                        async for s in sigs:
+                            log(f"signal {s}: stopping")
+                            self.stop.set()
+                            return
+                    nursery.start_soon(on_signal)
+                    await self.stop.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            sock.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+            if not self.keep_devices:
+                await trio.to_thread.run_sync(_delete_ours)
+            log("stopped")
+
+
+def _delete_ours() -> None:
+    from ..devices import delete
+
+    for dev_id in registry.all_entries():
+        try:
+            delete(dev_id)
+            log(f"deleted dev {dev_id}")
+        except UblkError as e:
+            log(f"deleting dev {dev_id}: {e}")
+
+
+def serve(socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False) -> int:
+    if os.geteuid() != 0:
+        raise UblkError("the server manages block devices and mounts the stats tree: run it as root")
+    trio.run(Server(socket_path, mountpoint or None, keep_devices).run)
+    return 0

@@ -1,0 +1,185 @@
+"""The verbs every face shares (CLI, server, REPL): `run_X(args) -> result` does
+the work and returns plain JSON-able data; `render_X(result) -> str` turns it
+into text for people. `--json` prints the result itself."""
+import json
+
+from .errors import UsageError
+from .sizes import human
+
+
+# -- devices --------------------------------------------------------------
+def run_add(a: dict) -> dict:
+    from .devices import add
+    from .targets import build_spec
+
+    spec = build_spec(a.get("target") or "", file=a.get("file"), size=a.get("size"),
+                      queues=a.get("queues", 1), depth=a.get("depth", 128),
+                      block_size=a.get("block_size"), max_io=a.get("max_io", "512k"),
+                      dev_id=a.get("dev_id", -1))
+    return add(spec)
+
+
+def render_add(dev: dict) -> str:
+    q = dev["queues"]
+    return (f"dev {dev['id']} -> /dev/ublkb{dev['id']} ({dev['describe']}, {human(dev['size'])}, "
+            f"{q} queue{'s' if q > 1 else ''} x {dev['depth']})")
+
+
+def run_del(a: dict) -> dict:
+    from .devices import delete, delete_all
+
+    ids = a.get("ids") or []
+    if a.get("all"):
+        if ids:
+            raise UsageError("del: give device ids or -a, not both")
+        return {"deleted": delete_all(), "all": True}
+    if not ids:
+        raise UsageError("del: which device? give an id (see `ublkshell list`) or -a for all")
+    for dev_id in ids:
+        delete(int(dev_id))
+    return {"deleted": [int(i) for i in ids], "all": False}
+
+
+def render_del(r: dict) -> str:
+    if r["all"]:
+        n = len(r["deleted"])
+        return f"deleted {n} device{'s' if n != 1 else ''}"
+    return "\n".join(f"dev {i} deleted" for i in r["deleted"])
+
+
+def run_list(a: dict) -> list:
+    from .devices import list_devices
+
+    return list_devices()
+
+
+def render_list(devs: list) -> str:
+    if not devs:
+        return "no ublk devices"
+    lines = [f"{'ID':>3} {'STATE':<8} {'SIZE':>7} {'Q x D':>9} {'PID':>7}  {'TARGET':<28} FEATURES"]
+    for d in devs:
+        pid = str(d["pid"]) if d["daemon_alive"] else f"{d['pid']}†" if d["pid"] > 0 else "-"
+        size = human(d["size"]) if d["size"] is not None else "?"
+        lines.append(f"{d['id']:>3} {d['state']:<8} {size:>7} {str(d['queues']) + ' x ' + str(d['depth']):>9} "
+                     f"{pid:>7}  {d['target']:<28} {','.join(d['flags']) or '-'}")
+    if any(not d["daemon_alive"] for d in devs):
+        lines.append("† daemon gone: IO fails until the device is deleted (`ublkshell del ID`)")
+    return "\n".join(lines)
+
+
+def run_features(a: dict) -> dict:
+    from .devices import features
+    from .uapi import FEATURES
+
+    mask = features()
+    return {"mask": mask, "features": {n: bool(mask & b) for n, b in FEATURES.items()}}
+
+
+def render_features(r: dict) -> str:
+    from .uapi import FEATURE_HELP
+
+    lines = [f"ublk_drv features 0x{r['mask']:x}"]
+    for name, on in r["features"].items():
+        lines.append(f"  {'yes' if on else ' no'}  {name:<24} {FEATURE_HELP[name]}")
+    return "\n".join(lines)
+
+
+# -- observation ----------------------------------------------------------
+def run_stats(a: dict) -> dict:
+    from .bridge.shm import open_device
+    from .stats import snapshot, summarize
+
+    dev_id = int(a["id"])
+    snap = snapshot(open_device(dev_id))
+    return {"device": dev_id, "inflight": snap["inflight"],
+            "ops": {n: summarize(o) for n, o in snap["ops"].items()},
+            "queues": [{"queue": q["queue"], "inflight": q["inflight"],
+                        "ops": {n: summarize(o) for n, o in q["ops"].items()}} for q in snap["queues"]]}
+
+
+def render_stats(r: dict, queues: bool = False) -> str:
+    from .bridge.shm import OPS
+    from .stats import fmt_ns
+
+    lines = [f"dev {r['device']}: {r['inflight']} in flight",
+             f"{'OP':<13}{'IOS':>10}{'BYTES':>10}{'ERRORS':>8}{'AVG':>9}{'P50':>9}{'P99':>9}{'MAX':>9}"]
+    rows = [("", r["ops"])]
+    if queues:
+        rows += [(f"q{q['queue']} ", q["ops"]) for q in r["queues"]]
+    for prefix, ops in rows:
+        for name in OPS:
+            o = ops[name]
+            if o["ios"]:
+                lines.append(f"{prefix + name:<13}{o['ios']:>10}{human(o['bytes']):>10}{o['errors']:>8}"
+                             f"{fmt_ns(o['avg_ns']):>9}{fmt_ns(o['p50_ns']):>9}{fmt_ns(o['p99_ns']):>9}"
+                             f"{fmt_ns(o['max_ns']):>9}")
+    return "\n".join(lines)
+
+
+def run_lat(a: dict) -> dict:
+    from ._native import lib
+    from .bridge.shm import OPS, open_device
+    from .stats import snapshot, summarize
+
+    dev_id, op = int(a["id"]), a.get("op") or "read"
+    if op not in OPS:
+        raise UsageError(f"lat: unknown op {op!r} (choose from {', '.join(OPS)})")
+    o = snapshot(open_device(dev_id))["ops"][op]
+    buckets = [{"low_ns": lib.us_hist_low(i), "count": n} for i, n in enumerate(o["hist"]) if n]
+    return {"device": dev_id, "op": op, **summarize(o), "buckets": buckets}
+
+
+def render_lat(r: dict) -> str:
+    from .stats import fmt_ns
+
+    if not r["ios"]:
+        return f"dev {r['device']}: no {r['op']} IO yet"
+    # the ~3% buckets regrouped into powers of two so that the picture fits a terminal
+    rows = {}
+    for b in r["buckets"]:
+        low = b["low_ns"]
+        key = 1 << max(0, low.bit_length() - 1) if low else 0
+        rows[key] = rows.get(key, 0) + b["count"]
+    peak = max(rows.values())
+    lines = [f"dev {r['device']} {r['op']}: {r['ios']} IOs, avg {fmt_ns(r['avg_ns'])}, "
+             f"p50 {fmt_ns(r['p50_ns'])}, p99 {fmt_ns(r['p99_ns'])}, p99.9 {fmt_ns(r['p999_ns'])}, "
+             f"max {fmt_ns(r['max_ns'])}"]
+    for low in sorted(rows):
+        n = rows[low]
+        lines.append(f"{fmt_ns(low):>8} .. {fmt_ns(max(1, low * 2)):<8} {n:>9} "
+                     f"{'#' * max(1, round(50 * n / peak))}")
+    return "\n".join(lines)
+
+
+def run_inflight(a: dict) -> dict:
+    from .bridge.shm import open_device
+    from .stats import inflight
+
+    dev_id = int(a["id"])
+    return {"device": dev_id, "tags": inflight(open_device(dev_id))}
+
+
+def render_inflight(r: dict) -> str:
+    from .stats import fmt_ns
+
+    if not r["tags"]:
+        return f"dev {r['device']}: nothing in flight"
+    lines = [f"{'Q':>3} {'TAG':>5} {'OP':<13} {'SECTOR+N':<20} {'AGE':>9}"]
+    for t in sorted(r["tags"], key=lambda t: -t["age_ns"]):
+        lines.append(f"{t['queue']:>3} {t['tag']:>5} {t['op']:<13} "
+                     f"{str(t['sector']) + '+' + str(t['sectors']):<20} {fmt_ns(t['age_ns']):>9}")
+    return "\n".join(lines)
+
+
+TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT"
+
+# verb -> (run, render) for the one-shot verbs
+VERBS = {
+    "add": (run_add, render_add), "del": (run_del, render_del), "list": (run_list, render_list),
+    "features": (run_features, render_features), "stats": (run_stats, render_stats),
+    "lat": (run_lat, render_lat), "inflight": (run_inflight, render_inflight),
+}
+
+
+def dumps(result) -> str:
+    return json.dumps(result, sort_keys=True)
