@@ -54,8 +54,11 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 		/* the SQE is already taken: turn it into a no-op that reports the error */
 		io_uring_prep_nop(sqe);
 		io->attempt = 0xff;
-		break;
+		sqe->user_data = us_ud(tag, UD_TGT);
+		q->tgt_inflight++;
+		return US_QUEUED;
 	}
+	us_sqe_set_fd(q, sqe, US_FIXED_BACKING);
 	sqe->user_data = us_ud(tag, UD_TGT);
 	q->tgt_inflight++;
 	return US_QUEUED;

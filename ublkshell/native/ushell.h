@@ -65,6 +65,7 @@ struct us_queue {
 	pthread_t	thr;
 	struct io_uring	ring;
 	int		ring_ok;
+	int		fixed_files;	/* cdev is fixed file 0, the backing fd 1 */
 	const struct ublksrv_io_desc *iods;
 	size_t		iods_len;
 	char		*bufs;
@@ -98,6 +99,19 @@ struct us_dev {
 void us_shm_attach(struct us_queue *q, void *base);
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io);
 void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result);
+
+enum { US_FIXED_CDEV = 0, US_FIXED_BACKING = 1 };
+
+/* point an SQE at the ublk char device or the backing file, as a fixed file when registered */
+static inline void us_sqe_set_fd(struct us_queue *q, struct io_uring_sqe *sqe, int which)
+{
+	if (q->fixed_files) {
+		sqe->fd = which;
+		sqe->flags |= IOSQE_FIXED_FILE;
+	} else {
+		sqe->fd = which == US_FIXED_CDEV ? q->dev->cfg.cdev_fd : q->dev->cfg.backing_fd;
+	}
+}
 
 /* an SQE, zeroed to 128 bytes, flushing the SQ when it is full */
 struct io_uring_sqe *us_get_sqe(struct us_queue *q);
