@@ -8,6 +8,8 @@ from .errors import UblkError, UsageError
 
 EPILOG = """\
 examples:
+  ublkshell                                       interactive shell (Tab completes; starts the server if needed)
+  ublkshell -c "stats 0"                          one shell line through the server, then exit
   ublkshell add -t loop -f disk.img -q 2 -d 128   serve disk.img as /dev/ublkbN
   ublkshell add -t mem --size 1G                  RAM-backed, sparse
   ublkshell add -t null --size 100G               completes at once, reads zeros
@@ -32,8 +34,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ublkshell", description="Serve, watch and break Linux ublk block devices.",
+    p = _Parser(prog="ublkshell", description="Serve, watch and break Linux ublk block devices. "
+                                            "Without a VERB: an interactive shell.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", dest="command", metavar="COMMAND",
+                   help="run one line of the interactive shell through the server and exit")
+    # its own dest: `serve --socket` would overwrite a shared one with its default
+    p.add_argument("--socket", dest="shell_socket", metavar="PATH",
+                   help="the server's control socket, for the shell and -c "
+                        "(default /run/ublkshell/ublkshell.sock)")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
     a = sub.add_parser("add", help="create a device served by a new IO daemon",
@@ -114,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
 def _args_of(args) -> dict:
     """argparse namespace -> the verb's argument dict (the same keys the server takes)."""
     a = dict(vars(args))
-    a.pop("verb", None)
+    for k in ("verb", "command", "shell_socket"):
+        a.pop(k, None)
     if args.verb == "add":
         a["target"] = a.pop("type")
         a["dev_id"] = a.pop("number")
@@ -178,16 +188,20 @@ def main(argv=None) -> int:
         elif extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         if not args.verb:
-            parser.print_help()
-            return 0
+            from .bridge.protocol import SOCKET_PATH
+            from .repl.shell import run as shell
+
+            return shell(args.command, args.shell_socket or SOCKET_PATH)
+        if args.command is not None:
+            raise UsageError(f"-c COMMAND or a verb ({args.verb}), not both: quote the command (-c \"stats 0\")")
         if args.verb == "trace":
             return _cmd_trace(args)
         if args.verb == "serve":
             from .bridge.protocol import SOCKET_PATH
             from .bridge.server import serve
 
-            return serve(args.socket or SOCKET_PATH, None if args.no_fuse else args.mount,
-                         args.keep_devices)
+            return serve(args.socket or args.shell_socket or SOCKET_PATH,
+                         None if args.no_fuse else args.mount, args.keep_devices)
         if args.verb == "demo":
             return _cmd_demo(args)
         return _one_shot(args)

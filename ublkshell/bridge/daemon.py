@@ -99,9 +99,9 @@ class Daemon:
         cfg.backing_fd = self.target.fd
         cfg.dev_bytes = self.target.size
         cfg.backing_bytes = self.target.backing_bytes
-        cfg.shm = self.stats.base if not os.environ.get("UBLKSHELL_EXP_NO_RECORDS") else ffi.NULL
+        cfg.shm = self.stats.base
         for q, cpu in enumerate(_affinity(self.ctrl, self.dev_id, info.nr_hw_queues)[:64]):
-            cfg.cpus[q] = cpu if not os.environ.get("UBLKSHELL_EXP_NO_PIN") else -1
+            cfg.cpus[q] = cpu
         err = ffi.new("int *")
         self.dev = lib.us_dev_start(cfg, err)
         if self.dev == ffi.NULL:
