@@ -41,7 +41,8 @@ struct io_uring_sqe *us_get_sqe(struct us_queue *q)
 	return sqe;
 }
 
-static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int result)
+static void queue_uring_cmd_kind(struct us_queue *q, unsigned tag, unsigned op, int result,
+				 unsigned kind)
 {
 	struct io_uring_sqe *sqe = us_get_sqe(q);
 	struct ublksrv_io_cmd *cmd;
@@ -55,13 +56,28 @@ static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int r
 	sqe->opcode = IORING_OP_URING_CMD;
 	us_sqe_set_fd(q, sqe, US_FIXED_CDEV);
 	sqe->cmd_op = op;
-	sqe->user_data = us_ud(tag, UD_CMD);
+	sqe->user_data = us_ud(tag, kind);
 	cmd = us_sqe_cmd(sqe);
 	cmd->q_id = q->q_id;
 	cmd->tag = tag;
 	cmd->result = result;
 	cmd->addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
 	q->cmd_inflight++;
+}
+
+static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int result)
+{
+	queue_uring_cmd_kind(q, tag, op, result, UD_CMD);
+}
+
+void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result)
+{
+	struct us_io *io = &q->ios[tag];
+
+	head->flags |= IOSQE_IO_LINK;
+	io->linked = 1;
+	io->link_expect = result;
+	queue_uring_cmd_kind(q, tag, q->dev->op_commit, result, UD_LINKED);
 }
 
 static void commit(struct us_queue *q, unsigned tag, int result)
@@ -97,12 +113,26 @@ static void handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 	case UD_STOP:
 		q->stopping = 2;
 		return;
-	case UD_TGT:
+	case UD_TGT: {
+		struct us_io *io = &q->ios[tag];
+		int link_ok = io->linked && cqe->res == io->link_expect;
+
 		q->tgt_inflight--;
-		r = q->dev->tgt->io_done(q, tag, &q->ios[tag], cqe->res);
-		if (r != US_QUEUED)
+		/* a failed or short head cancels the linked commit: commit the real result later */
+		io->linked = 0;
+		r = q->dev->tgt->io_done(q, tag, io, cqe->res);
+		if (link_ok)
+			us_rec_end(q, tag, io, io->link_expect);
+		else if (r != US_QUEUED)
 			commit(q, tag, r);
 		return;
+	}
+	case UD_LINKED:
+		if (cqe->res == -ECANCELED) {
+			q->cmd_inflight--;
+			return;
+		}
+		break;
 	}
 
 	q->cmd_inflight--;

@@ -23,9 +23,19 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 	uint64_t off = (io->start_sector << 9) + io->done;
 	unsigned len = (io->nr_sectors << 9) - io->done;
 	unsigned op = io->op_flags & 0xff;
-	struct io_uring_sqe *sqe = us_get_sqe(q);
-	int mode;
+	struct io_uring_sqe *sqe;
+	int mode, link;
 
+	/*
+	 * The first try of an IO that cannot come back short carries its commit
+	 * linked behind it: one io_uring_enter per IO instead of two. A chain must
+	 * not be split across submissions, so make room for both SQEs first.
+	 */
+	link = !io->done && !io->attempt && op <= UBLK_IO_OP_WRITE_ZEROES && op != UBLK_IO_OP_WRITE_SAME &&
+		(op != UBLK_IO_OP_READ || off + len <= q->dev->cfg.backing_bytes);
+	if (link && io_uring_sq_space_left(&q->ring) < 2)
+		io_uring_submit(&q->ring);
+	sqe = us_get_sqe(q);
 	if (!sqe)
 		return -EBUSY;
 	switch (op) {
@@ -61,6 +71,8 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 	us_sqe_set_fd(q, sqe, US_FIXED_BACKING);
 	sqe->user_data = us_ud(tag, UD_TGT);
 	q->tgt_inflight++;
+	if (link)
+		us_link_commit(q, tag, sqe, op <= UBLK_IO_OP_WRITE ? (int)len : 0);
 	return US_QUEUED;
 }
 

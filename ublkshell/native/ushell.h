@@ -20,7 +20,8 @@
 #define US_QUEUED	(-0x7fffffff)
 
 /* sqe->user_data: tag in bits 0-15, kind in 16-23 */
-enum us_ud_kind { UD_CMD = 0, UD_TGT = 1, UD_STOP = 2 };
+/* UD_LINKED: a COMMIT_AND_FETCH linked behind the target SQE that produces its result */
+enum us_ud_kind { UD_CMD = 0, UD_TGT = 1, UD_STOP = 2, UD_LINKED = 3 };
 
 static inline uint64_t us_ud(unsigned tag, unsigned kind)
 {
@@ -40,6 +41,13 @@ struct us_io {
 	uint32_t	dirty;		/* null target: bytes of write data left in buf */
 	uint32_t	fault;		/* fault action applied to this IO, 0 none */
 	uint64_t	t_start_ns;
+	/*
+	 * linked: a commit carrying link_expect is queued behind the target SQE;
+	 * it runs only if that SQE returns exactly link_expect (io_uring cancels
+	 * the rest of a chain on a failed or short head).
+	 */
+	int32_t		link_expect;
+	uint8_t		linked;
 };
 
 struct us_queue;
@@ -96,6 +104,8 @@ struct us_dev {
 	struct us_queue	q[];
 };
 
+/* queue the tag's COMMIT_AND_FETCH(result) linked behind the SQE just prepared */
+void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result);
 void us_shm_attach(struct us_queue *q, void *base);
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io);
 void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result);
