@@ -55,7 +55,7 @@ class Client:
         rid = self.send(cmd, args)
         while True:
             msg = self._readline()
-            if msg.get("id") != rid or "event" in msg:
+            if msg.get("id") != rid or "event" in msg or msg.get("started"):
                 continue
             if not msg.get("ok"):
                 raise UblkError(msg.get("error", "the server refused"))
@@ -66,7 +66,7 @@ class Client:
         rid = self.send(cmd, args)
         while True:
             msg = self._readline()
-            if msg.get("id") != rid:
+            if msg.get("id") != rid or msg.get("started"):
                 continue
             if "event" in msg:
                 yield msg["event"]

@@ -162,17 +162,41 @@ class Server:
         if s is None:
             raise UblkError(f"device {dev_id} has no statistics (not served by ublkshell?)")
         tail = Tail(s, from_start=bool(args.get("from_start")))
-        sent = 0
-        while True:
-            for r in tail.poll():
-                if flt.match(r):
-                    if not await self._send(stream, {"id": rid, "event": r}):
-                        return False
-                    sent += 1
-                    if count and sent >= count:
-                        return await self._send(stream, {"id": rid, "ok": True,
-                                                         "result": {"lost": tail.lost, "sent": sent}})
-            await trio.sleep(0.05)
+        # tells the client that records from here on will reach it
+        if not await self._send(stream, {"id": rid, "started": True}):
+            return False
+        state = {"sent": 0, "open": True}
+
+        async def pump(cancel):
+            while True:
+                for r in tail.poll():
+                    if flt.match(r):
+                        if not await self._send(stream, {"id": rid, "event": r}):
+                            state["open"] = False
+                            cancel.cancel()
+                            return
+                        state["sent"] += 1
+                        if count and state["sent"] >= count:
+                            cancel.cancel()
+                            return
+                await trio.sleep(0.05)
+
+        async def hangup(cancel):
+            # a stream ends when its client hangs up: notice it even while the device is idle
+            try:
+                await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            state["open"] = False
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, nursery.cancel_scope)
+            nursery.start_soon(hangup, nursery.cancel_scope)
+        if not state["open"]:
+            return False
+        return await self._send(stream, {"id": rid, "ok": True,
+                                         "result": {"lost": tail.lost, "sent": state["sent"]}})
 
     async def _accept(self, sock, nursery) -> None:
         while True:

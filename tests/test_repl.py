@@ -1,0 +1,286 @@
+"""The interactive shell, driven for real: a server subprocess on a temporary
+socket, a device's statistics file recorded into by this test (no ublk_drv on
+the host, so no real device), and the shell in a pty through pexpect."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pexpect
+import pytest
+
+from ublkshell._native import lib
+from ublkshell.bridge import shm as shm_mod
+from ublkshell.repl import views
+from ublkshell.repl.completion import candidates
+from ublkshell.repl.shell import Shell
+
+READ, WRITE = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE
+PROMPT = "ublk>"  # prompt_toolkit draws the trailing space as a cursor move
+ACCEPTED = "\x1b[?2004l"  # bracketed paste off: the line was taken, its output follows
+ESC = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture
+def env(tmp_path):
+    return dict(os.environ, UBLKSHELL_STATE_DIR=str(tmp_path / "state"),
+                UBLKSHELL_MEM_DIR=str(tmp_path / "mem"), HOME=str(tmp_path),
+                TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="200", LINES="50")
+
+
+@pytest.fixture
+def server(tmp_path, env):
+    sock = str(tmp_path / "s.sock")
+    p = subprocess.Popen([sys.executable, "-m", "ublkshell", "serve", "--socket", sock, "--no-fuse"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert p.poll() is None, p.stdout.read()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield sock
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def dev7(tmp_path, monkeypatch):
+    """Device 7's statistics where the server looks, with 10 writes and 3 reads."""
+    monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path / "mem"))
+    s = shm_mod.create(7, 2, 32, 1024, os.getpid())
+    for i in range(10):
+        lib.us_shm_record_io(s.base, i % 2, i, WRITE, 1000 + 8 * i, 8, 4096, 20_000)
+    for i in range(3):
+        lib.us_shm_record_io(s.base, 0, i, READ, 8 * i, 8, 4096, 5_000)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def repl(server, env, dev7):
+    child = pexpect.spawn(sys.executable, ["-m", "ublkshell", "--socket", server], env=env,
+                          encoding="utf-8", dimensions=(50, 200), timeout=15)
+    try:
+        child.expect_exact(PROMPT)
+        yield child
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        child.close()
+
+
+def clean(text: str) -> str:
+    return ESC.sub("", text)
+
+
+def run(child, line: str) -> str:
+    """Send one line, return what it printed before the next prompt."""
+    child.sendline(line)
+    child.expect_exact(ACCEPTED)
+    child.expect_exact(PROMPT)
+    return clean(child.before)
+
+
+def shell_c(server, env, line):
+    return subprocess.run([sys.executable, "-m", "ublkshell", "--socket", server, "-c", line],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+# -- in a pty ---------------------------------------------------------------
+def test_tab_completes_a_verb(repl):
+    repl.send("st\t")
+    repl.expect_exact("stats")
+    repl.send(" 7\r")
+    repl.expect_exact("write")
+    repl.expect_exact(PROMPT)
+
+
+def test_tab_tab_offers_the_targets(repl):
+    repl.send("add -t \t\t")
+    repl.expect(r"null\s+mem\s+loop")
+    repl.sendcontrol("u")
+    repl.sendline("quit")
+    repl.expect(pexpect.EOF)
+
+
+def test_bad_command_is_one_line_and_the_prompt_returns(repl):
+    for line, message in [
+        ("frob", "unknown command 'frob' (`help` lists them)"),
+        ("stats 'unbalanced", "cannot split the line: No closing quotation"),
+        ("stats 12345", "device 12345 has no statistics (not served by ublkshell?)"),
+        ("stats", "the following arguments are required: id"),
+        ("top 7 --interval 0", "top: --interval 0: must be more than 0"),
+    ]:
+        out = run(repl, line).strip().splitlines()
+        assert out == [f"error: {message}"], (line, out)
+
+
+def test_stats_shows_the_recorded_counts(repl, tmp_path):
+    lines = run(repl, "stats 7 --queues").splitlines()
+    write = next(l for l in lines if l.startswith("write"))
+    read = next(l for l in lines if l.startswith("read"))
+    assert write.split()[1:3] == ["10", "40K"] and read.split()[1:3] == ["3", "12K"]
+    assert next(l for l in lines if l.startswith("q1 write")).split()[2] == "5"
+    repl.sendline("quit")
+    repl.expect(pexpect.EOF)
+    repl.close()
+    assert repl.exitstatus == 0
+    assert "stats 7 --queues" in (tmp_path / ".ublkshell_history").read_text()
+
+
+def test_trace_follows_new_records_until_ctrl_c(repl, dev7):
+    repl.sendline("trace 7")
+    repl.expect_exact("TIME(s)")
+    # the server starts its tail when the request lands: keep recording until one shows
+    deadline = time.monotonic() + 15
+    while True:
+        lib.us_shm_record_io(dev7.base, 1, 9, WRITE, 777000, 16, 8192, 30_000)
+        try:
+            repl.expect(r"q1\s+t9\s+write\s+-\s+777000\+16", timeout=0.3)
+            break
+        except pexpect.TIMEOUT:
+            assert time.monotonic() < deadline, clean(repl.before)
+    repl.sendintr()
+    repl.expect_exact(PROMPT)
+    # the shell still answers after the interrupted stream
+    assert re.search(r"^write\s+1\d\s", run(repl, "stats 7"), re.M)
+
+
+def test_top_refreshes_until_ctrl_c(repl, dev7):
+    repl.sendline("top 7 --interval 0.2")
+    repl.expect_exact("IOPS")
+    repl.expect(r"7 q1\s+write")
+    repl.sendintr()
+    repl.expect_exact(PROMPT)
+
+
+def test_help_and_quit(repl):
+    out = run(repl, "help")
+    for verb in ("add", "del", "list", "features", "stats", "lat", "inflight", "trace", "top", "info", "quit"):
+        assert re.search(rf"^\s+{verb}\s+\S", out, re.M), verb
+    assert "usage: lat" in run(repl, "help lat")
+    repl.sendintr()  # Ctrl-C on an empty line: just a new prompt
+    repl.expect_exact(PROMPT)
+    repl.sendline("quit")
+    repl.expect(pexpect.EOF)
+    repl.close()
+    assert repl.exitstatus == 0
+
+
+def test_ctrl_d_leaves(repl):
+    repl.sendeof()
+    repl.expect(pexpect.EOF)
+    repl.close()
+    assert repl.exitstatus == 0
+
+
+# -- ublkshell -c -------------------------------------------------------------
+def test_c_runs_one_line_through_the_server(server, env, dev7):
+    p = shell_c(server, env, "stats 7 --json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["device"] == 7
+    assert r["ops"]["write"]["ios"] == 10 and r["ops"]["write"]["bytes"] == 40960
+    assert r["ops"]["read"]["ios"] == 3
+    assert [q["ops"]["write"]["ios"] for q in r["queues"]] == [5, 5]
+
+
+def test_c_info_and_trace_from_start(server, env, dev7):
+    p = shell_c(server, env, "info 7")
+    assert p.returncode == 0, p.stderr
+    assert "dev 7: 0 in flight" in p.stdout
+    p = shell_c(server, env, "trace 7 --from-start --count 2 --json op=read")
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(l) for l in p.stdout.splitlines()]
+    assert [(r["op"], r["sector"]) for r in recs] == [("read", 0), ("read", 8)]
+
+
+@pytest.mark.parametrize("line,code,message", [
+    ("frob", 2, "ublkshell: unknown command 'frob' (`help` lists them)"),
+    ("stats x", 2, "ublkshell: argument id: invalid int value: 'x'"),
+    ("trace 7 op=nope", 2, "ublkshell: trace filter op=nope: choose from read, write, flush, discard, write_zeroes"),
+    ("serve", 2, "ublkshell: unknown command 'serve' (`help` lists them)"),
+    ("stats 12345", 1, "ublkshell: device 12345 has no statistics (not served by ublkshell?)"),
+])
+def test_c_errors_are_one_line(server, env, dev7, line, code, message):
+    p = shell_c(server, env, line)
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert p.stderr.strip() == message and p.stdout == ""
+
+
+def test_c_without_a_server_says_so(tmp_path, env):
+    p = shell_c(str(tmp_path / "none.sock"), env, "list")
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"ublkshell: no ublkshell server at {tmp_path / 'none.sock'} " \
+                               "(start one with `ublkshell serve`)"
+
+
+def test_help_mentions_the_shell(env):
+    p = subprocess.run([sys.executable, "-m", "ublkshell", "--help"], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert p.returncode == 0 and "-c COMMAND" in p.stdout and "interactive shell" in p.stdout
+
+
+# -- pure parts ----------------------------------------------------------------
+def _stats(dev, ios, nbytes, inflight=0):
+    op = lambda n, b: {"ios": n, "bytes": b, "errors": 0, "avg_ns": 2000 if n else 0,  # noqa: E731
+                       "p50_ns": 1900 if n else 0, "p99_ns": 5000 if n else 0, "max_ns": 9000 if n else 0}
+    empty = {k: op(0, 0) for k in ("read", "flush", "discard", "write_zeroes", "other")}
+    return {"device": dev, "inflight": inflight, "ops": dict(empty, write=op(sum(ios), sum(nbytes))),
+            "queues": [{"queue": q, "inflight": inflight if q == 0 else 0,
+                        "ops": dict(empty, write=op(n, b))} for q, (n, b) in enumerate(zip(ios, nbytes))]}
+
+
+def test_top_rates_are_differences_over_the_interval():
+    old, new = _stats(3, [100, 0], [100 << 12, 0]), _stats(3, [300, 100], [300 << 12, 100 << 12], inflight=4)
+    rows = views.device_rows(old, new, 2.0)
+    assert [(r["label"], r["op"]) for r in rows] == [("all", "write"), ("q0", "write"), ("q1", "write")]
+    assert [r["iops"] for r in rows] == [150.0, 100.0, 50.0]
+    assert rows[0]["mbps"] == pytest.approx(300 * 4096 / 2 / 1e6)
+    assert rows[0]["inflight"] == 4 and rows[0]["p99_ns"] == 5000
+    text = views.render_top([(3, old, new, None), (4, None, None, "device 4 has no statistics")], 2.0, 1.0)
+    assert "   3 all  write" in text and "device 4 has no statistics" in text
+    assert re.search(r"3 q1\s+write\s+50\.0\s+0\.20\s+2us\s+1\.9us\s+5us\s+9us\s+0", text), text
+
+
+def test_top_shows_dashes_when_there_is_nothing_to_compare():
+    new = _stats(3, [5, 0], [5 << 12, 0])
+    assert all(r["iops"] is None for r in views.device_rows(None, new, 1.0))
+    # counters that went back: the id belongs to a new device now
+    assert all(r["iops"] is None for r in views.device_rows(_stats(3, [9, 9], [1, 1]), new, 1.0)[:1])
+    idle = _stats(3, [0, 0], [0, 0])
+    rows = views.device_rows(idle, idle, 1.0)
+    assert [(r["label"], r["op"], r["iops"]) for r in rows] == [("all", "-", 0.0), ("q0", "-", 0.0), ("q1", "-", 0.0)]
+    assert views.format_row(rows[0]).split()[-5:] == ["-", "-", "-", "-", "0"]
+
+
+def test_completion_candidates(monkeypatch):
+    sh = Shell("/nonexistent.sock")
+    monkeypatch.setattr(sh, "device_ids", lambda: [0, 7, 12])
+    assert candidates(sh, [], "st") == ["stats"]
+    assert candidates(sh, [], "in") == ["inflight", "info"]
+    assert candidates(sh, ["add", "-t"], "") == ["null", "mem", "loop"]
+    assert candidates(sh, ["add", "--type"], "m") == ["mem"]
+    assert "--depth" in candidates(sh, ["add"], "--d") and "--json" in candidates(sh, ["stats", "7"], "-")
+    assert candidates(sh, ["stats"], "") == ["0", "7", "12"]
+    assert candidates(sh, ["stats"], "1") == ["12"]
+    assert candidates(sh, ["stats", "7"], "") == []
+    assert candidates(sh, ["del", "7"], "") == ["0", "12"]
+    assert candidates(sh, ["lat", "7"], "w") == ["write", "write_zeroes"]
+    assert candidates(sh, ["trace", "7"], "") == ["q=", "tag=", "op=", "lba=", "min_lat=", "errors"]
+    assert candidates(sh, ["trace", "7", "--count", "3"], "op=f") == ["op=flush"]
+    assert candidates(sh, ["add", "-q"], "") == []  # a number nobody can guess
+    assert candidates(sh, ["help"], "tr") == ["trace"]
+    assert candidates(sh, ["frob"], "") == []
+
+
+def test_device_ids_tolerate_a_missing_server():
+    assert Shell("/nonexistent.sock").device_ids() == []

@@ -1,0 +1,1 @@
+"""The interactive shell: a client of `ublkshell serve` (shell.run)."""

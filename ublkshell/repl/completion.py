@@ -1,0 +1,72 @@
+"""Tab completion for the shell: verbs, device ids, targets, ops, options
+(read from the same argparse parser that parses the line), trace filters and
+file paths. Candidates are plain functions of the words so far."""
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+
+from .shell import FILTER_KEYS, ID_VERBS, MULTI_ID_VERBS, OPS, TARGETS, VERBS
+
+
+def _options(subparser) -> dict:
+    """option string -> whether it takes a value."""
+    return {s: a.nargs != 0 for a in subparser._actions for s in a.option_strings}
+
+
+def _positionals(words: list[str], options: dict) -> list[str]:
+    out, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w.startswith("-"):
+            skip = options.get(w.split("=", 1)[0], False) and "=" not in w
+        else:
+            out.append(w)
+    return out
+
+
+def candidates(shell, words: list[str], cur: str) -> list[str]:
+    """What may follow `words` (the complete words) as the word `cur` being typed."""
+    if not words:
+        return [v for v in VERBS if v.startswith(cur)]
+    verb = words[0]
+    sub = shell.sub.choices.get(verb) if verb in VERBS else None
+    if sub is None:
+        return []
+    options = _options(sub)
+    prev = words[-1]
+    if verb == "add" and prev in ("-t", "--type"):
+        return [t for t in TARGETS if t.startswith(cur)]
+    if prev in options and options[prev]:
+        return []  # a value nobody can guess (-q 2, --size 1G); -f is handled by the caller
+    if cur.startswith("-"):
+        return sorted(o for o in options if o.startswith(cur))
+    pos = _positionals(words[1:], options)
+    if verb == "help":
+        return [v for v in VERBS if v.startswith(cur)] if not pos else []
+    if verb in ID_VERBS and (not pos or verb in MULTI_ID_VERBS):
+        return [str(i) for i in shell.device_ids() if str(i).startswith(cur) and str(i) not in pos]
+    if verb == "lat" and len(pos) == 1:
+        return [o for o in OPS if o.startswith(cur)]
+    if verb == "trace":
+        if cur.startswith("op="):
+            return [f"op={o}" for o in OPS if f"op={o}".startswith(cur)]
+        return [k for k in FILTER_KEYS if k.startswith(cur)]
+    return []
+
+
+class ShellCompleter(Completer):
+    def __init__(self, shell):
+        self.shell = shell
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        words = text.split()
+        cur = "" if not text or text[-1].isspace() else words.pop()
+        if len(words) >= 2 and words[0] == "add" and words[-1] in ("-f", "--file"):
+            yield from self.paths.get_completions(Document(cur, len(cur)), complete_event)
+            return
+        for c in candidates(self.shell, words, cur):
+            # a finished word gets its space, as in bash; `op=` waits for its value
+            text = c if c.endswith("=") else c + " "
+            yield Completion(text, start_position=-len(cur), display=c)
