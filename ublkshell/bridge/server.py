@@ -228,11 +228,20 @@ class Server:
             log(f"stats tree disabled: {e}")
             task_status.started()
             return
+        started = []
+
+        class Status:
+            def started(self, value=None):
+                started.append(True)
+                task_status.started(value)
+
         try:
-            await run_tree(self.mountpoint, self.source, task_status=task_status)
+            await run_tree(self.mountpoint, self.source, task_status=Status())
         except (OSError, RuntimeError, UblkError) as e:
             log(f"stats tree on {self.mountpoint} failed: {e}")
-            task_status.started()
+            # the server goes on without the tree, whether it failed before or after mounting
+            if not started:
+                task_status.started()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         sock = await self._bind()

@@ -66,15 +66,20 @@ def create(dev_id: int, nr_queues: int, depth: int, records: int, pid: int) -> S
     os.makedirs(SHM_DIR, mode=0o700, exist_ok=True)
     path = path_for(dev_id)
     size = lib.us_shm_size(nr_queues, depth, records)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # a fresh inode every time: readers that still map an earlier device's file keep that file
+    tmp = f"{path}.{os.getpid()}.new"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-    s = Shm(path, writable=True)
+    s = Shm(tmp, writable=True)
     rc = lib.us_shm_init(s.base, size, nr_queues, depth, records, dev_id, pid)
     if rc:
+        os.unlink(tmp)
         raise UblkError(f"{path}: cannot lay out statistics: {os.strerror(-rc)}")
+    os.replace(tmp, path)
+    s.path = path
     return s
 
 
