@@ -158,11 +158,13 @@ class LoopTarget(Target):
         size = self.spec.get("size") or self.backing_bytes
         self.size = size - size % self.block_size
 
+        self.in_memory = bool(lib.us_fd_in_memory(fd))
+
     def describe(self) -> str:
         return f"loop {self.spec['file']}"
 
     def state(self) -> dict:
-        return {"direct_io": self.direct}
+        return {"direct_io": self.direct, "in_memory": self.in_memory}
 
 
 TARGETS = {t.name: t for t in (NullTarget, MemTarget, LoopTarget)}

@@ -109,3 +109,58 @@ def pread_direct(path: str, nbytes: int, offset: int) -> bytes:
         return bytes(buf)
     finally:
         os.close(fd)
+
+
+class Backing:
+    """Where a loop target's data lives: a file on tmpfs (served in the queue
+    thread), a file on ext4 (served through io_uring), or a block device."""
+
+    def __init__(self, scratch):
+        self.scratch = scratch
+        self.loops = []
+        self.mounts = []
+
+    def _kernel_loop(self, size: int) -> str:
+        img = os.path.join(self.scratch, f"lower{len(self.loops)}.img")
+        with open(img, "wb") as f:
+            f.truncate(size)
+        dev = run(["losetup", "--find", "--show", img]).stdout.strip()
+        self.loops.append(dev)
+        return dev
+
+    def make(self, kind: str, size: int, name: str = "disk.img") -> str:
+        if kind == "tmpfs":
+            path = os.path.join(self.scratch, name)
+            with open(path, "wb") as f:
+                f.truncate(size)
+            return path
+        if kind == "ext4":
+            dev = self._kernel_loop(size + (64 << 20))
+            run(["mkfs.ext4", "-q", "-F", dev])
+            mnt = os.path.join(self.scratch, f"mnt{len(self.mounts)}")
+            os.makedirs(mnt)
+            run(["mount", dev, mnt])
+            self.mounts.append(mnt)
+            path = os.path.join(mnt, name)
+            with open(path, "wb") as f:
+                f.truncate(size)
+            return path
+        if kind == "bdev":
+            return self._kernel_loop(size)
+        raise ValueError(kind)
+
+    def cleanup(self):
+        for m in reversed(self.mounts):
+            run(["umount", m], check=False)
+        for d in reversed(self.loops):
+            run(["losetup", "-d", d], check=False)
+
+
+@pytest.fixture
+def backing(scratch):
+    b = Backing(scratch)
+    yield b
+    b.cleanup()
+
+
+LOOP_BACKINGS = ["tmpfs", "ext4", "bdev"]

@@ -14,28 +14,26 @@ def fio_verify(path, bs, size="32M", iodepth=32, extra=()):
                 *extra], timeout=600)
 
 
-def _device(devices, scratch, target, queues=1):
-    if target == "loop":
-        img = os.path.join(scratch, "disk.img")
-        with open(img, "wb") as f:
-            f.truncate(128 << 20)
+def _device(devices, backing, target, queues=1):
+    if target.startswith("loop"):
+        img = backing.make(target[5:], 128 << 20)
         return devices.add("-t", "loop", "-f", img, "-q", str(queues))
     return devices.add("-t", "mem", "--size", "128M", "-q", str(queues))
 
 
-@pytest.mark.parametrize("target", ["mem", "loop"])
+@pytest.mark.parametrize("target", ["mem", "loop-tmpfs", "loop-ext4", "loop-bdev"])
 @pytest.mark.parametrize("bs", ["4k", "128k"])
-def test_fio_verify(devices, scratch, target, bs):
-    dev = _device(devices, scratch, target, queues=2)
+def test_fio_verify(devices, backing, target, bs):
+    dev = _device(devices, backing, target, queues=2)
     p = fio_verify(dev["path"], bs)
     # terse v3: field 5 is the error count of the job
     fields = p.stdout.strip().splitlines()[-1].split(";")
     assert fields[4] == "0", p.stdout
 
 
-@pytest.mark.parametrize("target", ["mem", "loop"])
-def test_ext4_end_to_end(devices, scratch, target):
-    dev = _device(devices, scratch, target)
+@pytest.mark.parametrize("target", ["mem", "loop-tmpfs", "loop-ext4"])
+def test_ext4_end_to_end(devices, backing, scratch, target):
+    dev = _device(devices, backing, target)
     mnt = os.path.join(scratch, "mnt")
     os.makedirs(mnt)
     run(["mkfs.ext4", "-q", "-F", dev["path"]])

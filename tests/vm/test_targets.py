@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from .conftest import cli, pattern, pread_direct, pwrite_direct, run
+from .conftest import LOOP_BACKINGS, cli, pattern, pread_direct, pwrite_direct, run
 
 SHAPES = [(1, 1), (1, 128), (2, 1), (2, 128)]
 
@@ -29,11 +29,10 @@ def test_mem_round_trip(devices, queues, depth):
     assert pread_direct(dev["path"], 1 << 20, 40 << 20) == bytes(1 << 20)
 
 
+@pytest.mark.parametrize("kind", LOOP_BACKINGS)
 @pytest.mark.parametrize("queues,depth", SHAPES)
-def test_loop_bytes_reach_the_backing_file(devices, scratch, queues, depth):
-    img = os.path.join(scratch, "disk.img")
-    with open(img, "wb") as f:
-        f.truncate(64 << 20)
+def test_loop_bytes_reach_the_backing_file(devices, backing, queues, depth, kind):
+    img = backing.make(kind, 64 << 20)
     dev = devices.add("-t", "loop", "-f", img, "-q", str(queues), "-d", str(depth))
     assert dev["size"] == 64 << 20
     data = pattern(2 << 20, depth)
@@ -52,8 +51,9 @@ def test_loop_bytes_reach_the_backing_file(devices, scratch, queues, depth):
     assert pread_direct(dev["path"], len(other), 20 << 20) == other
 
 
-def test_loop_reads_past_the_file_end_are_zeros(devices, scratch):
-    img = os.path.join(scratch, "short.img")
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+def test_loop_reads_past_the_file_end_are_zeros(devices, backing, kind):
+    img = backing.make(kind, 0, "short.img")
     with open(img, "wb") as f:
         f.write(pattern(1 << 20, 5))
     dev = devices.add("-t", "loop", "-f", img, "--size", "8M")
@@ -63,12 +63,10 @@ def test_loop_reads_past_the_file_end_are_zeros(devices, scratch):
     assert got[1 << 20:] == bytes(1 << 20)
 
 
-@pytest.mark.parametrize("target", ["mem", "loop"])
-def test_discard_and_write_zeroes(devices, scratch, target):
-    img = os.path.join(scratch, "disk.img")
-    if target == "loop":
-        with open(img, "wb") as f:
-            f.truncate(32 << 20)
+@pytest.mark.parametrize("target", ["mem", "loop-tmpfs", "loop-ext4", "loop-bdev"])
+def test_discard_and_write_zeroes(devices, backing, target):
+    if target.startswith("loop"):
+        img = backing.make(target[5:], 32 << 20)
         dev = devices.add("-t", "loop", "-f", img)
     else:
         dev = devices.add("-t", "mem", "--size", "32M")
@@ -82,7 +80,7 @@ def test_discard_and_write_zeroes(devices, scratch, target):
     assert got[2 << 20: 4 << 20] == data[2 << 20: 4 << 20]
     assert got[4 << 20: 6 << 20] == bytes(2 << 20), "write-zeroes range should read zeros"
     assert got[6 << 20:] == data[6 << 20:]
-    if target == "loop":
+    if target.startswith("loop"):
         run(["sync"])
         with open(img, "rb") as f:
             f.seek(1 << 20)

@@ -99,6 +99,7 @@ class Daemon:
         cfg.backing_fd = self.target.fd
         cfg.dev_bytes = self.target.size
         cfg.backing_bytes = self.target.backing_bytes
+        cfg.backing_in_memory = 1 if getattr(self.target, "in_memory", False) else 0
         cfg.shm = self.stats.base
         for q, cpu in enumerate(_affinity(self.ctrl, self.dev_id, info.nr_hw_queues)[:64]):
             cfg.cpus[q] = cpu

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 
 #include "ushell.h"
 
@@ -60,4 +62,13 @@ int us_probe_direct(int fd)
 	}
 	free(buf);
 	return ret;
+}
+
+int us_fd_in_memory(int fd)
+{
+	struct statfs sf;
+
+	if (fstatfs(fd, &sf) < 0)
+		return 0;
+	return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
 }

@@ -3,7 +3,8 @@
  * loop: a file or block device, through io_uring on the queue's own ring.
  * FLUSH -> fdatasync, FUA -> RWF_DSYNC on the write, DISCARD -> punch a hole,
  * WRITE_ZEROES -> zero range (punch when the request allows unmapping).
- * Reads at or past the backing file's end return zeros.
+ * Reads at or past the backing file's end return zeros. Files on tmpfs are
+ * served synchronously in the queue thread.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -78,6 +79,13 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 
 static int loop_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 {
+	/*
+	 * A file in RAM never waits for a device, and io_uring hands reads of
+	 * tmpfs to a worker thread: copying right here is the short path (the
+	 * mem target's code does exactly that on its own tmpfs file).
+	 */
+	if (q->dev->cfg.backing_in_memory)
+		return us_target_mem.queue_io(q, tag, io);
 	return loop_submit(q, tag, io);
 }
 

@@ -47,6 +47,7 @@ static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 		}
 		return len;
 	case UBLK_IO_OP_FLUSH:
+		/* RAM has nothing to flush (a loop file on tmpfs comes through here too) */
 		return 0;
 	case UBLK_IO_OP_DISCARD:
 	case UBLK_IO_OP_WRITE_ZEROES:

@@ -23,6 +23,7 @@ struct us_dev_cfg {
 	uint64_t	backing_bytes;	/* loop: reads at or past this are zeros */
 	int		cpus[64];	/* queue -> cpu to pin to, -1 none (queues >= 64 unpinned) */
 	void		*shm;		/* the device's shared memory (records.h), NULL for none */
+	int		backing_in_memory; /* loop: the file lives in RAM (tmpfs): copy in the queue thread */
 };
 
 struct us_dev;
@@ -59,6 +60,9 @@ uint64_t us_now_ns(void);
 /* one IO through the recording code, without a device (tests) */
 int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint64_t sector,
 		     uint32_t nr_sectors, int32_t result, uint64_t lat_ns);
+
+/* 1 if fd's data lives in memory (tmpfs, ramfs): IO on it never waits for a device */
+int us_fd_in_memory(int fd);
 
 /* smallest O_DIRECT alignment (512 or 4096) that reads from fd work with, 0 if none */
 int us_probe_direct(int fd);

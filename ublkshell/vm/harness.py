@@ -143,6 +143,9 @@ def _job_script(cmd: list[str], modroot: Path) -> str:
         ': > "${0%/*}/started"',
         "modprobe -a ublk_drv loop || echo 'vm: modprobe failed' >&2",
         f"export UBLKSHELL_IN_VM=1 UBLKSHELL_VM_MODROOT={shlex.quote(str(modroot))}",
+        # the host's /tmp arrives over 9p, where unlinked temporary files (pytest's capture
+        # files, for one) can vanish under their users: keep scratch on the guest's tmpfs
+        "export TMPDIR=/dev/shm",
     ]
     for k, v in sorted(os.environ.items()):
         if (k.startswith(PASS_ENV_PREFIXES) or k in PASS_ENV_NAMES) and re.fullmatch(r"\w+", k):
