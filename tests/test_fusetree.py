@@ -433,7 +433,7 @@ def test_trace_follows_a_restarted_daemon(mnt, source, tmp_path, monkeypatch):
         # what the server's source does when the stats file is replaced
         monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path / "shm2"))
         fresh = shm_mod.create(5, nr_queues=1, depth=8, records=64, pid=os.getpid())
-        old, source.shms[5] = source.shms[5], fresh
+        _previous, source.shms[5] = source.shms[5], fresh  # keep the old mapping alive
         rec(fresh, 0, 2, WRITE, 20)
         lines = _lines_until(out, 2)
         assert lines[0] == "# statistics restarted"

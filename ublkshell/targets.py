@@ -9,7 +9,7 @@ import os
 import stat
 import struct
 
-from ._native import ffi, lib
+from ._native import lib
 from .errors import UsageError
 from .sizes import parse_size
 

@@ -85,35 +85,45 @@ def render_features(r: dict) -> str:
 
 
 # -- observation ----------------------------------------------------------
-def run_stats(a: dict) -> dict:
-    from .bridge.shm import open_device
+def stats_of(dev_id: int, shm) -> dict:
+    """Summaries per op, for the device and for each queue (the `stats --json` shape)."""
     from .stats import snapshot, summarize
 
-    dev_id = int(a["id"])
-    snap = snapshot(open_device(dev_id))
+    snap = snapshot(shm)
     return {"device": dev_id, "inflight": snap["inflight"],
             "ops": {n: summarize(o) for n, o in snap["ops"].items()},
             "queues": [{"queue": q["queue"], "inflight": q["inflight"],
                         "ops": {n: summarize(o) for n, o in q["ops"].items()}} for q in snap["queues"]]}
 
 
-def render_stats(r: dict, queues: bool = False) -> str:
+def run_stats(a: dict) -> dict:
+    from .bridge.shm import open_device
+
+    dev_id = int(a["id"])
+    return stats_of(dev_id, open_device(dev_id))
+
+
+def stats_table(title: str, rows: list, all_ops: bool = False) -> str:
+    """rows: (label prefix, {op: summary}); ops without IO are left out unless all_ops."""
     from .bridge.shm import OPS
     from .stats import fmt_ns
 
-    lines = [f"dev {r['device']}: {r['inflight']} in flight",
-             f"{'OP':<13}{'IOS':>10}{'BYTES':>10}{'ERRORS':>8}{'AVG':>9}{'P50':>9}{'P99':>9}{'MAX':>9}"]
-    rows = [("", r["ops"])]
-    if queues:
-        rows += [(f"q{q['queue']} ", q["ops"]) for q in r["queues"]]
+    lines = [title, f"{'OP':<13}{'IOS':>10}{'BYTES':>10}{'ERRORS':>8}{'AVG':>9}{'P50':>9}{'P99':>9}{'MAX':>9}"]
     for prefix, ops in rows:
         for name in OPS:
             o = ops[name]
-            if o["ios"]:
+            if o["ios"] or all_ops:
                 lines.append(f"{prefix + name:<13}{o['ios']:>10}{human(o['bytes']):>10}{o['errors']:>8}"
                              f"{fmt_ns(o['avg_ns']):>9}{fmt_ns(o['p50_ns']):>9}{fmt_ns(o['p99_ns']):>9}"
                              f"{fmt_ns(o['max_ns']):>9}")
     return "\n".join(lines)
+
+
+def render_stats(r: dict, queues: bool = False) -> str:
+    rows = [("", r["ops"])]
+    if queues:
+        rows += [(f"q{q['queue']} ", q["ops"]) for q in r["queues"]]
+    return stats_table(f"dev {r['device']}: {r['inflight']} in flight", rows)
 
 
 def run_lat(a: dict) -> dict:
@@ -134,21 +144,28 @@ def render_lat(r: dict) -> str:
 
     if not r["ios"]:
         return f"dev {r['device']}: no {r['op']} IO yet"
-    # the ~3% buckets regrouped into powers of two so that the picture fits a terminal
-    rows = {}
-    for b in r["buckets"]:
-        low = b["low_ns"]
-        key = 1 << max(0, low.bit_length() - 1) if low else 0
-        rows[key] = rows.get(key, 0) + b["count"]
-    peak = max(rows.values())
     lines = [f"dev {r['device']} {r['op']}: {r['ios']} IOs, avg {fmt_ns(r['avg_ns'])}, "
              f"p50 {fmt_ns(r['p50_ns'])}, p99 {fmt_ns(r['p99_ns'])}, p99.9 {fmt_ns(r['p999_ns'])}, "
              f"max {fmt_ns(r['max_ns'])}"]
-    for low in sorted(rows):
-        n = rows[low]
-        lines.append(f"{fmt_ns(low):>8} .. {fmt_ns(max(1, low * 2)):<8} {n:>9} "
-                     f"{'#' * max(1, round(50 * n / peak))}")
-    return "\n".join(lines)
+    return "\n".join(lines + hist_bars(pow2_hist((b["low_ns"], b["count"]) for b in r["buckets"]), 50))
+
+
+def pow2_hist(buckets) -> list:
+    """(low_ns, count) pairs of the ~3% buckets regrouped by power of two: a picture that fits a screen."""
+    rows = {}
+    for low, n in buckets:
+        if n:
+            key = 1 << (low.bit_length() - 1) if low else 0
+            rows[key] = rows.get(key, 0) + n
+    return [{"low_ns": low, "high_ns": max(1, low * 2), "count": rows[low]} for low in sorted(rows)]
+
+
+def hist_bars(rows: list, width: int, indent: str = "") -> list:
+    from .stats import fmt_ns
+
+    peak = max((b["count"] for b in rows), default=1)
+    return [f"{indent}{fmt_ns(b['low_ns']):>8} .. {fmt_ns(b['high_ns']):<8} {b['count']:>9} "
+            f"{'#' * max(1, round(width * b['count'] / peak))}" for b in rows]
 
 
 def run_inflight(a: dict) -> dict:
@@ -159,16 +176,20 @@ def run_inflight(a: dict) -> dict:
     return {"device": dev_id, "tags": inflight(open_device(dev_id))}
 
 
-def render_inflight(r: dict) -> str:
+def tags_table(title: str, tags: list) -> str:
     from .stats import fmt_ns
 
-    if not r["tags"]:
-        return f"dev {r['device']}: nothing in flight"
+    if not tags:
+        return f"{title}: nothing in flight"
     lines = [f"{'Q':>3} {'TAG':>5} {'OP':<13} {'SECTOR+N':<20} {'AGE':>9}"]
-    for t in sorted(r["tags"], key=lambda t: -t["age_ns"]):
+    for t in sorted(tags, key=lambda t: -t["age_ns"]):
         lines.append(f"{t['queue']:>3} {t['tag']:>5} {t['op']:<13} "
                      f"{str(t['sector']) + '+' + str(t['sectors']):<20} {fmt_ns(t['age_ns']):>9}")
     return "\n".join(lines)
+
+
+def render_inflight(r: dict) -> str:
+    return tags_table(f"dev {r['device']}", r["tags"])
 
 
 TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT"

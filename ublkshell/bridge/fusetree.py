@@ -27,6 +27,7 @@ from .._native import lib
 from ..errors import UblkError
 from ..sizes import human
 from ..stats import Tail, fmt_ns, format_record, inflight, percentile, snapshot, summarize
+from ..verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
 from ..uapi import feature_names
 from .registry import pid_alive
 from .shm import OPS, Shm
@@ -127,39 +128,17 @@ def _need(s):
     return s
 
 
-def _stats_table(title, ops):
-    lines = [title, f"{'OP':<13}{'IOS':>10}{'BYTES':>10}{'ERRORS':>8}{'AVG':>9}{'P50':>9}{'P99':>9}{'MAX':>9}"]
-    for name in OPS:
-        o = summarize(ops[name])
-        lines.append(f"{name:<13}{o['ios']:>10}{human(o['bytes']):>10}{o['errors']:>8}"
-                     f"{fmt_ns(o['avg_ns']):>9}{fmt_ns(o['p50_ns']):>9}{fmt_ns(o['p99_ns']):>9}"
-                     f"{fmt_ns(o['max_ns']):>9}")
-    return "\n".join(lines) + "\n"
-
-
 def stats_text(dev, entry, s):
-    snap = snapshot(_need(s))
-    return _stats_table(f"ublkb{dev}: {snap['inflight']} in flight", snap["ops"])
+    r = stats_of(dev, _need(s))
+    return stats_table(f"ublkb{dev}: {r['inflight']} in flight", [("", r["ops"])], all_ops=True) + "\n"
 
 
 def stats_json(dev, entry, s):
-    snap = snapshot(_need(s))
-    return _dump({"device": dev, "inflight": snap["inflight"],
-                  "ops": {n: summarize(o) for n, o in snap["ops"].items()},
-                  "queues": [{"queue": q["queue"], "inflight": q["inflight"],
-                              "ops": {n: summarize(o) for n, o in q["ops"].items()}}
-                             for q in snap["queues"]]})
+    return _dump(stats_of(dev, _need(s)))
 
 
 def _pow2_hist(hist):
-    # the ~3% buckets regrouped by power of two: a picture that fits a screen
-    rows = {}
-    for i, n in enumerate(hist):
-        if n:
-            low = lib.us_hist_low(i)
-            key = 1 << (low.bit_length() - 1) if low else 0
-            rows[key] = rows.get(key, 0) + n
-    return [{"low_ns": low, "high_ns": max(1, low * 2), "count": rows[low]} for low in sorted(rows)]
+    return pow2_hist((lib.us_hist_low(i), n) for i, n in enumerate(hist))
 
 
 def _latency(op):
@@ -179,10 +158,7 @@ def latency_text(dev, entry, s):
         out.append(f"{name}: {lat['ios']} IOs, avg {fmt_ns(lat['avg_ns'])}, p50 {fmt_ns(lat['p50_ns'])}, "
                    f"p90 {fmt_ns(lat['p90_ns'])}, p99 {fmt_ns(lat['p99_ns'])}, "
                    f"p99.9 {fmt_ns(lat['p999_ns'])}, max {fmt_ns(lat['max_ns'])}")
-        peak = max(b["count"] for b in lat["hist"])
-        for b in lat["hist"]:
-            bar = "#" * max(1, round(40 * b["count"] / peak))
-            out.append(f"  {fmt_ns(b['low_ns']):>8} .. {fmt_ns(b['high_ns']):<8} {b['count']:>9} {bar}")
+        out += hist_bars(lat["hist"], 40, indent="  ")
     if not out:
         out.append(f"ublkb{dev}: no IO yet")
     return "\n".join(out) + "\n"
@@ -201,13 +177,7 @@ def _tags(s, q=None):
 
 
 def _tags_text(title, tags):
-    if not tags:
-        return f"{title}: nothing in flight\n"
-    lines = [f"{'Q':>3} {'TAG':>5} {'OP':<13} {'SECTOR+N':<20} {'AGE':>9}"]
-    for t in tags:
-        lines.append(f"{t['queue']:>3} {t['tag']:>5} {t['op']:<13} "
-                     f"{str(t['sector']) + '+' + str(t['sectors']):<20} {fmt_ns(t['age_ns']):>9}")
-    return "\n".join(lines) + "\n"
+    return tags_table(title, tags) + "\n"
 
 
 def inflight_text(dev, entry, s):
@@ -231,7 +201,8 @@ def _queue_snap(s, q):
 
 def q_stats_text(dev, entry, s, q):
     qs = _queue_snap(s, q)
-    return _stats_table(f"ublkb{dev} queue {q}: {qs['inflight']} in flight", qs["ops"])
+    ops = {n: summarize(o) for n, o in qs["ops"].items()}
+    return stats_table(f"ublkb{dev} queue {q}: {qs['inflight']} in flight", [("", ops)], all_ops=True) + "\n"
 
 
 def q_stats_json(dev, entry, s, q):
