@@ -469,7 +469,9 @@ def test_trace_of_a_vanished_device_says_eio(mnt, source):
                          ids=["cat", "python"])
 def test_ctrl_c_ends_a_blocked_trace_read(mnt, trees, argv):
     path = f"{mnt}/ublkb3/trace"
-    p = subprocess.Popen(argv + [path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a test run from a background job hands SIGINT down ignored: give the reader the default
+    p = subprocess.Popen(argv + [path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 5
         while not any(h.kind == "trace" for h in trees[0].handles.values()):

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 
 from .errors import UblkError, UsageError
@@ -175,6 +176,8 @@ def _cmd_demo(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # started from a background job, SIGINT arrives ignored: Ctrl-C must still end a trace or top
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv[:1] == ["vm"]:
         from .vm.harness import main as vm_main
 
