@@ -146,6 +146,18 @@ class Control:
     def del_dev(self, dev_id: int):
         self._cmd("DEL_DEV", dev_id)
 
+    def stop_and_delete(self, dev_id: int) -> None:
+        """STOP_DEV (harmless if already stopped) then DEL_DEV; a device already gone is fine."""
+        try:
+            self.stop_dev(dev_id)
+        except CtrlError:
+            pass
+        try:
+            self.del_dev(dev_id)
+        except CtrlError as e:
+            if e.errno != errno.ENODEV:
+                raise
+
     def start_user_recovery(self, dev_id: int):
         self._cmd("START_USER_RECOVERY", dev_id)
 

@@ -1,4 +1,5 @@
 """Device operations behind the CLI verbs: add (spawn a daemon), list, del."""
+import errno
 import json
 import os
 import select
@@ -105,7 +106,7 @@ def list_devices() -> list[dict]:
             try:
                 out.append(describe(ctrl, dev_id))
             except CtrlError as e:
-                if e.errno != 19:  # ENODEV: deleted while we looked
+                if e.errno != errno.ENODEV:  # deleted while we looked
                     raise
     return out
 
@@ -125,7 +126,7 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
         try:
             info = ctrl.get_dev_info(dev_id)
         except CtrlError as e:
-            if e.errno == 19:
+            if e.errno == errno.ENODEV:
                 registry.remove(dev_id)
                 raise UblkError(f"device {dev_id} does not exist") from None
             raise
@@ -141,23 +142,20 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
                 os.kill(pid, signal.SIGKILL)
                 _wait_gone(pid, dev_id, 5)
         if dev_id in list_device_ids():
-            try:
-                ctrl.stop_dev(dev_id)
-            except CtrlError:
-                pass
-            try:
-                ctrl.del_dev(dev_id)
-            except CtrlError as e:
-                if e.errno != 19:
-                    raise
-        mem = entry.get("mem_path")
-        if mem:
-            try:
-                os.unlink(mem)
-            except FileNotFoundError:
-                pass
-        shm.remove(dev_id)
-        registry.remove(dev_id)
+            ctrl.stop_and_delete(dev_id)
+        forget(dev_id)
+
+
+def forget(dev_id: int) -> None:
+    """Drop what a deleted device left on the host: its mem data, statistics, registry entry."""
+    mem = (registry.read(dev_id) or {}).get("mem_path")
+    if mem:
+        try:
+            os.unlink(mem)
+        except FileNotFoundError:
+            pass
+    shm.remove(dev_id)
+    registry.remove(dev_id)
 
 
 def delete_all() -> list[int]:

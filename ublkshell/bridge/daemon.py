@@ -19,6 +19,7 @@ import time
 from .._native import ffi, lib
 from ..ctrl import Control, CtrlError
 from ..errors import UblkError
+from ..devices import forget
 from ..targets import make_target
 from . import registry, shm
 
@@ -166,16 +167,12 @@ class Daemon:
         self.target.close()
         if delete and self.dev_id >= 0 and self.ctrl is not None:
             try:
-                self.ctrl.stop_dev(self.dev_id)
-            except CtrlError:
-                pass
-            try:
-                self.ctrl.del_dev(self.dev_id)
+                self.ctrl.stop_and_delete(self.dev_id)
             except CtrlError as e:
                 _log(str(e))
+            # the registry may not name the mem file yet (a failed start): the target knows it
             self.target.remove()
-            shm.remove(self.dev_id)
-            registry.remove(self.dev_id)
+            forget(self.dev_id)
             _log(f"dev {self.dev_id}: deleted")
 
 
