@@ -313,15 +313,43 @@ def test_writes(mnt):
     assert errno_of(os.mkdir, f"{mnt}/ublkb3/x") in (errno.EACCES, errno.EROFS)
     assert errno_of(os.open, f"{mnt}/ublkb3/new", os.O_WRONLY | os.O_CREAT, 0o644) in (errno.EACCES, errno.EROFS)
     assert errno_of(os.unlink, f"{mnt}/ublkb3/info") in (errno.EACCES, errno.EROFS)
-    assert read(f"{mnt}/ublkb3/faults") == b"# no fault rules (fault injection is not available yet)\n"
-    fd = os.open(f"{mnt}/ublkb3/faults", os.O_WRONLY | os.O_TRUNC)
+    assert b"no fault rules" in read(f"{mnt}/ublkb3/faults")
+
+
+def test_faults_file(mnt, source):
+    path = f"{mnt}/ublkb3/faults"
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
         assert errno_of(os.write, fd, b"op=write error=EIO\n") == errno.EINVAL
     finally:
         os.close(fd)
-    # the shell's way: `echo rule > faults`
-    r = subprocess.run(["sh", "-c", f"/bin/echo rule > {mnt}/ublkb3/faults"], capture_output=True, text=True)
+    # the reason for EINVAL is in the listing (and the server's log)
+    assert b"# last rejected line: 'op=write error=EIO': column 1: unknown action 'op=write'" in read(path)
+    # the shell's way: `echo rule > faults`, one line or several in one write
+    r = subprocess.run(["sh", "-c", f"/bin/echo 'delay 5ms op=write' > {path}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with open(path, "w") as f:
+        f.write("fail lba 2048..4095 op=read errno=ENOSPC\n# a comment\n\nseed 42\n")
+    text = read(path).decode()
+    assert "seed 42" in text and "last rejected" not in text
+    assert "delay 5ms op=write\n" in text and "fail op=read lba=2048..4095 errno=ENOSPC\n" in text
+    # the rules are live in the device's shared memory: the queue-side matcher sees them
+    s = source.shms[3]
+    write, read_op = lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_READ
+    assert lib.us_fault_eval(s.base, 0, 1, write, 0, 8) & 0xff == lib.US_FA_DELAY
+    assert lib.us_fault_eval(s.base, 0, 1, read_op, 4095, 8) & 0xff == lib.US_FA_FAIL
+    assert lib.us_fault_eval(s.base, 0, 1, read_op, 4096, 8) == 0
+    r = subprocess.run(["sh", "-c", f"/bin/echo 'torn op=read' > {path}"], capture_output=True, text=True)
     assert r.returncode != 0 and "Invalid argument" in r.stderr
+    assert "torn applies to writes only" in read(path).decode()
+    # clear one, then all; no newline at the end still counts as a line
+    with open(path, "w") as f:
+        f.write("clear 1")
+    assert "delay 5ms op=write\n" not in read(path).decode() and "fail op=read" in read(path).decode()
+    with open(path, "w") as f:
+        f.write("clear\n")
+    assert "no fault rules" in read(path).decode()
+    assert lib.us_fault_eval(s.base, 0, 1, read_op, 4095, 8) == 0
 
 
 # -- trace ---------------------------------------------------------------------

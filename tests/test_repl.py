@@ -275,11 +275,22 @@ def test_completion_candidates(monkeypatch):
     assert candidates(sh, ["stats", "7"], "") == []
     assert candidates(sh, ["del", "7"], "") == ["0", "12"]
     assert candidates(sh, ["lat", "7"], "w") == ["write", "write_zeroes"]
-    assert candidates(sh, ["trace", "7"], "") == ["q=", "tag=", "op=", "lba=", "min_lat=", "errors"]
+    assert candidates(sh, ["trace", "7"], "") == ["q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted"]
     assert candidates(sh, ["trace", "7", "--count", "3"], "op=f") == ["op=flush"]
     assert candidates(sh, ["add", "-q"], "") == []  # a number nobody can guess
     assert candidates(sh, ["help"], "tr") == ["trace"]
     assert candidates(sh, ["frob"], "") == []
+    # fault verbs: ids, then the rule's words and values
+    assert candidates(sh, ["del", "7"], "") == ["0", "12"]
+    assert candidates(sh, ["delay"], "") == ["0", "7", "12"]
+    assert candidates(sh, ["fail", "0"], "e") == ["errno="]
+    assert candidates(sh, ["fail", "0"], "errno=ENO") == ["errno=ENOSPC", "errno=ENODATA"]
+    assert candidates(sh, ["drop", "0"], "op=write,f") == ["op=write,flush"]
+    assert candidates(sh, ["flakey", "0"], "mode=") == ["mode=error", "mode=drop"]
+    assert "tag" in candidates(sh, ["hang", "0"], "") and "byte=" not in candidates(sh, ["hang", "0"], "")
+    assert candidates(sh, ["corrupt", "0"], "b") == ["byte="]
+    assert candidates(sh, ["badblocks", "0"], "") == ["errno=", "q="]
+    assert candidates(sh, [], "fa") == ["fail", "faults"]
 
 
 def test_device_ids_tolerate_a_missing_server():

@@ -21,6 +21,9 @@ examples:
   ublkshell lat 0 read                            latency histogram with percentiles
   ublkshell inflight 0                            tags being served now, with their age
   ublkshell trace 0 op=write min_lat=1ms          every IO as it completes, until Ctrl-C
+  ublkshell delay 0 5ms op=write                  every write to dev 0 takes 5 ms longer
+  ublkshell fail 0 lba 2048..4095 op=read         reads of those sectors fail with EIO
+  ublkshell faults 0 | ublkshell clear 0          list the fault rules (with hits) | remove them
   ublkshell demo                                  a mem device, ext4 on it, then gone
   ublkshell vm -- CMD...                          run CMD in the bundled VM (a kernel with ublk_drv)
 
@@ -116,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-fuse", action="store_true", help="do not mount the stats tree")
     sv.add_argument("--keep-devices", action="store_true", help="leave the devices running when the server stops")
 
+    from .faults.verbs import add_parsers as add_fault_parsers
+
+    add_fault_parsers(sub)
     sub.add_parser("vm", help="run a command inside the bundled VM (kernel with ublk_drv)",
                    add_help=False)
     return p

@@ -78,7 +78,8 @@ def inflight(s: Shm) -> list[dict]:
             if ts.state:
                 out.append({"queue": q, "tag": t, "op": op_name(ts.op_flags),
                             "flags": flag_names(ts.op_flags), "sector": int(ts.start_sector),
-                            "sectors": int(ts.nr_sectors), "age_ns": max(0, now - int(ts.t_start_ns))})
+                            "sectors": int(ts.nr_sectors), "age_ns": max(0, now - int(ts.t_start_ns)),
+                            "fault": int(ts.fault)})
     return out
 
 
@@ -106,9 +107,10 @@ def parse_duration(text: str, option: str) -> int:
 class Filter:
     """Which records `trace` shows: queue, tag, op, LBA range, min latency, errors."""
 
-    def __init__(self, queue=None, tag=None, op=None, lba=None, min_lat_ns=0, errors=False):
+    def __init__(self, queue=None, tag=None, op=None, lba=None, min_lat_ns=0, errors=False,
+                 faulted=False):
         self.queue, self.tag, self.op, self.lba = queue, tag, op, lba
-        self.min_lat_ns, self.errors = min_lat_ns, errors
+        self.min_lat_ns, self.errors, self.faulted = min_lat_ns, errors, faulted
 
     @classmethod
     def parse(cls, words: list[str]) -> "Filter":
@@ -118,9 +120,11 @@ class Filter:
             try:
                 if w == "errors":
                     f.errors = True
+                elif w == "faulted":
+                    f.faulted = True
                 elif not eq:
                     raise UsageError(f"trace filter {w!r}: expected key=value "
-                                     "(q=, tag=, op=, lba=A..B, min_lat=1ms) or 'errors'")
+                                     "(q=, tag=, op=, lba=A..B, min_lat=1ms) or 'errors', 'faulted'")
                 elif key in ("q", "queue"):
                     f.queue = int(val)
                 elif key == "tag":
@@ -137,7 +141,7 @@ class Filter:
                 elif key == "min_lat":
                     f.min_lat_ns = parse_duration(val, "min_lat")
                 else:
-                    raise UsageError(f"trace filter {key!r} is unknown (q, tag, op, lba, min_lat, errors)")
+                    raise UsageError(f"trace filter {key!r} is unknown (q, tag, op, lba, min_lat, errors, faulted)")
             except ValueError:
                 raise UsageError(f"trace filter {w!r}: {val!r} is not a number") from None
         return f
@@ -156,6 +160,8 @@ class Filter:
         if r["lat_ns"] < self.min_lat_ns:
             return False
         if self.errors and r["result"] >= 0:
+            return False
+        if self.faulted and not r.get("fault"):
             return False
         return True
 
@@ -204,10 +210,13 @@ class Tail:
 
 
 def format_record(r: dict) -> str:
+    from .faults.grammar import fault_label
+
     flags = ",".join(r["flags"]) or "-"
     res = str(r["result"]) if r["result"] >= 0 else f"-{__import__('errno').errorcode.get(-r['result'], -r['result'])}"
+    fault = fault_label(r.get("fault", 0))
     return (f"{r['t_ns'] / 1e9:12.6f} q{r['queue']:<2} t{r['tag']:<4} {r['op']:<12} {flags:<8} "
-            f"{r['sector']}+{r['sectors']:<6} {fmt_ns(r['lat_ns']):>8} {res}")
+            f"{r['sector']}+{r['sectors']:<6} {fmt_ns(r['lat_ns']):>8} {res}" + (f" {fault}" if fault else ""))
 
 
 def follow(s: Shm, flt: Filter, emit, count: int = 0, duration: float = 0.0,

@@ -181,10 +181,13 @@ def tags_table(title: str, tags: list) -> str:
 
     if not tags:
         return f"{title}: nothing in flight"
-    lines = [f"{'Q':>3} {'TAG':>5} {'OP':<13} {'SECTOR+N':<20} {'AGE':>9}"]
+    from .faults.grammar import fault_label
+
+    lines = [f"{'Q':>3} {'TAG':>5} {'OP':<13} {'SECTOR+N':<20} {'AGE':>9} FAULT"]
     for t in sorted(tags, key=lambda t: -t["age_ns"]):
         lines.append(f"{t['queue']:>3} {t['tag']:>5} {t['op']:<13} "
-                     f"{str(t['sector']) + '+' + str(t['sectors']):<20} {fmt_ns(t['age_ns']):>9}")
+                     f"{str(t['sector']) + '+' + str(t['sectors']):<20} {fmt_ns(t['age_ns']):>9} "
+                     f"{fault_label(t.get('fault', 0)) or '-'}".rstrip())
     return "\n".join(lines)
 
 
@@ -192,7 +195,7 @@ def render_inflight(r: dict) -> str:
     return tags_table(f"dev {r['device']}", r["tags"])
 
 
-TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT"
+TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"
 
 # verb -> (run, render) for the one-shot verbs
 VERBS = {
@@ -200,6 +203,11 @@ VERBS = {
     "features": (run_features, render_features), "stats": (run_stats, render_stats),
     "lat": (run_lat, render_lat), "inflight": (run_inflight, render_inflight),
 }
+
+# the fault verbs (delay, fail, ..., faults, clear, seed) live with the rule engine
+from .faults.verbs import VERBS as _FAULT_VERBS  # noqa: E402
+
+VERBS.update(_FAULT_VERBS)
 
 
 def dumps(result) -> str:

@@ -139,6 +139,7 @@ class Daemon:
             if _stop and stop_sent_at is None:
                 _log(f"dev {self.dev_id}: signal {_stop[0]}, stopping")
                 stop_sent_at = time.monotonic()
+                self._drop_faults()
                 try:
                     self.ctrl.stop_dev(self.dev_id)
                 except CtrlError as e:
@@ -156,6 +157,16 @@ class Daemon:
                 rc = 1
         self.teardown(delete=bool(_stop))
         return rc
+
+    def _drop_faults(self) -> None:
+        """STOP_DEV waits for every request: withheld (hang) and delayed IO must go on."""
+        from ..faults import table
+
+        try:
+            if table.clear(self.dev_id):
+                _log(f"dev {self.dev_id}: fault rules cleared for the stop")
+        except UblkError as e:
+            _log(str(e))
 
     def teardown(self, delete: bool) -> None:
         if self.dev != ffi.NULL:

@@ -39,7 +39,9 @@ POLL_S = 0.05
 # a blocked trace read holds one of pyfuse3's worker tasks (99 at most): keep
 # plenty for everything else
 MAX_TRACE_READERS = 32
-NO_FAULTS = "# no fault rules (fault injection is not available yet)\n"
+FAULTS_HELP = ("# one rule per line, e.g. `delay 5ms op=write`, `fail lba 2048..4095 op=read`;\n"
+               "# `clear`, `clear ID`, `seed N`. Grammar: docs/faults.md\n")
+MAX_FAULT_WRITE = 64 * 1024
 
 
 class DeviceSource(Protocol):
@@ -189,7 +191,30 @@ def inflight_json(dev, entry, s):
 
 
 def faults_text(dev, entry, s):
-    return NO_FAULTS
+    from ..faults.table import read_shm
+    from ..faults.verbs import rules_table
+
+    return FAULTS_HELP + rules_table(read_shm(_need(s))) + "\n"
+
+
+def apply_fault_line(dev: int, line: str) -> None:
+    """One line written to a device's `faults` file: a rule, `clear [ID]` or `seed N`."""
+    from ..errors import UsageError
+    from ..faults import table
+
+    words = line.split()
+    if not words or words[0].startswith("#"):
+        return
+    if words[0] == "clear" and len(words) <= 2:
+        if len(words) == 2 and not words[1].isdigit():
+            raise UsageError(f"clear takes a rule id, not {words[1]!r}")
+        table.clear(dev, int(words[1]) if len(words) == 2 else 0)
+    elif words[0] == "seed":
+        if len(words) != 2 or not words[1].isdigit():
+            raise UsageError("seed takes one whole number: seed 1234")
+        table.set_seed(dev, int(words[1]))
+    else:
+        table.add(dev, line)
 
 
 def _queue_snap(s, q):
@@ -276,6 +301,7 @@ class _Trace:
 class _Handle:
     def __init__(self, kind, dev, data=b"", trace=None):
         self.kind, self.dev, self.data, self.trace = kind, dev, data, trace
+        self.written = b""  # faults: a line not finished yet
 
 
 def _guard(fn):
@@ -311,6 +337,7 @@ class StatsTree(pyfuse3.Operations):
         self.dirs: dict[int, int] = {}
         self._next_fh = 1
         self.mounted_ns = time.time_ns()
+        self.fault_errors: dict[int, str] = {}  # the last rejected `faults` line per device
 
     # -- helpers ---------------------------------------------------------------
     def _fh(self) -> int:
@@ -506,7 +533,13 @@ class StatsTree(pyfuse3.Operations):
         fi.direct_io = True
         fi.keep_cache = False
         if fkind == "faults":
-            h = _Handle("faults", dev, NO_FAULTS.encode())
+            try:
+                data = b"" if writing else self._generate(node)
+                if not writing and dev in self.fault_errors:
+                    data += f"# last rejected line: {self.fault_errors[dev]}\n".encode()
+                h = _Handle("faults", dev, data)
+            except Gone:
+                raise _err(errno.ENOENT) from None
         elif writing:
             raise _err(errno.EACCES)
         elif fkind == "trace":
@@ -578,10 +611,40 @@ class StatsTree(pyfuse3.Operations):
             raise _err(errno.EBADF)
         if h.kind != "faults":
             raise _err(errno.EACCES)
-        raise _err(errno.EINVAL)
+        if len(h.written) + len(buf) > MAX_FAULT_WRITE:
+            h.written = b""
+            raise _err(errno.EFBIG)
+        data = h.written + bytes(buf)
+        done, _, h.written = data.rpartition(b"\n")
+        if done:
+            await self._fault_lines(h.dev, done)
+        return len(buf)
+
+    async def _fault_lines(self, dev: int, data: bytes) -> None:
+        from ..errors import UblkError
+
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            self.fault_errors[dev] = "not UTF-8 text"
+            raise _err(errno.EINVAL) from None
+        for line in lines:
+            try:
+                await trio.to_thread.run_sync(apply_fault_line, dev, line)
+            except UblkError as e:
+                # the writer only sees EINVAL: the reason goes to the log and the listing
+                msg = f"{line.strip()!r}: {e}"
+                self.fault_errors[dev] = msg
+                log.warning("stats tree: ublkb%d/faults: %s", dev, msg)
+                raise _err(errno.EINVAL) from None
+        self.fault_errors.pop(dev, None)
 
     async def flush(self, fh):
-        pass
+        h = self.handles.get(fh)
+        if h is not None and h.kind == "faults" and h.written.strip():
+            # `printf 'fail' > faults` has no newline: the line ends with the file
+            data, h.written = h.written, b""
+            await self._fault_lines(h.dev, data)
 
     async def release(self, fh):
         self.handles.pop(fh, None)

@@ -11,7 +11,7 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["ring.c", "ctrl.c", "records.c", "target_null.c", "target_mem.c", "target_loop.c"]
+SOURCES = ["ring.c", "ctrl.c", "records.c", "faults.c", "target_null.c", "target_mem.c", "target_loop.c"]
 
 
 def _read(name):
@@ -31,7 +31,7 @@ def _strip_preprocessor(text):
 
 def _constants(text):
     names = re.findall(r"^\s*#define\s+([A-Z][A-Z0-9_]+)\s+\S", text, flags=re.M)
-    skip = {"USHELL_UAPI_H", "USHELL_RECORDS_H"}
+    skip = {"USHELL_UAPI_H", "USHELL_RECORDS_H", "USHELL_FAULTS_H"}
     return "\n".join(f"#define {n} ..." for n in names if n not in skip)
 
 
@@ -47,6 +47,9 @@ typedef uint64_t __u64; typedef int32_t __s32;
     ffi.cdef(_constants(uapi))
     ffi.cdef(_strip_preprocessor(records))
     ffi.cdef(_constants(records))
+    faults = _read("faults.h")
+    ffi.cdef(_strip_preprocessor(faults))
+    ffi.cdef(_constants(faults))
     ffi.cdef(_strip_preprocessor(_read("ushell_api.h")))
     ffi.set_source(
         "ublkshell._native",

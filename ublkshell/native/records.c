@@ -28,9 +28,14 @@ static uint64_t recs_off(uint32_t depth)
 	return round8(sizeof(struct us_shm_queue) + depth * sizeof(struct us_tag_state));
 }
 
-uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries)
+static uint64_t fault_off(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries)
 {
 	return round8(sizeof(struct us_shm_hdr)) + nr_queues * queue_stride(depth, rec_entries);
+}
+
+uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries)
+{
+	return fault_off(nr_queues, depth, rec_entries) + round8(sizeof(struct us_fault_area));
 }
 
 uint64_t us_now_ns(void)
@@ -65,6 +70,8 @@ int us_shm_init(void *base, uint64_t len, uint32_t nr_queues, uint32_t depth,
 	h->created_mono_ns = us_now_ns();
 	clock_gettime(CLOCK_REALTIME, &rt);
 	h->created_real_ns = (uint64_t)rt.tv_sec * 1000000000ULL + rt.tv_nsec;
+	h->fault_off = fault_off(nr_queues, depth, rec_entries);
+	us_fault_area_init((struct us_fault_area *)((char *)base + h->fault_off));
 	/* readers check the magic last */
 	__atomic_store_n(&h->magic, US_SHM_MAGIC, __ATOMIC_RELEASE);
 	return 0;
@@ -144,6 +151,7 @@ void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io)
 	WR(t->start_sector, io->start_sector);
 	WR(t->op_flags, io->op_flags);
 	WR(t->nr_sectors, io->nr_sectors);
+	WR(t->fault, 0);
 	WR(t->state, 1);
 	WR(q->shmq->inflight, RD(q->shmq->inflight) + 1);
 }

@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #define US_SHM_MAGIC		0x316d68736b6c6275ULL	/* "ublkshm1" */
-#define US_SHM_VERSION		1
+#define US_SHM_VERSION		2
 #define US_NR_OPS		6	/* read, write, flush, discard, write_zeroes, other */
 #define US_OP_OTHER		5
 #define US_HIST_SUB_BITS	5	/* 32 sub-buckets per power of two: ~3% precision */
@@ -38,7 +38,7 @@ struct us_tag_state {
 	uint32_t	op_flags;
 	uint32_t	nr_sectors;
 	uint32_t	state;
-	uint32_t	pad;
+	uint32_t	fault;		/* fault action applied (faults.h), 0 none */
 };
 
 /* one finished IO; 64 bytes */
@@ -78,7 +78,8 @@ struct us_shm_hdr {
 	uint32_t	dev_id;
 	uint64_t	created_mono_ns;
 	uint64_t	created_real_ns;
-	uint64_t	reserved[8];
+	uint64_t	fault_off;	/* offset of the struct us_fault_area (faults.h) */
+	uint64_t	reserved[7];
 };
 
 #endif

@@ -82,8 +82,20 @@ void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head,
 
 static void commit(struct us_queue *q, unsigned tag, int result)
 {
-	us_rec_end(q, tag, &q->ios[tag], result);
+	struct us_io *io = &q->ios[tag];
+
+	if (io->fh.action)
+		result = us_fault_finish(q, tag, io, result);
+	us_rec_end(q, tag, io, result);
 	queue_uring_cmd(q, tag, q->dev->op_commit, result);
+}
+
+void us_start_target(struct us_queue *q, unsigned tag)
+{
+	int r = q->dev->tgt->queue_io(q, tag, &q->ios[tag]);
+
+	if (r != US_QUEUED)
+		commit(q, tag, r);
 }
 
 static void serve(struct us_queue *q, unsigned tag)
@@ -99,8 +111,10 @@ static void serve(struct us_queue *q, unsigned tag)
 	io->attempt = 0;
 	io->fault = 0;
 	us_rec_begin(q, tag, io);
-	r = q->dev->tgt->queue_io(q, tag, io);
-	if (r != US_QUEUED)
+	r = us_fault_start(q, tag, io);
+	if (r == US_FAULT_PASS)
+		us_start_target(q, tag);
+	else if (r != US_QUEUED)
 		commit(q, tag, r);
 }
 
@@ -112,6 +126,15 @@ static void handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 	switch (us_ud_kind(cqe->user_data)) {
 	case UD_STOP:
 		q->stopping = 2;
+		return;
+	case UD_DELAY:
+		q->tgt_inflight--;
+		/* cancelled: the ring is going away and the driver aborts the request */
+		if (cqe->res != -ECANCELED)
+			us_start_target(q, tag);
+		return;
+	case UD_TICK:
+		us_fault_tick(q);
 		return;
 	case UD_TGT: {
 		struct us_io *io = &q->ios[tag];
@@ -154,8 +177,11 @@ static int queue_setup(struct us_queue *q)
 	struct us_dev *d = q->dev;
 	const struct us_dev_cfg *c = &d->cfg;
 	struct io_uring_params p;
-	/* a tag has at most one command and one target SQE in flight, plus the stop poll */
-	unsigned entries = 2 * c->depth + 2;
+	/*
+	 * a tag has at most one command and one target SQE (or delay timeout) in
+	 * flight, plus the stop poll and the hung-IO timer
+	 */
+	unsigned entries = 2 * c->depth + 3;
 	size_t stride;
 	int ret, i;
 
@@ -214,9 +240,9 @@ static int queue_setup(struct us_queue *q)
 	}
 	for (i = 0; i < c->depth; i++)
 		q->ios[i].buf = q->bufs + (size_t)i * c->max_io_bytes;
-	if (c->shm)
+	if (c->shm && !c->no_records)
 		us_shm_attach(q, c->shm);
-	return 0;
+	return c->shm ? us_fault_attach(q, c->shm) : 0;
 }
 
 static void queue_stop_poll(struct us_queue *q)
@@ -272,6 +298,10 @@ static void queue_teardown(struct us_queue *q)
 	q->bufs = NULL;
 	free(q->ios);
 	q->ios = NULL;
+	if (q->fa && q->nr_hung)
+		__atomic_fetch_sub(&q->fa->hung, q->nr_hung, __ATOMIC_RELAXED);
+	q->nr_hung = 0;
+	us_fault_detach(q);
 }
 
 static void *queue_thread(void *arg)

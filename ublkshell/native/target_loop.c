@@ -32,7 +32,7 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 	 * linked behind it: one io_uring_enter per IO instead of two. A chain must
 	 * not be split across submissions, so make room for both SQEs first.
 	 */
-	link = !io->done && !io->attempt && op <= UBLK_IO_OP_WRITE_ZEROES && op != UBLK_IO_OP_WRITE_SAME &&
+	link = !io->done && !io->attempt && !io->fh.nolink && op <= UBLK_IO_OP_WRITE_ZEROES && op != UBLK_IO_OP_WRITE_SAME &&
 		(op != UBLK_IO_OP_READ || off + len <= q->dev->cfg.backing_bytes);
 	if (link && io_uring_sq_space_left(&q->ring) < 2)
 		io_uring_submit(&q->ring);

@@ -14,14 +14,22 @@
 #include <liburing.h>
 #include "uapi.h"
 #include "records.h"
+#include "faults.h"
 #include "ushell_api.h"
 
 /* a target's queue_io/io_done returns this when it left IO in flight on the ring */
 #define US_QUEUED	(-0x7fffffff)
 
+/* us_fault_start: no fault stops this IO, hand it to the target */
+#define US_FAULT_PASS	(-0x7ffffffe)
+
 /* sqe->user_data: tag in bits 0-15, kind in 16-23 */
-/* UD_LINKED: a COMMIT_AND_FETCH linked behind the target SQE that produces its result */
-enum us_ud_kind { UD_CMD = 0, UD_TGT = 1, UD_STOP = 2, UD_LINKED = 3 };
+/*
+ * UD_LINKED: a COMMIT_AND_FETCH linked behind the target SQE that produces its result.
+ * UD_DELAY: a delay fault's timeout for that tag; UD_TICK: the queue's timer that
+ * lets go of hung IOs once their rule is cleared.
+ */
+enum us_ud_kind { UD_CMD = 0, UD_TGT = 1, UD_STOP = 2, UD_LINKED = 3, UD_DELAY = 4, UD_TICK = 5 };
 
 static inline uint64_t us_ud(unsigned tag, unsigned kind)
 {
@@ -29,6 +37,19 @@ static inline uint64_t us_ud(unsigned tag, unsigned kind)
 }
 static inline unsigned us_ud_tag(uint64_t ud) { return ud & 0xffff; }
 static inline unsigned us_ud_kind(uint64_t ud) { return (ud >> 16) & 0xff; }
+
+/* what an IO's fault rule asked for, copied: the rule may change while the IO waits */
+struct us_fault_hit {
+	uint32_t	rule_id;
+	uint32_t	action;
+	uint32_t	arg;
+	int32_t		err;
+	int64_t		byte;
+	uint64_t	lba_lo;
+	uint32_t	orig_sectors;	/* torn: what the request asked for */
+	uint8_t		hung;
+	uint8_t		nolink;		/* the result or data changes after the target's IO */
+};
 
 struct us_io {
 	char		*buf;
@@ -48,6 +69,8 @@ struct us_io {
 	 */
 	int32_t		link_expect;
 	uint8_t		linked;
+	struct us_fault_hit fh;
+	struct __kernel_timespec ts;	/* delay fault: read by the kernel at submit */
 };
 
 struct us_queue;
@@ -88,6 +111,14 @@ struct us_queue {
 	struct us_tag_state *shm_tags;
 	struct us_rec	*shm_recs;
 	uint32_t	rec_entries;
+	/* fault rules: the shared area and this queue's copy (NULL: none) */
+	struct us_fault_area *fa;
+	struct us_fault_view *fv;
+	uint64_t	rng;
+	uint32_t	rng_seed_gen;	/* the area's seed_gen + 1 this rng started from, 0 none */
+	unsigned	nr_hung;
+	int		tick_armed;
+	struct __kernel_timespec tick_ts;
 };
 
 struct us_dev {
@@ -109,6 +140,19 @@ void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head,
 void us_shm_attach(struct us_queue *q, void *base);
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io);
 void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result);
+
+/* faults.c: the queue side of the rule engine */
+int us_fault_attach(struct us_queue *q, void *shm_base);
+void us_fault_detach(struct us_queue *q);
+/* a new IO: US_FAULT_PASS (serve it), US_QUEUED (delayed or withheld) or a result to commit */
+int us_fault_start(struct us_queue *q, unsigned tag, struct us_io *io);
+/* the target answered r: what to commit instead (corrupt reads, torn writes) */
+int us_fault_finish(struct us_queue *q, unsigned tag, struct us_io *io, int r);
+/* the hung-IO timer fired */
+void us_fault_tick(struct us_queue *q);
+void us_fault_area_init(struct us_fault_area *a);
+/* ring.c: hand an IO to the target (after a delay or a hang ends) */
+void us_start_target(struct us_queue *q, unsigned tag);
 
 enum { US_FIXED_CDEV = 0, US_FIXED_BACKING = 1 };
 

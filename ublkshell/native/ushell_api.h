@@ -24,6 +24,7 @@ struct us_dev_cfg {
 	int		cpus[64];	/* queue -> cpu to pin to, -1 none (queues >= 64 unpinned) */
 	void		*shm;		/* the device's shared memory (records.h), NULL for none */
 	int		backing_in_memory; /* loop: the file lives in RAM (tmpfs): copy in the queue thread */
+	int		no_records;	/* 1: keep no counters or records (benchmarks); faults still apply */
 };
 
 struct us_dev;
@@ -60,6 +61,25 @@ uint64_t us_now_ns(void);
 /* one IO through the recording code, without a device (tests) */
 int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint64_t sector,
 		     uint32_t nr_sectors, int32_t result, uint64_t lat_ns);
+
+/*
+ * Fault rules (faults.h) in a device's shared memory. Callers serialise
+ * writers (flock on the file); the queues see each change whole.
+ */
+struct us_fault_area *us_fault_area_of(void *shm_base);
+/* the rule's new id, or -ENOSPC (every slot taken), -EINVAL (bad rule) */
+int us_fault_add(void *shm_base, const struct us_fault_rule *r);
+/* 0, or -ENOENT; id 0 removes every rule */
+int us_fault_del(void *shm_base, uint32_t id);
+void us_fault_set_seed(void *shm_base, uint64_t seed);
+/* a consistent copy of the first max rules in match order with their counters: how many there are */
+int us_fault_list(void *shm_base, struct us_fault_rule *rules, struct us_fault_ctr *ctrs, int max);
+/*
+ * Match one IO as queue q_id would, without a device (tests of the matcher):
+ * the action | id << 8 that applies, 0 for none. Counters move as for real.
+ */
+uint32_t us_fault_eval(void *shm_base, int q_id, unsigned tag, uint32_t op_flags,
+		       uint64_t sector, uint32_t nr_sectors);
 
 /* 1 if fd's data lives in memory (tmpfs, ramfs): IO on it never waits for a device */
 int us_fd_in_memory(int fd);

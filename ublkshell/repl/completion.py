@@ -4,7 +4,25 @@ file paths. Candidates are plain functions of the words so far."""
 from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
+from ..faults.grammar import ACTION_WORDS, ACTIONS, MATCH_WORDS
 from .shell import FILTER_KEYS, ID_VERBS, MULTI_ID_VERBS, OPS, TARGETS, VERBS
+
+# words that stand alone or take their value as the next word
+_BARE = {"fua": "fua", "tag": "tag", "lba": "lba"}
+_VALUES = {"mode": ("error", "drop"), "errno": ("EIO", "ENOSPC", "ETIMEDOUT", "ENODATA", "EROFS")}
+
+
+def rule_words(action: str, cur: str) -> list[str]:
+    """What a fault rule may say next: its words as `key=` (or bare), values of op=/mode=/errno=."""
+    key, eq, val = cur.partition("=")
+    if eq and key == "op":
+        done, _, last = val.rpartition(",")
+        prefix = f"op={done + ',' if done else ''}"
+        return [prefix + o for o in OPS if o.startswith(last)]
+    if eq and key in _VALUES:
+        return [f"{key}={v}" for v in _VALUES[key] if v.startswith(val)]
+    keys = set(ACTION_WORDS[action]) | (set() if action == "badblocks" else set(MATCH_WORDS))
+    return sorted(_BARE.get(k, f"{k}=") for k in keys if _BARE.get(k, f"{k}=").startswith(cur))
 
 
 def _options(subparser) -> dict:
@@ -45,6 +63,8 @@ def candidates(shell, words: list[str], cur: str) -> list[str]:
         return [v for v in VERBS if v.startswith(cur)] if not pos else []
     if verb in ID_VERBS and (not pos or verb in MULTI_ID_VERBS):
         return [str(i) for i in shell.device_ids() if str(i).startswith(cur) and str(i) not in pos]
+    if verb in ACTIONS and pos:
+        return rule_words(verb, cur)
     if verb == "lat" and len(pos) == 1:
         return [o for o in OPS if o.startswith(cur)]
     if verb == "trace":

@@ -14,6 +14,7 @@ import time
 from .. import cli
 from ..client import Client, ensure_server, server_running
 from ..errors import UblkError, UsageError
+from ..faults.grammar import ACTIONS
 from . import views
 
 SHELL_ONLY = {
@@ -23,13 +24,14 @@ SHELL_ONLY = {
     "quit": "leave the shell (also exit, Ctrl-D)",
     "exit": "leave the shell",
 }
-SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight")
+FAULT_VERBS = (*ACTIONS, "faults", "clear", "seed")
+SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight", *FAULT_VERBS)
 VERBS = (*SERVER_VERBS, "trace", *SHELL_ONLY)
-ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top"}
+ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VERBS}
 MULTI_ID_VERBS = {"del", "top"}
 TARGETS = ("null", "mem", "loop")
 OPS = ("read", "write", "flush", "discard", "write_zeroes")
-FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors")
+FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted")
 HISTORY = "~/.ublkshell_history"
 IDS_TTL = 2.0
 
