@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("-n", "--number", type=int, default=-1, help="device id to ask for (default: any free)")
     a.add_argument("--block-size", help="logical block size: 512 (default), 1k, 2k, 4k")
     a.add_argument("--max-io", default="512k", help="largest single IO (default 512k)")
+    a.add_argument("--powercut", action="store_true",
+                   help="mem, loop: remember what unflushed writes overwrote (up to 256M), "
+                        "so that `powercut ID` can forget them as a power loss would")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
 
     d = sub.add_parser("del", help="delete devices", description="Stop and delete ublk devices.")

@@ -61,6 +61,10 @@ class Target:
     def remove(self) -> None:
         """The device was deleted: drop what only it used."""
 
+    def write_log_fd(self) -> int:
+        """powercut: a buffered fd on the data, to read what writes overwrite and put it back."""
+        raise UsageError(f"--powercut needs a target that stores data (mem, loop), not {self.name}")
+
     def fill_params(self, p, max_io_bytes: int) -> None:
         shift = self.block_size.bit_length() - 1
         p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_DISCARD
@@ -98,6 +102,9 @@ class MemTarget(Target):
 
     def state(self) -> dict:
         return {"mem_path": getattr(self, "path", None)}
+
+    def write_log_fd(self) -> int:
+        return self.fd
 
     def remove(self) -> None:
         path = getattr(self, "path", None) or self.spec.get("mem_path")
@@ -163,6 +170,17 @@ class LoopTarget(Target):
     def describe(self) -> str:
         return f"loop {self.spec['file']}"
 
+    def write_log_fd(self) -> int:
+        # the IO fd may be O_DIRECT, whose alignment rules the log's reads need not follow
+        self.log_fd = os.open(self.spec["file"], os.O_RDWR | os.O_CLOEXEC)
+        return self.log_fd
+
+    def close(self) -> None:
+        if getattr(self, "log_fd", -1) >= 0:
+            os.close(self.log_fd)
+            self.log_fd = -1
+        super().close()
+
     def state(self) -> dict:
         return {"direct_io": self.direct, "in_memory": self.in_memory}
 
@@ -170,8 +188,11 @@ class LoopTarget(Target):
 TARGETS = {t.name: t for t in (NullTarget, MemTarget, LoopTarget)}
 
 
+POWERCUT_LOG = 256 << 20
+
+
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
-               max_io="512k", dev_id=-1) -> dict:
+               max_io="512k", dev_id=-1, powercut=False) -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -197,6 +218,10 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
         raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
     if dev_id is not None and dev_id != -1 and not 0 <= dev_id < (1 << 20):
         raise UsageError(f"-n/--number: {dev_id} is not a valid device id")
+    if powercut:
+        if target == "null":
+            raise UsageError("--powercut needs a target that stores data (mem, loop), not null")
+        spec["powercut"] = POWERCUT_LOG
     TARGETS[target].validate(spec)
     return spec
 

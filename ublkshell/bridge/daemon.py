@@ -24,10 +24,15 @@ from ..targets import make_target
 from . import registry, shm
 
 _stop = []
+_powercut = []
 
 
 def _on_signal(signum, frame):
     _stop.append(signum)
+
+
+def _on_powercut(signum, frame):
+    _powercut.append(signum)
 
 
 def _log(msg: str) -> None:
@@ -102,6 +107,9 @@ class Daemon:
         cfg.backing_bytes = self.target.backing_bytes
         cfg.backing_in_memory = 1 if getattr(self.target, "in_memory", False) else 0
         cfg.shm = self.stats.base
+        if spec.get("powercut"):
+            cfg.write_log_bytes = int(spec["powercut"])
+            cfg.write_log_fd = self.target.write_log_fd()
         for q, cpu in enumerate(_affinity(self.ctrl, self.dev_id, info.nr_hw_queues)[:64]):
             cfg.cpus[q] = cpu
         err = ffi.new("int *")
@@ -136,6 +144,8 @@ class Daemon:
         """Wait until the queues end; on a stop signal, delete the device."""
         stop_sent_at = None
         while not lib.us_dev_wait(self.dev, 200):
+            if _powercut and not _stop:
+                self.powercut()
             if _stop and stop_sent_at is None:
                 _log(f"dev {self.dev_id}: signal {_stop[0]}, stopping")
                 stop_sent_at = time.monotonic()
@@ -157,6 +167,22 @@ class Daemon:
                 rc = 1
         self.teardown(delete=bool(_stop))
         return rc
+
+    def powercut(self) -> None:
+        """Stop serving at once, forget the unflushed writes, die like a killed daemon."""
+        area = lib.us_fault_area_of(self.stats.base)
+        keep = int(area.powercut_keep) if area != ffi.NULL else 0
+        lib.us_dev_abort(self.dev)
+        if not lib.us_dev_wait(self.dev, 10000):
+            _log(f"dev {self.dev_id}: powercut: queues did not stop in 10 s")
+        n = lib.us_dev_powercut(self.dev, keep, int(area.seed) if area != ffi.NULL else 0, area)
+        if n < 0:
+            _log(f"dev {self.dev_id}: powercut: {os.strerror(-n)}")
+        else:
+            _log(f"dev {self.dev_id}: powercut: {n} unflushed writes undone, "
+                 f"{int(area.pc_kept)} kept; the daemon dies now")
+        # no STOP_DEV, no DEL_DEV: the kernel finds its server gone, as after a crash
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _drop_faults(self) -> None:
         """STOP_DEV waits for every request: withheld (hang) and delayed IO must go on."""
@@ -196,6 +222,7 @@ def main(argv=None) -> int:
     os.chdir("/")
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, _on_signal)
+    signal.signal(signal.SIGUSR1, _on_powercut)
 
     def report(msg: dict) -> None:
         if args.ready_fd >= 0:

@@ -52,6 +52,10 @@ class Shm:
     def op_stats(self, q: int, op: int):
         return self.queue(q).ops[op]
 
+    def fault_area(self):
+        """The fault rules' part of the file (native/faults.h), ffi.NULL if it has none."""
+        return lib.us_fault_area_of(self.base)
+
     def close(self) -> None:
         self.buf = self.base = self.hdr = None
         try:

@@ -15,7 +15,7 @@ from . import grammar
 
 
 @contextmanager
-def _locked(dev_id: int):
+def locked(dev_id: int):
     path = path_for(dev_id)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -25,7 +25,7 @@ def _locked(dev_id: int):
         fcntl.flock(fd, fcntl.LOCK_EX)
         s = Shm(path, writable=True).check()
         try:
-            if lib.us_fault_area_of(s.base) == ffi.NULL:
+            if s.fault_area() == ffi.NULL:
                 raise UblkError(f"device {dev_id}: its daemon predates fault injection; re-add it")
             yield s
         finally:
@@ -38,7 +38,7 @@ def add(dev_id: int, line: str) -> list[dict]:
     """Parse one rule line and install what it makes; returns them with their ids."""
     rules = grammar.parse(line)
     out = []
-    with _locked(dev_id) as s:
+    with locked(dev_id) as s:
         left = lib.US_FAULT_SLOTS - lib.us_fault_list(s.base, ffi.NULL, ffi.NULL, 0)
         # all or nothing: a badblocks list must not land half
         if len(rules) > left:
@@ -56,7 +56,7 @@ def add(dev_id: int, line: str) -> list[dict]:
 
 def rules(dev_id: int) -> dict:
     """{"seed": N, "hung": N, "rules": [{id, text, hits, left, ...}]} in match order."""
-    with _locked(dev_id) as s:
+    with locked(dev_id) as s:
         return _read(s)
 
 
@@ -93,7 +93,7 @@ def read_shm(s: Shm) -> dict:
 
 def clear(dev_id: int, rule_id: int = 0) -> int:
     """Remove one rule (or all with 0): how many were removed."""
-    with _locked(dev_id) as s:
+    with locked(dev_id) as s:
         before = lib.us_fault_list(s.base, ffi.NULL, ffi.NULL, 0)
         rc = lib.us_fault_del(s.base, rule_id)
         if rc == -2:  # ENOENT
@@ -104,5 +104,5 @@ def clear(dev_id: int, rule_id: int = 0) -> int:
 def set_seed(dev_id: int, seed: int) -> None:
     if not 0 <= seed < 1 << 64:
         raise UblkError("seed must be a whole number in 0..2^64-1")
-    with _locked(dev_id) as s:
+    with locked(dev_id) as s:
         lib.us_fault_set_seed(s.base, seed)

@@ -3,6 +3,7 @@
 ublkshell/verbs.py: run_X(args) -> JSON-able result, render_X(result) -> text."""
 from ..errors import UsageError
 from . import grammar, table
+from .powercut import render_powercut, run_powercut
 
 GRAMMAR_HELP = """\
 words (any order after the action's own values):
@@ -125,6 +126,21 @@ def add_parsers(sub) -> None:
     s.add_argument("id", type=int, metavar="ID")
     s.add_argument("seed", type=int, nargs="?", metavar="N")
     s.add_argument("--json", action="store_true")
+    pc = sub.add_parser("powercut", help="lose power: forget unflushed writes, kill the daemon",
+                        description="Cut the device's power: every write not yet made durable by a "
+                                    "FLUSH or FUA is undone in the backing store (all of them, or a "
+                                    "random subset with --partial/--keep), then the IO daemon dies "
+                                    "without a word to the kernel. The device must have been added "
+                                    "with --powercut. Mount again afterwards to see what a crash "
+                                    "leaves: the journal replays, fsck should be clean.",
+                        epilog="examples:\n  add -t loop -f disk.img --powercut\n  powercut 0\n"
+                               "  powercut 0 --partial        each unflushed write survives with p=0.5\n"
+                               "  seed 0 7; powercut 0 --keep 0.9",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pc.add_argument("id", type=int, metavar="ID")
+    pc.add_argument("--partial", action="store_true", help="keep each unflushed write with probability 0.5")
+    pc.add_argument("--keep", type=float, metavar="P", help="keep each unflushed write with probability P")
+    pc.add_argument("--json", action="store_true")
 
 
 def _rule_verb(action: str):
@@ -133,4 +149,4 @@ def _rule_verb(action: str):
 
 VERBS = {action: _rule_verb(action) for action in grammar.ACTIONS}
 VERBS.update({"faults": (run_faults, render_faults), "clear": (run_clear, render_clear),
-              "seed": (run_seed, render_seed)})
+              "seed": (run_seed, render_seed), "powercut": (run_powercut, render_powercut)})

@@ -11,7 +11,7 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["ring.c", "ctrl.c", "records.c", "faults.c", "target_null.c", "target_mem.c", "target_loop.c"]
+SOURCES = ["ring.c", "ctrl.c", "records.c", "faults.c", "writelog.c", "target_null.c", "target_mem.c", "target_loop.c"]
 
 
 def _read(name):

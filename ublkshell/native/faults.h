@@ -74,8 +74,12 @@ struct us_fault_area {
 	uint32_t	next_id;
 	uint32_t	hung;		/* IOs withheld now, every queue */
 	uint32_t	seed_gen;	/* bumped by every seed write: queues restart their sequence */
-	uint32_t	pad32;
-	uint64_t	pad[3];
+	uint32_t	powercut_keep;	/* powercut request: chance (ppm) to keep each unflushed write */
+	/* powercut outcome, written by the daemon before it dies */
+	uint32_t	pc_dropped;	/* unflushed writes undone */
+	uint32_t	pc_kept;	/* unflushed writes left in place */
+	uint64_t	pc_dropped_bytes;
+	uint64_t	pc_done;	/* 1 + the outcome fields are final */
 	uint16_t	order[US_FAULT_SLOTS];
 	struct us_fault_rule rules[US_FAULT_SLOTS];
 	struct us_fault_ctr ctr[US_FAULT_SLOTS];

@@ -86,13 +86,19 @@ static void commit(struct us_queue *q, unsigned tag, int result)
 
 	if (io->fh.action)
 		result = us_fault_finish(q, tag, io, result);
+	if (q->dev->wlog)
+		us_wlog_end(q, io, result);
 	us_rec_end(q, tag, io, result);
 	queue_uring_cmd(q, tag, q->dev->op_commit, result);
 }
 
 void us_start_target(struct us_queue *q, unsigned tag)
 {
-	int r = q->dev->tgt->queue_io(q, tag, &q->ios[tag]);
+	int r;
+
+	if (q->dev->wlog)
+		us_wlog_begin(q, &q->ios[tag]);
+	r = q->dev->tgt->queue_io(q, tag, &q->ios[tag]);
 
 	if (r != US_QUEUED)
 		commit(q, tag, r);
@@ -372,6 +378,15 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 	}
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_cond_init(&d->cond, NULL);
+	if (cfg->write_log_bytes) {
+		d->wlog = us_wlog_new(cfg->write_log_fd, cfg->write_log_bytes);
+		if (!d->wlog) {
+			*err = -ENOMEM;
+			close(d->stop_efd);
+			free(d);
+			return NULL;
+		}
+	}
 
 	for (i = 0; i < cfg->nr_queues; i++) {
 		struct us_queue *q = &d->q[i];
@@ -404,6 +419,7 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 		for (i = 0; i < started; i++)
 			pthread_join(d->q[i].thr, NULL);
 		close(d->stop_efd);
+		us_wlog_free(d->wlog);
 		free(d);
 		return NULL;
 	}
@@ -456,6 +472,7 @@ void us_dev_free(struct us_dev *d)
 	for (i = 0; i < d->cfg.nr_queues; i++)
 		pthread_join(d->q[i].thr, NULL);
 	close(d->stop_efd);
+	us_wlog_free(d->wlog);
 	pthread_mutex_destroy(&d->lock);
 	pthread_cond_destroy(&d->cond);
 	free(d);

@@ -71,6 +71,8 @@ struct us_io {
 	uint8_t		linked;
 	struct us_fault_hit fh;
 	struct __kernel_timespec ts;	/* delay fault: read by the kernel at submit */
+	void		*wlog;		/* powercut: this write's entry in the write log */
+	uint32_t	flush_mark;	/* powercut: this FLUSH's number */
 };
 
 struct us_queue;
@@ -132,6 +134,7 @@ struct us_dev {
 	int		nr_failed;
 	int		go;		/* 1: fetch and serve, -1: give up */
 	int		nr_exited;
+	struct us_wlog	*wlog;		/* --powercut: what unflushed writes overwrote */
 	struct us_queue	q[];
 };
 
@@ -151,6 +154,12 @@ int us_fault_finish(struct us_queue *q, unsigned tag, struct us_io *io, int r);
 /* the hung-IO timer fired */
 void us_fault_tick(struct us_queue *q);
 void us_fault_area_init(struct us_fault_area *a);
+/* writelog.c: powercut's memory of unflushed writes */
+struct us_wlog *us_wlog_new(int fd, uint64_t limit);
+void us_wlog_free(struct us_wlog *w);
+void us_wlog_begin(struct us_queue *q, struct us_io *io);
+void us_wlog_end(struct us_queue *q, struct us_io *io, int result);
+
 /* ring.c: hand an IO to the target (after a delay or a hang ends) */
 void us_start_target(struct us_queue *q, unsigned tag);
 

@@ -25,6 +25,8 @@ struct us_dev_cfg {
 	void		*shm;		/* the device's shared memory (records.h), NULL for none */
 	int		backing_in_memory; /* loop: the file lives in RAM (tmpfs): copy in the queue thread */
 	int		no_records;	/* 1: keep no counters or records (benchmarks); faults still apply */
+	uint64_t	write_log_bytes; /* powercut: log unflushed writes up to this much, 0 off */
+	int		write_log_fd;	/* powercut: reads old data and puts it back (buffered) */
 };
 
 struct us_dev;
@@ -45,6 +47,13 @@ void us_dev_abort(struct us_dev *d);
 /* first fatal error a queue hit (-errno), 0 if none */
 int us_dev_queue_error(struct us_dev *d, int q_id);
 void us_dev_free(struct us_dev *d);
+/*
+ * After the queues have exited: put back what every write not yet made durable
+ * by a FLUSH (or FUA) overwrote, except a random keep_ppm per million of them.
+ * The outcome goes to report (pc_*). Returns the writes undone, or -errno
+ * (-EOPNOTSUPP: the device keeps no write log).
+ */
+int us_dev_powercut(struct us_dev *d, uint32_t keep_ppm, uint64_t seed, struct us_fault_area *report);
 
 /* the device's shared memory (records.h): layout, initialisation, readers */
 uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries);

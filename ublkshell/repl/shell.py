@@ -24,7 +24,7 @@ SHELL_ONLY = {
     "quit": "leave the shell (also exit, Ctrl-D)",
     "exit": "leave the shell",
 }
-FAULT_VERBS = (*ACTIONS, "faults", "clear", "seed")
+FAULT_VERBS = (*ACTIONS, "faults", "clear", "seed", "powercut")
 SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight", *FAULT_VERBS)
 VERBS = (*SERVER_VERBS, "trace", *SHELL_ONLY)
 ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VERBS}

@@ -1,0 +1,61 @@
+"""`powercut ID`: the device loses power. Every write not yet made durable by a
+FLUSH (or FUA) is undone in the backing store, all of them or a random subset
+(`--keep P`, `--partial` = 0.5, replayable with `seed`), and the IO daemon dies
+without telling the kernel, as in a crash. Needs a device added with --powercut.
+"""
+import os
+import signal
+import time
+
+from ..bridge import registry
+from ..errors import UblkError, UsageError
+from .table import locked
+
+
+def run_powercut(a: dict) -> dict:
+    dev_id = int(a["id"])
+    keep = 0.5 if a.get("partial") else float(a.get("keep") or 0.0)
+    if a.get("partial") and a.get("keep") is not None:
+        raise UsageError("powercut: --partial or --keep P, not both")
+    if not 0.0 <= keep <= 1.0:
+        raise UsageError(f"powercut: --keep {keep} is outside 0..1")
+    entry = registry.read(dev_id)
+    if not entry:
+        raise UblkError(f"device {dev_id} is not served by ublkshell")
+    if not entry.get("spec", {}).get("powercut"):
+        raise UblkError(f"device {dev_id} keeps no write log: add it with --powercut "
+                        "(e.g. `add -t mem --size 1G --powercut`)")
+    pid = entry.get("pid")
+    if not registry.pid_alive(pid):
+        raise UblkError(f"device {dev_id}: its daemon (pid {pid}) is not running")
+    with locked(dev_id) as s:
+        area = s.fault_area()
+        area.pc_done = 0
+        area.powercut_keep = int(round(keep * 1_000_000))
+        seed = int(area.seed)
+        os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while registry.pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise UblkError(f"device {dev_id}: the daemon (pid {pid}) did not cut power within 60 s")
+        time.sleep(0.05)
+    with locked(dev_id) as s:
+        area = s.fault_area()
+        if not area.pc_done:
+            raise UblkError(f"device {dev_id}: the daemon died before it undid the unflushed writes "
+                            f"(see {entry.get('log') or 'its log'})")
+        return {"device": dev_id, "dropped": int(area.pc_dropped), "kept": int(area.pc_kept),
+                "dropped_bytes": int(area.pc_dropped_bytes), "keep": keep, "seed": seed,
+                "recovery": bool(entry.get("spec", {}).get("recovery"))}
+
+
+def render_powercut(r: dict) -> str:
+    from ..sizes import human
+
+    what = (f"{r['dropped']} unflushed write{'s' if r['dropped'] != 1 else ''} "
+            f"({human(r['dropped_bytes'])}) lost, {r['kept']} kept")
+    if r["keep"]:
+        what += f" (keep {r['keep']:g}, seed {r['seed']})"
+    after = (f"`recover {r['device']}` brings it back" if r["recovery"] else
+             f"IO fails until `del {r['device']}`; the backing store holds the post-crash state")
+    return f"dev {r['device']}: power cut: {what}; the daemon is gone: {after}"
