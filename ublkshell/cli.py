@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--powercut", action="store_true",
                    help="mem, loop: remember what unflushed writes overwrote (up to 256M), "
                         "so that `powercut ID` can forget them as a power loss would")
+    a.add_argument("--no-records", action="store_true",
+                   help="keep no IO records, counters or histograms (to measure what they cost); "
+                        "fault rules still apply")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
 
     d = sub.add_parser("del", help="delete devices", description="Stop and delete ublk devices.")

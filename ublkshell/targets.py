@@ -192,7 +192,7 @@ POWERCUT_LOG = 256 << 20
 
 
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
-               max_io="512k", dev_id=-1, powercut=False) -> dict:
+               max_io="512k", dev_id=-1, powercut=False, no_records=False) -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -218,6 +218,8 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
         raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
     if dev_id is not None and dev_id != -1 and not 0 <= dev_id < (1 << 20):
         raise UsageError(f"-n/--number: {dev_id} is not a valid device id")
+    if no_records:
+        spec["no_records"] = True
     if powercut:
         if target == "null":
             raise UsageError("--powercut needs a target that stores data (mem, loop), not null")

@@ -15,7 +15,8 @@ def run_add(a: dict) -> dict:
     spec = build_spec(a.get("target") or "", file=a.get("file"), size=a.get("size"),
                       queues=a.get("queues", 1), depth=a.get("depth", 128),
                       block_size=a.get("block_size"), max_io=a.get("max_io", "512k"),
-                      dev_id=a.get("dev_id", -1), powercut=bool(a.get("powercut")))
+                      dev_id=a.get("dev_id", -1), powercut=bool(a.get("powercut")),
+                      no_records=bool(a.get("no_records")))
     return add(spec)
 
 

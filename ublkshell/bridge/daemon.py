@@ -107,6 +107,7 @@ class Daemon:
         cfg.backing_bytes = self.target.backing_bytes
         cfg.backing_in_memory = 1 if getattr(self.target, "in_memory", False) else 0
         cfg.shm = self.stats.base
+        cfg.no_records = 1 if spec.get("no_records") else 0
         if spec.get("powercut"):
             cfg.write_log_bytes = int(spec["powercut"])
             cfg.write_log_fd = self.target.write_log_fd()
