@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 
+from . import devids
 from .errors import UblkError, UsageError
 
 EPILOG = """\
@@ -14,9 +15,11 @@ examples:
   ublkshell add -t loop -f disk.img -q 2 -d 128   serve disk.img as /dev/ublkbN
   ublkshell add -t mem --size 1G                  RAM-backed, sparse
   ublkshell add -t null --size 100G               completes at once, reads zeros
+  ublkshell add --transport fuse -t mem --size 1G --loop
+                                                  no ublk_drv? the same targets through FUSE + a loop device
   ublkshell list                                  what exists, who serves it
   ublkshell features                              what this kernel's ublk_drv can do
-  ublkshell del 0 | ublkshell del -a              delete one device | all
+  ublkshell del 0 | ublkshell del -a              delete one device | all (FUSE ones: del fuse0)
   ublkshell stats 0                               IOs, bytes, errors, latency percentiles per op
   ublkshell lat 0 read                            latency histogram with percentiles
   ublkshell inflight 0                            tags being served now, with their age
@@ -50,14 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
     a = sub.add_parser("add", help="create a device served by a new IO daemon",
-                       description="Create /dev/ublkbN and serve it from a new IO daemon process.")
+                       description="Create /dev/ublkbN and serve it from a new IO daemon process. "
+                                   "On a kernel without ublk_drv, --transport fuse serves the same "
+                                   "targets as a file in a FUSE mount (device ids fuse0, fuse1, ...), "
+                                   "and --loop makes that file a block device (/dev/loopN).")
     a.add_argument("-t", "--type", required=True, metavar="TARGET",
                    help="null (completes at once, reads zeros), mem (RAM, sparse), loop (a file or block device)")
     a.add_argument("-f", "--file", help="loop: the backing file or block device")
     a.add_argument("--size", help="device size, e.g. 512M, 1G (loop: defaults to the file's size)")
     a.add_argument("-q", "--queues", type=int, default=1, help="hardware queues, one thread each (default 1)")
     a.add_argument("-d", "--depth", type=int, default=128, help="tags per queue, 1..4096 (default 128)")
-    a.add_argument("-n", "--number", type=int, default=-1, help="device id to ask for (default: any free)")
+    a.add_argument("-n", "--number", type=int, default=-1,
+                   help="device id to ask for (default: any free; with --transport fuse, N asks for fuseN)")
     a.add_argument("--block-size", help="logical block size: 512 (default), 1k, 2k, 4k")
     a.add_argument("--max-io", default="512k", help="largest single IO (default 512k)")
     a.add_argument("--powercut", action="store_true",
@@ -66,13 +73,25 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-records", action="store_true",
                    help="keep no IO records, counters or histograms (to measure what they cost); "
                         "fault rules still apply")
+    a.add_argument("--transport", default="ublk", metavar="ublk|fuse",
+                   help="ublk (default): /dev/ublkbN through the kernel's ublk_drv. fuse: for kernels "
+                        "without it, the device is the file /run/ublkshell/fuse/fuseN/disk, served "
+                        "by the same native targets, with the same stats and trace (one queue)")
+    a.add_argument("--loop", action="store_true",
+                   help="with --transport fuse: attach that file to a loop device with losetup, so "
+                        "there is a block device to mkfs and mount; `add` prints it, `list` shows it, "
+                        "`del` detaches it")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
 
-    d = sub.add_parser("del", help="delete devices", description="Stop and delete ublk devices.")
-    d.add_argument("ids", nargs="*", type=int, metavar="ID")
-    d.add_argument("-a", "--all", action="store_true", help="delete every ublk device")
+    d = sub.add_parser("del", help="delete devices",
+                       description="Stop and delete ublk devices (and FUSE-transport ones: their loop "
+                                   "device is detached, their mount removed).")
+    d.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="0, 1, ... or fuse0, ...")
+    d.add_argument("-a", "--all", action="store_true", help="delete every device, ublk and FUSE")
 
-    ls = sub.add_parser("list", help="list devices", description="List ublk devices.")
+    ls = sub.add_parser("list", help="list devices",
+                        description="List ublk devices, then FUSE-transport ones with their loop device "
+                                    "and file (a dead one's mount and loop device are cleaned up here).")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
 
     f = sub.add_parser("features", help="what the running kernel's ublk_drv supports",
@@ -82,26 +101,26 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="IO counters and latency percentiles of a device",
                         description="Counters and latency percentiles per op, from the device's "
                                     "shared memory (they survive a killed daemon).")
-    st.add_argument("id", type=int)
+    st.add_argument("id", type=devids.arg)
     st.add_argument("--json", action="store_true")
     st.add_argument("--queues", action="store_true", help="one line per queue too")
 
     lt = sub.add_parser("lat", help="latency histogram of a device",
                         description="Latency histogram (log-linear buckets, ~3%% precision) with percentiles.")
-    lt.add_argument("id", type=int)
+    lt.add_argument("id", type=devids.arg)
     lt.add_argument("op", nargs="?", default="read", help="read (default), write, flush, discard, write_zeroes")
     lt.add_argument("--json", action="store_true")
 
     inf = sub.add_parser("inflight", help="tags being served now",
                          description="Tags the daemon is serving now, per queue, with their age and request.")
-    inf.add_argument("id", type=int)
+    inf.add_argument("id", type=devids.arg)
     inf.add_argument("--json", action="store_true")
 
     tr = sub.add_parser("trace", help="stream every IO as it completes",
                         description="Stream completed IOs: time q tag op flags sector+sectors latency result. "
                                     "Filters: q=N tag=N op=read|write|flush|discard|write_zeroes "
                                     "lba=A..B (sectors) min_lat=1ms errors. Ctrl-C ends it.")
-    tr.add_argument("id", type=int)
+    tr.add_argument("id", type=devids.arg)
     tr.add_argument("filters", nargs="*", metavar="FILTER")
     tr.add_argument("--json", action="store_true", help="one JSON object per line")
     tr.add_argument("--count", type=int, default=0, help="stop after N records")

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from .ctrl import Control, CtrlError, list_device_ids
+from . import devids, fusedev
+from .ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
 from .errors import UblkError
 from .uapi import STATES, feature_names
 from .bridge import registry, shm
@@ -27,14 +28,19 @@ def _log_tail(path: str, lines: int = 3) -> str:
 
 def add(spec: dict, timeout: float = ADD_TIMEOUT) -> dict:
     """Spawn the device's IO daemon and wait until it serves (or says why not)."""
-    with Control():
-        pass  # fail here, with the driver hint, rather than inside the daemon
+    if spec.get("transport") == "fuse":
+        fusedev.preflight()
+        module = fusedev.DAEMON_MODULE
+    else:
+        with Control():
+            pass  # fail here, with the driver hint, rather than inside the daemon
+        module = "ublkshell.bridge.daemon"
     log = os.path.join(registry.logdir(), f"daemon-{int(time.time() * 1000)}.log")
     r, w = os.pipe()
     env = dict(os.environ, UBLKSHELL_DAEMON_LOG=log)
     with open(log, "ab", buffering=0) as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ublkshell.bridge.daemon", "--spec", json.dumps(spec),
+            [sys.executable, "-m", module, "--spec", json.dumps(spec),
              "--ready-fd", str(w)],
             pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             start_new_session=True, env=env)
@@ -74,6 +80,8 @@ def describe(ctrl: Control, dev_id: int) -> dict:
     info = ctrl.get_dev_info(dev_id)
     d = {
         "id": dev_id,
+        "name": devids.name(dev_id),
+        "transport": "ublk",
         "state": STATES.get(info.state, str(info.state)),
         "queues": int(info.nr_hw_queues),
         "depth": int(info.queue_depth),
@@ -101,6 +109,9 @@ def describe(ctrl: Control, dev_id: int) -> dict:
 
 def list_devices() -> list[dict]:
     out = []
+    fuse = fusedev.list_devices()
+    if fuse and not os.path.exists(CONTROL_PATH):
+        return fuse  # a kernel without ublk_drv: the FUSE devices are all there is
     with Control() as ctrl:
         for dev_id in list_device_ids():
             try:
@@ -108,7 +119,7 @@ def list_devices() -> list[dict]:
             except CtrlError as e:
                 if e.errno != errno.ENODEV:  # deleted while we looked
                     raise
-    return out
+    return out + fuse
 
 
 def _wait_gone(pid: int, dev_id: int, timeout: float) -> bool:
@@ -122,6 +133,8 @@ def _wait_gone(pid: int, dev_id: int, timeout: float) -> bool:
 
 def delete(dev_id: int, timeout: float = 20.0) -> None:
     """Delete one device: ask its daemon (SIGTERM), else do it ourselves."""
+    if devids.is_fuse(dev_id):
+        return fusedev.delete(dev_id, timeout)
     with Control() as ctrl:
         try:
             info = ctrl.get_dev_info(dev_id)
@@ -162,7 +175,7 @@ def delete_all() -> list[int]:
     ids = list_device_ids()
     for dev_id in ids:
         delete(dev_id)
-    return ids
+    return ids + fusedev.delete_all()
 
 
 def features() -> int:

@@ -9,6 +9,7 @@ import os
 import stat
 import struct
 
+from . import devids
 from ._native import lib
 from .errors import UsageError
 from .sizes import parse_size
@@ -93,7 +94,7 @@ class MemTarget(Target):
 
     def attach(self, dev_id: int) -> None:
         os.makedirs(MEM_DIR, mode=0o700, exist_ok=True)
-        path = self.spec.get("mem_path") or os.path.join(MEM_DIR, f"ublkb{dev_id}.mem")
+        path = self.spec.get("mem_path") or os.path.join(MEM_DIR, f"{devids.stem(dev_id)}.mem")
         recovering = bool(self.spec.get("mem_path"))
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if recovering else os.O_TRUNC)
         self.fd = os.open(path, flags, 0o600)
@@ -141,17 +142,20 @@ class LoopTarget(Target):
     def open(self) -> None:
         path = self.spec["file"]
         self.direct = False
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
-            align = lib.us_probe_direct(fd)
-            if align and (align <= self.block_size or not self.spec.get("block_size_given")):
-                self.block_size = max(self.block_size, align)
-                self.direct = True
-            else:
-                os.close(fd)
+        fd = -1
+        # the FUSE transport copies through its own buffers at any byte offset: never O_DIRECT
+        if not self.spec.get("buffered"):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+                align = lib.us_probe_direct(fd)
+                if align and (align <= self.block_size or not self.spec.get("block_size_given")):
+                    self.block_size = max(self.block_size, align)
+                    self.direct = True
+                else:
+                    os.close(fd)
+                    fd = -1
+            except OSError:
                 fd = -1
-        except OSError:
-            fd = -1
         if fd < 0:
             # tmpfs before 6.6, some FUSE and network filesystems: buffered IO
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -189,14 +193,26 @@ TARGETS = {t.name: t for t in (NullTarget, MemTarget, LoopTarget)}
 
 
 POWERCUT_LOG = 256 << 20
+TRANSPORTS = ("ublk", "fuse")
 
 
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
-               max_io="512k", dev_id=-1, powercut=False, no_records=False) -> dict:
+               max_io="512k", dev_id=-1, transport="ublk", loop=False, powercut=False,
+               no_records=False) -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    transport = transport or "ublk"
+    if transport not in TRANSPORTS:
+        raise UsageError(f"--transport: unknown transport {transport!r} (choose from {', '.join(TRANSPORTS)})")
+    if loop and transport != "fuse":
+        raise UsageError("--loop is only for --transport fuse (a ublk device is a block device already)")
+    if transport == "fuse" and queues != 1:
+        raise UsageError(f"-q/--queues: the FUSE transport has one queue, not {queues} "
+                         "(its worker threads share it)")
     spec = {"target": target, "dev_id": dev_id}
+    if transport == "fuse":
+        spec.update(transport="fuse", loop=bool(loop), buffered=True)
     if file is not None:
         spec["file"] = os.path.abspath(file)
     if size is not None:
@@ -218,6 +234,9 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
         raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
     if dev_id is not None and dev_id != -1 and not 0 <= dev_id < (1 << 20):
         raise UsageError(f"-n/--number: {dev_id} is not a valid device id")
+    if transport == "fuse" and (powercut or no_records):
+        raise UsageError(f"--{'powercut' if powercut else 'no-records'} is for ublk devices, "
+                         "not the FUSE transport")
     if no_records:
         spec["no_records"] = True
     if powercut:

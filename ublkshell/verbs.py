@@ -3,6 +3,7 @@ the work and returns plain JSON-able data; `render_X(result) -> str` turns it
 into text for people. `--json` prints the result itself."""
 import json
 
+from . import devids
 from .errors import UsageError
 from .sizes import human
 
@@ -15,15 +16,25 @@ def run_add(a: dict) -> dict:
     spec = build_spec(a.get("target") or "", file=a.get("file"), size=a.get("size"),
                       queues=a.get("queues", 1), depth=a.get("depth", 128),
                       block_size=a.get("block_size"), max_io=a.get("max_io", "512k"),
-                      dev_id=a.get("dev_id", -1), powercut=bool(a.get("powercut")),
+                      dev_id=a.get("dev_id", -1), transport=a.get("transport") or "ublk",
+                      loop=bool(a.get("loop")), powercut=bool(a.get("powercut")),
                       no_records=bool(a.get("no_records")))
     return add(spec)
 
 
 def render_add(dev: dict) -> str:
+    if dev.get("transport") == "fuse":
+        return render_add_fuse(dev)
     q = dev["queues"]
     return (f"dev {dev['id']} -> /dev/ublkb{dev['id']} ({dev['describe']}, {human(dev['size'])}, "
             f"{q} queue{'s' if q > 1 else ''} x {dev['depth']})")
+
+
+def render_add_fuse(dev: dict) -> str:
+    what = f"{dev['describe']}, {human(dev['size'])}"
+    if dev.get("loop"):
+        return f"dev {dev['name']} -> {dev['loop']} ({what}, FUSE file {dev['file']})"
+    return f"dev {dev['name']} -> {dev['file']} ({what}, FUSE file; `losetup` it, or add with --loop)"
 
 
 def run_del(a: dict) -> dict:
@@ -36,16 +47,17 @@ def run_del(a: dict) -> dict:
         return {"deleted": delete_all(), "all": True}
     if not ids:
         raise UsageError("del: which device? give an id (see `ublkshell list`) or -a for all")
+    ids = [devids.parse(i) for i in ids]
     for dev_id in ids:
-        delete(int(dev_id))
-    return {"deleted": [int(i) for i in ids], "all": False}
+        delete(dev_id)
+    return {"deleted": ids, "all": False}
 
 
 def render_del(r: dict) -> str:
     if r["all"]:
         n = len(r["deleted"])
         return f"deleted {n} device{'s' if n != 1 else ''}"
-    return "\n".join(f"dev {i} deleted" for i in r["deleted"])
+    return "\n".join(f"dev {devids.name(i)} deleted" for i in r["deleted"])
 
 
 def run_list(a: dict) -> list:
@@ -57,6 +69,10 @@ def run_list(a: dict) -> list:
 def render_list(devs: list) -> str:
     if not devs:
         return "no ublk devices"
+    fuse = [d for d in devs if d.get("transport") == "fuse"]
+    devs = [d for d in devs if d.get("transport") != "fuse"]
+    if not devs:
+        return render_fuse_list(fuse)
     lines = [f"{'ID':>3} {'STATE':<8} {'SIZE':>7} {'Q x D':>9} {'PID':>7}  {'TARGET':<28} FEATURES"]
     for d in devs:
         pid = str(d["pid"]) if d["daemon_alive"] else f"{d['pid']}†" if d["pid"] > 0 else "-"
@@ -65,6 +81,20 @@ def render_list(devs: list) -> str:
                      f"{pid:>7}  {d['target']:<28} {','.join(d['flags']) or '-'}")
     if any(not d["daemon_alive"] for d in devs):
         lines.append("† daemon gone: IO fails until the device is deleted (`ublkshell del ID`)")
+    return "\n".join(lines + ([render_fuse_list(fuse)] if fuse else []))
+
+
+def render_fuse_list(devs: list) -> str:
+    """FUSE-transport devices: their block device (with --loop) and file instead of ublk features."""
+    lines = [f"{'ID':<7} {'STATE':<5} {'SIZE':>7} {'Q x D':>9} {'PID':>7}  {'TARGET':<28} {'BLOCK DEV':<12} FILE"]
+    for d in devs:
+        pid = str(d["pid"]) if d["daemon_alive"] else f"{d['pid']}†"
+        size = human(d["size"]) if d["size"] is not None else "?"
+        lines.append(f"{d['name']:<7} {d['state']:<5} {size:>7} {str(d['queues']) + ' x ' + str(d['depth']):>9} "
+                     f"{pid:>7}  {d['target']:<28} {d['loop'] or '-':<12} {d['file']}")
+    if any(not d["daemon_alive"] for d in devs):
+        lines.append("† daemon gone: its mount and loop device are cleaned up; "
+                     "the stats stay until `ublkshell del fuseN`")
     return "\n".join(lines)
 
 
@@ -100,7 +130,7 @@ def stats_of(dev_id: int, shm) -> dict:
 def run_stats(a: dict) -> dict:
     from .bridge.shm import open_device
 
-    dev_id = int(a["id"])
+    dev_id = devids.parse(a["id"])
     return stats_of(dev_id, open_device(dev_id))
 
 
@@ -124,7 +154,7 @@ def render_stats(r: dict, queues: bool = False) -> str:
     rows = [("", r["ops"])]
     if queues:
         rows += [(f"q{q['queue']} ", q["ops"]) for q in r["queues"]]
-    return stats_table(f"dev {r['device']}: {r['inflight']} in flight", rows)
+    return stats_table(f"dev {devids.name(r['device'])}: {r['inflight']} in flight", rows)
 
 
 def run_lat(a: dict) -> dict:
@@ -132,7 +162,7 @@ def run_lat(a: dict) -> dict:
     from .bridge.shm import OPS, open_device
     from .stats import snapshot, summarize
 
-    dev_id, op = int(a["id"]), a.get("op") or "read"
+    dev_id, op = devids.parse(a["id"]), a.get("op") or "read"
     if op not in OPS:
         raise UsageError(f"lat: unknown op {op!r} (choose from {', '.join(OPS)})")
     o = snapshot(open_device(dev_id))["ops"][op]
@@ -144,8 +174,8 @@ def render_lat(r: dict) -> str:
     from .stats import fmt_ns
 
     if not r["ios"]:
-        return f"dev {r['device']}: no {r['op']} IO yet"
-    lines = [f"dev {r['device']} {r['op']}: {r['ios']} IOs, avg {fmt_ns(r['avg_ns'])}, "
+        return f"dev {devids.name(r['device'])}: no {r['op']} IO yet"
+    lines = [f"dev {devids.name(r['device'])} {r['op']}: {r['ios']} IOs, avg {fmt_ns(r['avg_ns'])}, "
              f"p50 {fmt_ns(r['p50_ns'])}, p99 {fmt_ns(r['p99_ns'])}, p99.9 {fmt_ns(r['p999_ns'])}, "
              f"max {fmt_ns(r['max_ns'])}"]
     return "\n".join(lines + hist_bars(pow2_hist((b["low_ns"], b["count"]) for b in r["buckets"]), 50))
@@ -173,7 +203,7 @@ def run_inflight(a: dict) -> dict:
     from .bridge.shm import open_device
     from .stats import inflight
 
-    dev_id = int(a["id"])
+    dev_id = devids.parse(a["id"])
     return {"device": dev_id, "tags": inflight(open_device(dev_id))}
 
 
@@ -193,7 +223,7 @@ def tags_table(title: str, tags: list) -> str:
 
 
 def render_inflight(r: dict) -> str:
-    return tags_table(f"dev {r['device']}", r["tags"])
+    return tags_table(f"dev {devids.name(r['device'])}", r["tags"])
 
 
 TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"

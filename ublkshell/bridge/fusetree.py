@@ -5,6 +5,7 @@ file that streams IO records like tracefs' trace_pipe.
     ublkb<N>/info  info.json  params  params.json  stats  stats.json
              latency  latency.json  inflight  inflight.json  trace  faults
              queues/<q>/stats  stats.json  inflight
+    fuse<N>/...  the same, for a FUSE-transport device (ublkshell/devids.py)
 
 It runs as pyfuse3 handlers on the server's trio loop. Nothing is cached:
 each lookup, readdir and open asks the DeviceSource again, so devices appear
@@ -24,6 +25,7 @@ import pyfuse3
 import trio
 
 from .._native import lib
+from ..devids import from_stem, stem
 from ..errors import UblkError
 from ..sizes import human
 from ..stats import Tail, fmt_ns, format_record, inflight, percentile, snapshot, summarize
@@ -92,13 +94,15 @@ def info_text(dev, entry, s):
     size = i["size"]
     size_s = f"{human(size)} ({size} bytes)" if isinstance(size, int) else "?"
     names = ",".join(i["flag_names"]) or "-"
-    return (f"device      ublkb{dev}\n"
+    return (f"device      {stem(dev)}\n"
             f"target      {i['describe'] or i['target'] or '-'}\n"
             f"size        {size_s}\n"
             f"block size  {i['block_size'] if i['block_size'] is not None else '?'}\n"
             f"queues      {i['queues']} x {i['depth']}\n"
             f"daemon      pid {i['pid']} ({'alive' if i['daemon_alive'] else 'dead'})\n"
-            f"flags       {i['flags']:#x} {names}\n")
+            f"flags       {i['flags']:#x} {names}\n"
+            + (f"transport   fuse: file {entry.get('file')}, block device {entry.get('loop') or '-'}\n"
+               if entry.get("transport") == "fuse" else ""))
 
 
 def info_json(dev, entry, s):
@@ -132,7 +136,7 @@ def _need(s):
 
 def stats_text(dev, entry, s):
     r = stats_of(dev, _need(s))
-    return stats_table(f"ublkb{dev}: {r['inflight']} in flight", [("", r["ops"])], all_ops=True) + "\n"
+    return stats_table(f"{stem(dev)}: {r['inflight']} in flight", [("", r["ops"])], all_ops=True) + "\n"
 
 
 def stats_json(dev, entry, s):
@@ -162,7 +166,7 @@ def latency_text(dev, entry, s):
                    f"p99.9 {fmt_ns(lat['p999_ns'])}, max {fmt_ns(lat['max_ns'])}")
         out += hist_bars(lat["hist"], 40, indent="  ")
     if not out:
-        out.append(f"ublkb{dev}: no IO yet")
+        out.append(f"{stem(dev)}: no IO yet")
     return "\n".join(out) + "\n"
 
 
@@ -183,7 +187,7 @@ def _tags_text(title, tags):
 
 
 def inflight_text(dev, entry, s):
-    return _tags_text(f"ublkb{dev}", _tags(s))
+    return _tags_text(f"{stem(dev)}", _tags(s))
 
 
 def inflight_json(dev, entry, s):
@@ -227,7 +231,7 @@ def _queue_snap(s, q):
 def q_stats_text(dev, entry, s, q):
     qs = _queue_snap(s, q)
     ops = {n: summarize(o) for n, o in qs["ops"].items()}
-    return stats_table(f"ublkb{dev} queue {q}: {qs['inflight']} in flight", [("", ops)], all_ops=True) + "\n"
+    return stats_table(f"{stem(dev)} queue {q}: {qs['inflight']} in flight", [("", ops)], all_ops=True) + "\n"
 
 
 def q_stats_json(dev, entry, s, q):
@@ -237,7 +241,7 @@ def q_stats_json(dev, entry, s, q):
 
 
 def q_inflight_text(dev, entry, s, q):
-    return _tags_text(f"ublkb{dev} queue {q}", _tags(s, q))
+    return _tags_text(f"{stem(dev)} queue {q}", _tags(s, q))
 
 
 # kinds: "snap" (generated per open), "trace" (stream), "faults" (rules, writable)
@@ -433,7 +437,7 @@ class StatsTree(pyfuse3.Operations):
         """[(name, ino)] of a directory, freshly from the source."""
         kind, dev, q, _spec, entry = self._node(ino)
         if kind == "root":
-            return [(f"ublkb{d}".encode(), _ino(d)) for d in sorted(self._devices())]
+            return [(stem(d).encode(), _ino(d)) for d in sorted(self._devices())]
         if kind == "devdir":
             return ([(n.encode(), _ino(dev, 0, i + 1)) for i, (n, *_r) in enumerate(DEV_FILES)]
                     + [(b"queues", _ino(dev, 0, QUEUES_IDX))])
@@ -450,10 +454,9 @@ class StatsTree(pyfuse3.Operations):
         kind, dev, q, _spec, entry = self._node(parent_inode)
         ino = None
         if kind == "root":
-            if name.startswith(b"ublkb") and name[5:].isdigit() and name[5:] == str(int(name[5:])).encode():
-                d = int(name[5:])
-                if d in self._devices():
-                    ino = _ino(d)
+            d = from_stem(name.decode(errors="replace"))
+            if d is not None and d in self._devices():
+                ino = _ino(d)
         elif kind == "devdir":
             if name == b"queues":
                 ino = _ino(dev, 0, QUEUES_IDX)

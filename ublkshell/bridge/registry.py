@@ -4,6 +4,8 @@ state directory (root-only, 0700/0600)."""
 import json
 import os
 
+from .. import devids
+
 STATE_DIR = os.environ.get("UBLKSHELL_STATE_DIR", "/run/ublkshell")
 
 
@@ -17,10 +19,15 @@ def logdir() -> str:
     return d
 
 
+def _path(dev_id: int) -> str:
+    # devices/3.json for ublk device 3, devices/fuse0.json for FUSE device fuse0
+    return os.path.join(_devdir(), f"{devids.name(dev_id)}.json")
+
+
 def write(dev_id: int, entry: dict) -> None:
     d = _devdir()
     os.makedirs(d, mode=0o700, exist_ok=True)
-    path = os.path.join(d, f"{dev_id}.json")
+    path = _path(dev_id)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -30,7 +37,7 @@ def write(dev_id: int, entry: dict) -> None:
 
 def read(dev_id: int):
     try:
-        with open(os.path.join(_devdir(), f"{dev_id}.json")) as f:
+        with open(_path(dev_id)) as f:
             return json.load(f)
     except (FileNotFoundError, ValueError):
         return None
@@ -38,7 +45,7 @@ def read(dev_id: int):
 
 def remove(dev_id: int) -> None:
     try:
-        os.unlink(os.path.join(_devdir(), f"{dev_id}.json"))
+        os.unlink(_path(dev_id))
     except FileNotFoundError:
         pass
 
@@ -50,10 +57,11 @@ def all_entries() -> dict:
     except FileNotFoundError:
         return out
     for n in names:
-        if n.endswith(".json") and n[:-5].isdigit():
-            e = read(int(n[:-5]))
+        dev_id = devids.from_name(n[:-5]) if n.endswith(".json") else None
+        if dev_id is not None:
+            e = read(dev_id)
             if e is not None:
-                out[int(n[:-5])] = e
+                out[dev_id] = e
     return out
 
 

@@ -11,6 +11,7 @@ import time
 
 import trio
 
+from .. import devids
 from ..errors import UblkError, UsageError
 from . import registry, shm as shm_mod
 from .protocol import MAX_LINE, SOCKET_PATH, VERSION, ProtocolError, decode_request, encode
@@ -155,12 +156,12 @@ class Server:
     async def _trace(self, stream, rid, args) -> bool:
         from ..stats import Filter, Tail
 
-        dev_id = int(args["id"])
+        dev_id = devids.parse(args["id"])
         flt = Filter.parse([str(w) for w in args.get("filters", [])])
         count = int(args.get("count", 0))
         s = self.source.shm(dev_id)
         if s is None:
-            raise UblkError(f"device {dev_id} has no statistics (not served by ublkshell?)")
+            raise UblkError(f"device {devids.name(dev_id)} has no statistics (not served by ublkshell?)")
         tail = Tail(s, from_start=bool(args.get("from_start")))
         # tells the client that records from here on will reach it
         if not await self._send(stream, {"id": rid, "started": True}):
@@ -279,9 +280,9 @@ def _delete_ours() -> None:
     for dev_id in registry.all_entries():
         try:
             delete(dev_id)
-            log(f"deleted dev {dev_id}")
+            log(f"deleted dev {devids.name(dev_id)}")
         except UblkError as e:
-            log(f"deleting dev {dev_id}: {e}")
+            log(f"deleting dev {devids.name(dev_id)}: {e}")
 
 
 def serve(socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False) -> int:

@@ -4,6 +4,7 @@ rings, all in a file on tmpfs so a killed daemon's numbers stay readable."""
 import mmap
 import os
 
+from .. import devids
 from .._native import ffi, lib
 from ..errors import UblkError
 
@@ -14,7 +15,7 @@ OP_NAMES = {0: "read", 1: "write", 2: "flush", 3: "discard", 5: "write_zeroes"}
 
 
 def path_for(dev_id: int) -> str:
-    return os.path.join(SHM_DIR, f"ublkb{dev_id}.stats")
+    return os.path.join(SHM_DIR, f"{devids.stem(dev_id)}.stats")
 
 
 class Shm:
@@ -92,7 +93,7 @@ def open_device(dev_id: int) -> Shm:
     try:
         return Shm(path).check()
     except FileNotFoundError:
-        raise UblkError(f"device {dev_id} has no statistics (not served by ublkshell?)") from None
+        raise UblkError(f"device {devids.name(dev_id)} has no statistics (not served by ublkshell?)") from None
 
 
 def remove(dev_id: int) -> None:

@@ -7,13 +7,14 @@ import os
 import signal
 import time
 
+from .. import devids
 from ..bridge import registry
 from ..errors import UblkError, UsageError
 from .table import locked
 
 
 def run_powercut(a: dict) -> dict:
-    dev_id = int(a["id"])
+    dev_id = devids.parse(a["id"])
     keep = 0.5 if a.get("partial") else float(a.get("keep") or 0.0)
     if a.get("partial") and a.get("keep") is not None:
         raise UsageError("powercut: --partial or --keep P, not both")

@@ -1,6 +1,7 @@
 """The fault verbs every face shares: one verb per action (`delay ID WORDS...`),
 `faults ID` to list, `clear ID [RULE]`, `seed ID [N]`. Same contract as
 ublkshell/verbs.py: run_X(args) -> JSON-able result, render_X(result) -> text."""
+from .. import devids
 from ..errors import UsageError
 from . import grammar, table
 from .powercut import render_powercut, run_powercut
@@ -34,7 +35,7 @@ def _words(a: dict) -> list[str]:
 
 
 def run_rule(action: str, a: dict) -> dict:
-    dev_id = int(a["id"])
+    dev_id = devids.parse(a["id"])
     line = " ".join([action, *_words(a)])
     try:
         rules = table.add(dev_id, line)
@@ -50,7 +51,7 @@ def render_rule(r: dict) -> str:
 
 
 def run_faults(a: dict) -> dict:
-    dev_id = int(a["id"])
+    dev_id = devids.parse(a["id"])
     return dict(table.rules(dev_id), device=dev_id)
 
 
@@ -75,7 +76,7 @@ def render_faults(r: dict) -> str:
 
 
 def run_clear(a: dict) -> dict:
-    dev_id = int(a["id"])
+    dev_id = devids.parse(a["id"])
     rule = a.get("rule")
     n = table.clear(dev_id, int(rule) if rule is not None else 0)
     return {"device": dev_id, "cleared": n, "rule": rule}
@@ -88,7 +89,7 @@ def render_clear(r: dict) -> str:
 
 
 def run_seed(a: dict) -> dict:
-    dev_id = int(a["id"])
+    dev_id = devids.parse(a["id"])
     if a.get("seed") is not None:
         table.set_seed(dev_id, int(a["seed"]))
     return {"device": dev_id, "seed": table.rules(dev_id)["seed"]}
@@ -106,24 +107,24 @@ def add_parsers(sub) -> None:
         p = sub.add_parser(action, help=what, description=f"{action}: {what}.",
                            epilog="examples:\n  " + "\n  ".join(EXAMPLES[action]) + "\n\n" + GRAMMAR_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("id", type=int, metavar="ID")
+        p.add_argument("id", type=devids.arg, metavar="ID")
         p.add_argument("words", nargs="*", metavar="WORD", help="the rule's values and words (below)")
         p.add_argument("--json", action="store_true")
     f = sub.add_parser("faults", help="list a device's fault rules with their hits",
                        description="List a device's fault rules in match order, with hit counts and the seed.")
-    f.add_argument("id", type=int, metavar="ID")
+    f.add_argument("id", type=devids.arg, metavar="ID")
     f.add_argument("--json", action="store_true")
     c = sub.add_parser("clear", help="remove fault rules (all, or one by id)",
                        description="Remove every fault rule of a device, or one (`clear 0 3`). "
                                    "IOs withheld by a cleared hang complete within 20 ms.")
-    c.add_argument("id", type=int, metavar="ID")
+    c.add_argument("id", type=devids.arg, metavar="ID")
     c.add_argument("rule", type=int, nargs="?", metavar="RULE")
     c.add_argument("--json", action="store_true")
     s = sub.add_parser("seed", help="show or set the seed of fault probabilities",
                        description="Show, or set, the seed behind p= and random choices (delay ranges, "
                                    "corrupt offsets). Setting it restarts every queue's sequence: the same "
                                    "seed and the same IO give the same faults.")
-    s.add_argument("id", type=int, metavar="ID")
+    s.add_argument("id", type=devids.arg, metavar="ID")
     s.add_argument("seed", type=int, nargs="?", metavar="N")
     s.add_argument("--json", action="store_true")
     pc = sub.add_parser("powercut", help="lose power: forget unflushed writes, kill the daemon",
@@ -137,7 +138,7 @@ def add_parsers(sub) -> None:
                                "  powercut 0 --partial        each unflushed write survives with p=0.5\n"
                                "  seed 0 7; powercut 0 --keep 0.9",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    pc.add_argument("id", type=int, metavar="ID")
+    pc.add_argument("id", type=devids.arg, metavar="ID")
     pc.add_argument("--partial", action="store_true", help="keep each unflushed write with probability 0.5")
     pc.add_argument("--keep", type=float, metavar="P", help="keep each unflushed write with probability P")
     pc.add_argument("--json", action="store_true")

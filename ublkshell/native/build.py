@@ -1,17 +1,20 @@
-"""cffi builder for ublkshell._native (API mode, compiled against liburing).
+"""cffi builder for ublkshell._native (API mode, compiled against liburing and libfuse3).
 
 The cdef is generated from our own headers so that the C code and what Python
 sees cannot drift apart: struct bodies come from uapi.h, every integer
-#define in uapi.h becomes a constant on `lib`, and ushell_api.h is the call
-surface.
+#define in uapi.h becomes a constant on `lib`, and ushell_api.h (plus
+fuse_api.h for the FUSE transport) is the call surface.
 """
 import os
 import re
+import shlex
+import subprocess
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["ring.c", "ctrl.c", "records.c", "faults.c", "writelog.c", "target_null.c", "target_mem.c", "target_loop.c"]
+SOURCES = ["ring.c", "ctrl.c", "records.c", "faults.c", "writelog.c", "target_null.c", "target_mem.c",
+           "target_loop.c", "fuse_transport.c"]
 
 
 def _read(name):
@@ -35,6 +38,18 @@ def _constants(text):
     return "\n".join(f"#define {n} ..." for n in names if n not in skip)
 
 
+def _pkg_config(pkg, fallback_include, fallback_lib):
+    """(include dirs, libraries) of a library, from pkg-config when it is there."""
+    try:
+        cflags = subprocess.run(["pkg-config", "--cflags", pkg], capture_output=True, text=True, check=True).stdout
+        libs = subprocess.run(["pkg-config", "--libs", pkg], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return [fallback_include], [fallback_lib]
+    incs = [f[2:] for f in shlex.split(cflags) if f.startswith("-I")]
+    names = [f[2:] for f in shlex.split(libs) if f.startswith("-l")]
+    return incs, names or [fallback_lib]
+
+
 def make_ffi():
     uapi = _read("uapi.h")
     records = _read("records.h")
@@ -51,12 +66,14 @@ typedef uint64_t __u64; typedef int32_t __s32;
     ffi.cdef(_strip_preprocessor(faults))
     ffi.cdef(_constants(faults))
     ffi.cdef(_strip_preprocessor(_read("ushell_api.h")))
+    ffi.cdef(_strip_preprocessor(_read("fuse_api.h")))
+    fuse_incs, fuse_libs = _pkg_config("fuse3", "/usr/include/fuse3", "fuse3")
     ffi.set_source(
         "ublkshell._native",
-        '#include "ushell.h"\n',
+        '#include "ushell.h"\n#include "fuse_api.h"\n',
         sources=[os.path.join("ublkshell", "native", s) for s in SOURCES],
-        include_dirs=[os.path.join("ublkshell", "native")],
-        libraries=["uring", "pthread"],
+        include_dirs=[os.path.join("ublkshell", "native")] + fuse_incs,
+        libraries=["uring", "pthread"] + [l for l in fuse_libs if l != "pthread"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-std=gnu11"],
     )
     return ffi

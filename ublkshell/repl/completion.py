@@ -5,6 +5,7 @@ from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
 from ..faults.grammar import ACTION_WORDS, ACTIONS, MATCH_WORDS
+from .. import devids
 from .shell import FILTER_KEYS, ID_VERBS, MULTI_ID_VERBS, OPS, TARGETS, VERBS
 
 # words that stand alone or take their value as the next word
@@ -62,7 +63,8 @@ def candidates(shell, words: list[str], cur: str) -> list[str]:
     if verb == "help":
         return [v for v in VERBS if v.startswith(cur)] if not pos else []
     if verb in ID_VERBS and (not pos or verb in MULTI_ID_VERBS):
-        return [str(i) for i in shell.device_ids() if str(i).startswith(cur) and str(i) not in pos]
+        names = [devids.name(i) for i in shell.device_ids()]
+        return [n for n in names if n.startswith(cur) and n not in pos]
     if verb in ACTIONS and pos:
         return rule_words(verb, cur)
     if verb == "lat" and len(pos) == 1:

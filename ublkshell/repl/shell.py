@@ -11,7 +11,7 @@ import shlex
 import sys
 import time
 
-from .. import cli
+from .. import cli, devids
 from ..client import Client, ensure_server, server_running
 from ..errors import UblkError, UsageError
 from ..faults.grammar import ACTIONS
@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Refresh per device and per queue: IOPS and MB/s over the "
                                      "interval, latency since the device started, tags in flight. "
                                      "Ctrl-C returns to the prompt.")
-    top.add_argument("ids", nargs="*", type=int, metavar="ID", help="devices to show (default: all listed)")
+    top.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="devices to show (default: all listed)")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     info = sub.add_parser("info", help=SHELL_ONLY["info"], description=SHELL_ONLY["info"] + ".")
-    info.add_argument("id", type=int)
+    info.add_argument("id", type=devids.arg)
     h = sub.add_parser("help", help=SHELL_ONLY["help"], description="List the verbs, or show one verb's help.")
     h.add_argument("topic", nargs="?", metavar="VERB")
     sub.add_parser("quit", help=SHELL_ONLY["quit"], description="Leave the shell.")

@@ -8,6 +8,7 @@ cannot be recovered from two cumulative percentiles. Rows are per op for the
 same reason: percentiles of different ops do not add up into one."""
 import time
 
+from .. import devids
 from ..bridge.shm import OPS
 from ..stats import fmt_ns
 
@@ -64,7 +65,7 @@ def _num(v, fmt: str) -> str:
 def format_row(r: dict) -> str:
     iops = "-" if r["iops"] is None else f"{r['iops']:.0f}" if r["iops"] >= 100 else f"{r['iops']:.1f}"
     lat = [fmt_ns(r[k]) if r["op"] != "-" else "-" for k in ("avg_ns", "p50_ns", "p99_ns", "max_ns")]
-    return (f"{r['device']:>4} {r['label']:<4} {r['op']:<13}{iops:>10}{_num(r['mbps'], '.2f'):>10}"
+    return (f"{devids.name(r['device']):>4} {r['label']:<4} {r['op']:<13}{iops:>10}{_num(r['mbps'], '.2f'):>10}"
             f"{lat[0]:>9}{lat[1]:>9}{lat[2]:>9}{lat[3]:>9}{_num(r['inflight'], 'd'):>10}")
 
 
@@ -77,7 +78,7 @@ def render_top(samples: list, elapsed: float, interval: float, now=None) -> str:
         lines.append("  no devices")
     for dev_id, old, new, error in samples:
         if error is not None:
-            lines.append(f"{dev_id:>4} {error}")
+            lines.append(f"{devids.name(dev_id):>4} {error}")
             continue
         lines += [format_row(r) for r in device_rows(old, new, elapsed)]
     return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""The IO daemon of a FUSE-transport device (`add --transport fuse`).
+
+`python -m ublkshell.bridge.fuse_daemon --spec JSON --ready-fd N` picks the
+device's id (fuseN), opens the target, creates the device's shared memory,
+mounts the FUSE file system whose one file, `disk`, is the device (served by
+native worker threads, native/fuse_transport.c), attaches it to a loop device
+when asked (--loop), writes its registry entry and tells the spawner (one
+JSON line on the ready fd, as bridge/daemon.py does). Then it only waits: the
+IO never enters Python.
+
+SIGTERM means "delete the device": detach the loop device, unmount (the
+workers see the connection end), remove the device's files. If the disk is
+still in use (a file system mounted on the loop device), the mount is
+detached lazily and this process's exit aborts the FUSE connection: its
+users get IO errors, never a hang. SIGKILL leaves the mount and the loop
+device behind, dead but harmless; `ublkshell list` and `del` remove them.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from .. import devids, fusedev
+from .._native import ffi, lib
+from ..errors import UblkError
+from ..targets import make_target
+from . import registry, shm
+
+# FUSE worker threads: the host has few cores and each request is a short copy
+MAX_THREADS = 16
+_stop = []
+
+
+def _on_signal(signum, frame):
+    _stop.append(signum)
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} ublkshell-fuse-daemon[{os.getpid()}]: {msg}\n")
+    sys.stderr.flush()
+
+
+class FuseDaemon:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.target = make_target(spec)
+        self.dev_id = -1
+        self.fuse = ffi.NULL
+        self.stats = None
+        self.mount = None
+        self.disk = None
+        self.loopdev = None
+        self.loop_seq = None
+
+    @property
+    def name(self) -> str:
+        return devids.name(self.dev_id)
+
+    def start(self) -> dict:
+        lock = fusedev.lock()
+        try:
+            return self._start()
+        except BaseException:
+            # still under the lock: nobody else may take this id while its leftovers go
+            self.teardown(delete=True)
+            raise
+        finally:
+            os.close(lock)
+
+    def _start(self) -> dict:
+        spec = self.spec
+        self.dev_id = fusedev.claim_id(spec.get("dev_id", -1))
+        self.target.open()
+        self.target.attach(self.dev_id)
+        depth = spec["depth"]
+        self.stats = shm.create(self.dev_id, 1, depth, spec.get("records", shm.DEFAULT_RECORDS),
+                                os.getpid())
+        self.mount = fusedev.mount_dir(self.dev_id)
+        os.makedirs(self.mount, mode=0o700, exist_ok=True)
+
+        cfg = ffi.new("struct us_fuse_cfg *")
+        cfg.target = self.target.kind
+        cfg.backing_fd = self.target.fd
+        cfg.dev_bytes = self.target.size
+        cfg.block_size = self.target.block_size
+        cfg.max_io_bytes = spec["max_io"]
+        cfg.depth = depth
+        cfg.max_threads = min(depth, MAX_THREADS)
+        cfg.shm = self.stats.base
+        err = ffi.new("char[256]")
+        self.fuse = lib.us_fuse_start(cfg, self.mount.encode(), f"ublkshell-{self.name}".encode(),
+                                      err, len(err))
+        if self.fuse == ffi.NULL:
+            raise UblkError(ffi.string(err).decode(errors="replace"))
+        self.disk = fusedev.disk_path(self.dev_id)
+        if spec.get("loop"):
+            self.loopdev, self.loop_seq = fusedev.attach_loop(self.disk, self.target.block_size)
+        entry = {
+            "id": self.dev_id,
+            "name": self.name,
+            "transport": "fuse",
+            "pid": os.getpid(),
+            "target": spec["target"],
+            "describe": self.target.describe(),
+            "size": self.target.size,
+            "block_size": self.target.block_size,
+            "queues": 1,
+            "depth": depth,
+            "max_io": spec["max_io"],
+            "flags": 0,
+            "spec": spec,
+            "log": os.environ.get("UBLKSHELL_DAEMON_LOG", ""),
+            "stats": self.stats.path,
+            "started": time.time(),
+            "mount": self.mount,
+            "file": self.disk,
+            "loop": self.loopdev,
+            "loop_seq": self.loop_seq,
+            **self.target.state(),
+        }
+        registry.write(self.dev_id, entry)
+        _log(f"{self.name}: serving {self.target.describe()} as {self.disk}"
+             + (f" ({self.loopdev})" if self.loopdev else ""))
+        return entry
+
+    def serve(self) -> int:
+        """Wait for a stop signal, or for the mount to go away under us."""
+        while not _stop:
+            if lib.us_fuse_wait(self.fuse, 200):
+                _log(f"{self.name}: the FUSE session ended (unmounted or aborted from outside)")
+                self.teardown(delete=False)
+                return 1
+        _log(f"{self.name}: signal {_stop[0]}, deleting")
+        self.teardown(delete=True)
+        return 0
+
+    def teardown(self, delete: bool) -> None:
+        # the loop device first: releasing it still goes through our (running) session
+        if self.loopdev:
+            try:
+                fusedev.detach_loop(self.loopdev, self.disk, self.loop_seq)
+            except UblkError as e:
+                _log(str(e))
+            self.loopdev = None
+        if self.fuse != ffi.NULL:
+            rc = lib.us_fuse_unmount(self.fuse)
+            if rc == 1:
+                _log(f"{self.name}: {self.mount} is busy: detached lazily, its users get errors from now on")
+            elif rc < 0 and not lib.us_fuse_wait(self.fuse, 0):
+                _log(f"{self.name}: unmounting {self.mount}: {os.strerror(-rc)}")
+            if lib.us_fuse_wait(self.fuse, 2000):
+                lib.us_fuse_free(self.fuse)
+                self.fuse = ffi.NULL
+            else:
+                # exiting closes /dev/fuse, which aborts the connection and ends the workers
+                _log(f"{self.name}: FUSE workers still held: leaving them to the process exit")
+        self.target.close()
+        if delete and self.dev_id >= 0:
+            self.target.remove()
+            fusedev.forget(self.dev_id)
+            _log(f"{self.name}: deleted")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ublkshell-fuse-daemon")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--ready-fd", type=int, default=-1)
+    args = ap.parse_args(argv)
+    # hold no directory of a file system that may end up on our own device
+    os.chdir("/")
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+
+    def report(msg: dict) -> None:
+        if args.ready_fd >= 0:
+            try:
+                os.write(args.ready_fd, (json.dumps(msg) + "\n").encode())
+                os.close(args.ready_fd)
+            except OSError:
+                pass
+            args.ready_fd = -1
+
+    d = None
+    try:
+        d = FuseDaemon(json.loads(args.spec))
+        entry = d.start()
+    except (UblkError, OSError) as e:
+        msg = str(e) if isinstance(e, UblkError) else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
+        _log(f"failed: {msg}")
+        report({"ok": False, "error": msg})
+        return 1
+    report({"ok": True, "device": entry})
+    return d.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
