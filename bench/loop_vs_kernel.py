@@ -9,46 +9,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import re
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
+
+from common import (BenchError, UblkDevices, add_output_options, fio, main_loop, parse_size,
+                    positive_int, render_table, run)
 
 SHM = "/dev/shm"
-CONTROL = "/dev/ublk-control"
 WORKLOADS = [(rw, qd) for rw in ("randread", "randwrite") for qd in (1, 64)]
-
-
-class BenchError(Exception):
-    """One-line reason the benchmark cannot go on."""
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 512M, 1G)")
-    n = int(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
-    if n < 16 << 20 or n % (1 << 20):
-        raise argparse.ArgumentTypeError("size must be a whole number of MiB, at least 16M")
-    return n
-
-
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,70 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per fio run (default 6)")
     p.add_argument("--rounds", type=positive_int, default=2,
                    help="times the whole matrix is repeated; the median is reported (default 2)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--markdown", action="store_true",
-                     help="print a markdown table with the date and kernel version")
-    out.add_argument("--json", action="store_true",
-                     help="print every sample and the medians as JSON")
+    add_output_options(p)
     return p
 
 
-def run(cmd: list[str], what: str, timeout: float | None = None) -> str:
-    try:
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{what}: no answer after {timeout:.0f} s") from None
-    if p.returncode != 0:
-        detail = (p.stderr.strip() or p.stdout.strip()).splitlines()
-        raise BenchError(f"{what} failed (exit {p.returncode}): {detail[-1] if detail else '?'}")
-    return p.stdout
-
-
-def ublkshell_cmd() -> list[str]:
-    # The venv's own script first: a PATH lookup could find another install.
-    sibling = Path(sys.executable).with_name("ublkshell")
-    if sibling.is_file():
-        return [str(sibling)]
-    found = shutil.which("ublkshell")
-    return [found] if found else [sys.executable, "-m", "ublkshell"]
-
-
-def wait_for_node(path: str, seconds: float = 15.0) -> None:
-    # devtmpfs creates the node asynchronously after START_DEV; nothing else waits for it.
-    deadline = time.monotonic() + seconds
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise BenchError(f"{path} did not appear within {seconds:.0f} s")
-        time.sleep(0.05)
-
-
-def fio(dev: str, rw: str, qd: int, runtime: int) -> float:
-    out = run(["fio", "--name=bench", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
-               "--bs=4k", f"--rw={rw}", f"--iodepth={qd}", "--numjobs=1", "--time_based",
-               f"--runtime={runtime}", "--randrepeat=0", "--norandommap",
-               "--output-format=json"],
-              f"fio {rw} qd{qd} on {dev}", timeout=runtime * 10 + 60)
-    # fio may print warnings before the JSON document.
-    start = out.find("{")
-    try:
-        job = json.loads(out[start:])["jobs"][0]
-    except (ValueError, KeyError, IndexError):
-        raise BenchError(f"fio {rw} qd{qd} on {dev}: unreadable JSON output") from None
-    if job.get("error"):
-        raise BenchError(f"fio {rw} qd{qd} on {dev}: error {job['error']}")
-    return float(job["read" if rw == "randread" else "write"]["iops"])
-
-
-class Bench:
+class Bench(UblkDevices):
     """Owns every resource it creates so that cleanup() can undo exactly those."""
 
     def __init__(self, size: int):
+        super().__init__()
         self.size = size
-        self.ublk = ublkshell_cmd()
         self.file: str | None = None
         self.loopdev: str | None = None
-        self.ublk_ids: list[int] = []
         self.loop_dio: str = "?"
 
     def make_file(self) -> None:
@@ -167,27 +86,8 @@ class Bench:
             self.loop_dio = "?"
         return self.loopdev
 
-    def add_ublk(self, args: list[str]) -> str:
-        out = run([*self.ublk, "add", *args, "--json"], f"ublkshell add {' '.join(args)}",
-                  timeout=120)
-        line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), "")
-        try:
-            dev_id = int(json.loads(line)["id"])
-        except (ValueError, KeyError):
-            raise BenchError(f"ublkshell add printed no device: {out.strip()[:200]!r}") from None
-        self.ublk_ids.append(dev_id)
-        node = f"/dev/ublkb{dev_id}"
-        wait_for_node(node)
-        return node
-
     def cleanup(self) -> list[str]:
-        problems = []
-        for dev_id in reversed(self.ublk_ids):
-            try:
-                run([*self.ublk, "del", str(dev_id)], f"ublkshell del {dev_id}", timeout=120)
-            except BenchError as e:
-                problems.append(str(e))
-        self.ublk_ids.clear()
+        problems = super().cleanup()
         if self.loopdev:
             try:
                 run(["losetup", "-d", self.loopdev], f"losetup -d {self.loopdev}", timeout=60)
@@ -211,8 +111,8 @@ def measure(args, bench: Bench) -> dict:
     bench.make_file()
     devs = {
         "kernel": bench.add_kernel_loop(),
-        "ublk": bench.add_ublk(["-t", "loop", "-f", bench.file, "-q", "1", "-d", "128"]),
-        "null": bench.add_ublk(["-t", "null", "--size", "1G", "-q", "1"]),
+        "ublk": bench.add_ublk(["-t", "loop", "-f", bench.file, "-q", "1", "-d", "128"])[1],
+        "null": bench.add_ublk(["-t", "null", "--size", "1G", "-q", "1"])[1],
     }
     log(f"devices: kernel loop {devs['kernel']} (dio={bench.loop_dio}), "
         f"ublkshell loop {devs['ublk']}, ublkshell null {devs['null']}")
@@ -274,68 +174,23 @@ def render(result: dict, markdown: bool) -> str:
         f"{r['workload']} {' '.join(f'{x:.2f}' for x in r['round_ratios'])}"
         for r in result["rows"])
     if markdown:
-        lines = [f"Measured {result['date']}, kernel `{result['kernel']}`: {setup}.", "",
-                 "| " + " | ".join(head) + " |",
-                 "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines + ["", spread + "."])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda row: "  ".join(  # noqa: E731
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "\n".join([f"Measured {result['date']}, kernel `{result['kernel']}`: {setup}.", "",
+                          *render_table(head, body, True), "", spread + "."])
     return "\n".join([f"{result['date']}  kernel {result['kernel']}", setup, "",
-                      fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body), "", spread])
+                      *render_table(head, body, False), "", spread])
 
 
-def preflight() -> None:
-    if os.geteuid() != 0 or not os.path.exists(CONTROL):
-        why = "not root" if os.geteuid() != 0 else f"no {CONTROL} (ublk_drv not loaded?)"
-        raise BenchError(f"{why}: run it as root on a kernel with ublk_drv, e.g. "
-                         "`.venv/bin/ublkshell vm -- .venv/bin/python bench/loop_vs_kernel.py`")
-    for tool in ("fio", "losetup"):
-        if not shutil.which(tool) and not shutil.which(tool, path="/usr/sbin:/sbin"):
-            raise BenchError(f"{tool} not found in PATH")
+def check_shm() -> None:
     if not os.path.isdir(SHM):
         raise BenchError(f"{SHM} is missing: the backing file lives on tmpfs there")
 
 
-def _raise_interrupt(signum, _frame):
-    # SIGTERM/SIGHUP (e.g. the VM harness timing out) must unwind through the same
-    # finally as Ctrl-C, or devices and the loop device outlive us.
-    raise KeyboardInterrupt(signum)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
-    try:
-        preflight()
-    except BenchError as e:
-        print(f"loop_vs_kernel: {e}", file=sys.stderr)
-        return 2
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-
     bench = Bench(args.size)
-    status, result = 0, None
-    try:
-        result = measure(args, bench)
-    except BenchError as e:
-        print(f"loop_vs_kernel: {e}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args else signal.SIGINT
-        print(f"loop_vs_kernel: {signal.Signals(signum).name}, cleaning up", file=sys.stderr)
-        status = 128 + signum
-    finally:
-        # Cleanup must not be cut short by a second Ctrl-C or a repeated SIGTERM.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        for problem in bench.cleanup():
-            print(f"loop_vs_kernel: cleanup: {problem}", file=sys.stderr)
-            status = status or 1
-    if result is not None:
-        print(json.dumps(result, indent=2) if args.json else render(result, args.markdown))
-    return status
+    return main_loop("loop_vs_kernel", "loop_vs_kernel.py", ("fio", "losetup"), args,
+                     lambda: measure(args, bench), bench.cleanup,
+                     lambda result: render(result, args.markdown), extra_check=check_shm)
 
 
 if __name__ == "__main__":

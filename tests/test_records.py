@@ -6,7 +6,7 @@ import pytest
 
 from ublkshell._native import lib
 from ublkshell.bridge import shm as shm_mod
-from ublkshell.stats import Filter, Tail, inflight, percentile, snapshot, summarize
+from ublkshell.stats import Filter, Tail, follow, inflight, percentile, snapshot, summarize
 
 READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_FLUSH
 
@@ -68,6 +68,24 @@ def test_tail_sees_records_in_order_and_counts_what_it_lost(shm):
     assert tail.lost == 24
     assert [r["sector"] for r in got] == list(range(24, 40))
     assert tail.poll() == []
+
+
+def test_follow_reports_lost_records_when_ctrl_c_ends_it(shm):
+    for i in range(5):
+        lib.us_shm_record_io(shm.base, 0, i, WRITE, i, 8, 4096, 10)
+    seen = []
+
+    def slow_reader(rec):
+        seen.append(rec["sector"])
+        if len(seen) == 1:
+            # the device races 40 records ahead of a reader still busy printing
+            for i in range(40):
+                lib.us_shm_record_io(shm.base, 0, i % 32, READ, 100 + i, 8, 4096, 10)
+        if len(seen) == 7:
+            raise KeyboardInterrupt
+
+    assert follow(shm, Filter.parse([]), slow_reader, from_start=True, interval=0) == 24
+    assert seen == [0, 1, 2, 3, 4, 124, 125]
 
 
 def test_filters():

@@ -221,17 +221,22 @@ def format_record(r: dict) -> str:
 
 def follow(s: Shm, flt: Filter, emit, count: int = 0, duration: float = 0.0,
            from_start: bool = False, interval: float = 0.05) -> int:
-    """Call emit(record) for matching records until count/duration; returns records lost."""
+    """Call emit(record) for matching records until count/duration or Ctrl-C; returns
+    records lost."""
     tail = Tail(s, from_start=from_start)
     shown = 0
     deadline = time.monotonic() + duration if duration else None
-    while True:
-        for r in tail.poll():
-            if flt.match(r):
-                emit(r)
-                shown += 1
-                if count and shown >= count:
-                    return tail.lost
-        if deadline and time.monotonic() >= deadline:
-            return tail.lost
-        time.sleep(interval)
+    try:
+        while True:
+            for r in tail.poll():
+                if flt.match(r):
+                    emit(r)
+                    shown += 1
+                    if count and shown >= count:
+                        return tail.lost
+            if deadline and time.monotonic() >= deadline:
+                return tail.lost
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        # Ctrl-C is how most traces end: the reader must still learn what it missed
+        return tail.lost

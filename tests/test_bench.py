@@ -1,0 +1,81 @@
+"""The benchmark scripts on a machine where they cannot measure: --help teaches, and
+a missing ublk_drv or a missing root gives one line and a non-zero exit, before any
+device is made. (Measuring needs the real driver: see docs/benchmarks.md.)"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = ["overhead.py", "loop_vs_kernel.py"]
+CONTROL = "/dev/ublk-control"
+NOBODY = 65534
+
+
+def bench(script, *args, python=sys.executable, **kw):
+    return subprocess.run([python, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, **kw)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_what_it_measures_and_how_to_run_it(script):
+    p = bench(script, "--help")
+    assert p.returncode == 0, p.stderr
+    for text in ("--rounds", "--runtime", "--markdown", "--json", "ratio",
+                 f"ublkshell vm -- .venv/bin/python bench/{script}"):
+        assert text in p.stdout, text
+
+
+def test_overhead_help_names_every_comparison():
+    out = bench("overhead.py", "--help").stdout
+    for text in ("--no-records", "-t mem", "non-matching", "ublkshell trace ID --json",
+                 "ublkshell faults ID --json", "iodepth 1 and 64"):
+        assert text in out, text
+
+
+@pytest.mark.skipif(os.path.exists(CONTROL), reason=f"{CONTROL} exists: the benchmark would run")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_without_ublk_drv_one_line_and_exit_2(script):
+    p = bench(script, "--rounds", "1")
+    name = script.removesuffix(".py")
+    assert p.returncode == 2
+    assert p.stdout == ""
+    reason = "not root" if os.geteuid() != 0 else f"no {CONTROL} (ublk_drv not loaded?)"
+    assert p.stderr.startswith(f"{name}: {reason}: run it as root on a kernel with ublk_drv")
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def _python_for_nobody():
+    # The venv's interpreter may live under a home nobody can enter; the scripts are
+    # stdlib only, so any Python 3.10+ that nobody can run will do.
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        try:
+            p = subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
+                               user=NOBODY, group=NOBODY, extra_groups=[], capture_output=True,
+                               timeout=30)
+        except OSError:
+            continue
+        if p.returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the script as another user")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_not_root_one_line_and_exit_2(script):
+    python = _python_for_nobody()
+    if python is None:
+        pytest.skip("no Python interpreter the user nobody may run")
+    p = bench(script, python=python, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
+    assert p.returncode == 2, p.stderr
+    assert p.stdout == ""
+    assert p.stderr.startswith(f"{script.removesuffix('.py')}: not root: run it as root")
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_overhead_refuses_more_rules_than_a_device_holds():
+    p = bench("overhead.py", "--rules", "257")
+    assert p.returncode == 2
+    assert "--rules: a device holds at most 256 fault rules" in p.stderr
