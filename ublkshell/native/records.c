@@ -143,9 +143,9 @@ void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io)
 {
 	struct us_tag_state *t;
 
-	io->t_start_ns = us_now_ns();
 	if (!q->shmq)
 		return;
+	io->t_start_ns = us_now_ns();
 	t = &q->shm_tags[tag];
 	WR(t->t_start_ns, io->t_start_ns);
 	WR(t->start_sector, io->start_sector);
