@@ -53,6 +53,14 @@ def test_human():
     (["del"], "ublkshell: del: which device? give an id (see `ublkshell list`) or -a for all"),
     (["del", "-a", "3"], "ublkshell: del: give device ids or -a, not both"),
     (["frobnicate"], None),
+    # daemon death and recovery
+    (["add", "-t", "mem", "--size", "1G", "--recovery=bogus"],
+     "ublkshell: --recovery: unknown mode 'bogus' (choose from requeue, reissue, fail)"),
+    (["kill"], "ublkshell: the following arguments are required: ID"),
+    (["recover", "x"], "ublkshell: argument ID: 'x' is not a device id (a number like 0, or fuseN for a FUSE device)"),
+    (["kill", "0", "1"], "ublkshell: unrecognized arguments: 1"),
+    (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--recovery"],
+     "ublkshell: --recovery is the kernel's ublk recovery: not for the FUSE transport"),
 ])
 def test_bad_input_is_one_line_with_exit_2(args, message):
     p = cli(*args)
@@ -75,7 +83,9 @@ def test_empty_loop_file_needs_size(tmp_path):
 
 
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="this kernel has ublk_drv")
-@pytest.mark.parametrize("args", [["list"], ["features"], ["del", "0"], ["add", "-t", "mem", "--size", "1G"]])
+@pytest.mark.parametrize("args", [["list"], ["features"], ["del", "0"], ["add", "-t", "mem", "--size", "1G"],
+                                  ["kill", "0"], ["recover", "0"],
+                                  ["add", "-t", "mem", "--size", "1G", "--recovery=fail"]])
 def test_missing_driver_says_how_to_get_it(args):
     p = cli(*args)
     assert p.returncode == 1

@@ -20,6 +20,8 @@ examples:
   ublkshell list                                  what exists, who serves it
   ublkshell features                              what this kernel's ublk_drv can do
   ublkshell del 0 | ublkshell del -a              delete one device | all (FUSE ones: del fuse0)
+  ublkshell add -t mem --size 1G --recovery       a device that survives its daemon ...
+  ublkshell kill 0 && ublkshell recover 0         ... killed (IO waits), then served by a new one
   ublkshell stats 0                               IOs, bytes, errors, latency percentiles per op
   ublkshell lat 0 read                            latency histogram with percentiles
   ublkshell inflight 0                            tags being served now, with their age
@@ -81,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --transport fuse: attach that file to a loop device with losetup, so "
                         "there is a block device to mkfs and mount; `add` prints it, `list` shows it, "
                         "`del` detaches it")
+    a.add_argument("--recovery", nargs="?", const="requeue", metavar="MODE",
+                   help="if the device's daemon dies, keep the device for `recover` (a new daemon): "
+                        "requeue (the default MODE): IO waits meanwhile, IO the dead daemon held fails; "
+                        "reissue: IO waits, IO the dead daemon held is issued again; "
+                        "fail: IO fails at once (EREMOTEIO) until recovered")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
 
     d = sub.add_parser("del", help="delete devices",
@@ -128,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--from-start", action="store_true",
                     help="begin with the records still in the rings, not only new ones")
 
+    _recovery_verbs(sub)
+
     demo = sub.add_parser("demo", help="a mem device with ext4 on it, end to end",
                           description="Create a mem device, put ext4 on it, write and check files, "
                                       "run fio verify, delete it. Uses the bundled VM when this "
@@ -143,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--mount", default="/mnt/ublkstats", help="where to mount the stats tree (default /mnt/ublkstats)")
     sv.add_argument("--no-fuse", action="store_true", help="do not mount the stats tree")
     sv.add_argument("--keep-devices", action="store_true", help="leave the devices running when the server stops")
+    sv.add_argument("--auto-recover", action="store_true",
+                    help="when the daemon of a device added with --recovery dies, start a new one")
 
     from .faults.verbs import add_parsers as add_fault_parsers
 
@@ -150,6 +161,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("vm", help="run a command inside the bundled VM (kernel with ublk_drv)",
                    add_help=False)
     return p
+
+
+# -- daemon death and recovery (kill, recover) ---------------------------------
+def _recovery_verbs(sub) -> None:
+    k = sub.add_parser("kill", help="SIGKILL a device's IO daemon (the kernel's abort path)",
+                       description="SIGKILL the device's IO daemon and wait until the kernel reacts. "
+                                   "Without --recovery the kernel fails the IO in flight with EIO and "
+                                   "removes the disk (DEAD; an fd still open sees size 0) until `del ID`; "
+                                   "with --recovery the device waits for `recover ID`: QUIESCED (IO "
+                                   "waits), or FAIL_IO with --recovery=fail (IO fails).")
+    k.add_argument("id", type=devids.arg, metavar="ID")
+    k.add_argument("--json", action="store_true")
+    r = sub.add_parser("recover", help="a new IO daemon for a device whose daemon died",
+                       description="Start a new IO daemon for a device added with --recovery whose "
+                                   "daemon is gone: START_USER_RECOVERY, the same backing store "
+                                   "(mem data, loop file) and statistics, every tag fetched, "
+                                   "END_USER_RECOVERY. IO that waited resumes.")
+    r.add_argument("id", type=devids.arg, metavar="ID")
+    r.add_argument("--json", action="store_true")
+# -- end daemon death and recovery ---------------------------------------------
 
 
 def _args_of(args) -> dict:
@@ -235,7 +266,8 @@ def main(argv=None) -> int:
             from .bridge.server import serve
 
             return serve(args.socket or args.shell_socket or SOCKET_PATH,
-                         None if args.no_fuse else args.mount, args.keep_devices)
+                         None if args.no_fuse else args.mount, args.keep_devices,
+                         auto_recover=args.auto_recover)
         if args.verb == "demo":
             return _cmd_demo(args)
         return _one_shot(args)

@@ -11,6 +11,7 @@ import time
 from . import devids, fusedev
 from .ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
 from .errors import UblkError
+from .recovery import recovery_mode
 from .uapi import STATES, feature_names
 from .bridge import registry, shm
 
@@ -35,6 +36,12 @@ def add(spec: dict, timeout: float = ADD_TIMEOUT) -> dict:
         with Control():
             pass  # fail here, with the driver hint, rather than inside the daemon
         module = "ublkshell.bridge.daemon"
+    return spawn_daemon(spec, timeout, module)
+
+
+def spawn_daemon(spec: dict, timeout: float = ADD_TIMEOUT, module: str = "ublkshell.bridge.daemon") -> dict:
+    """Start an IO daemon for spec (a new device, or `"recover": true` for an
+    existing one) in its own session; return what it reports once it serves."""
     log = os.path.join(registry.logdir(), f"daemon-{int(time.time() * 1000)}.log")
     r, w = os.pipe()
     env = dict(os.environ, UBLKSHELL_DAEMON_LOG=log)
@@ -92,6 +99,7 @@ def describe(ctrl: Control, dev_id: int) -> dict:
         "block_size": None,
         "target": "-",
         "daemon_alive": registry.pid_alive(int(info.ublksrv_pid)),
+        "recovery": recovery_mode(int(info.flags)),
     }
     try:
         p = ctrl.get_params(dev_id)

@@ -11,7 +11,7 @@ import struct
 
 from . import devids
 from ._native import lib
-from .errors import UsageError
+from .errors import UblkError, UsageError
 from .sizes import parse_size
 
 MEM_DIR = os.environ.get("UBLKSHELL_MEM_DIR", "/dev/shm/ublkshell")
@@ -95,10 +95,16 @@ class MemTarget(Target):
     def attach(self, dev_id: int) -> None:
         os.makedirs(MEM_DIR, mode=0o700, exist_ok=True)
         path = self.spec.get("mem_path") or os.path.join(MEM_DIR, f"{devids.stem(dev_id)}.mem")
-        recovering = bool(self.spec.get("mem_path"))
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if recovering else os.O_TRUNC)
-        self.fd = os.open(path, flags, 0o600)
-        os.ftruncate(self.fd, self.size)
+        if self.spec.get("recover"):
+            # the dead daemon's data: a missing file must not become an empty disk
+            try:
+                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise UblkError(f"the mem data of device {dev_id} ({path}) is gone: "
+                                "cannot recover it") from None
+        else:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_TRUNC, 0o600)
+            os.ftruncate(self.fd, self.size)
         self.path = path
 
     def state(self) -> dict:
@@ -198,7 +204,7 @@ TRANSPORTS = ("ublk", "fuse")
 
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
                max_io="512k", dev_id=-1, transport="ublk", loop=False, powercut=False,
-               no_records=False) -> dict:
+               no_records=False, recovery=None) -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -244,6 +250,13 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
             raise UsageError("--powercut needs a target that stores data (mem, loop), not null")
         spec["powercut"] = POWERCUT_LOG
     TARGETS[target].validate(spec)
+    from .recovery import check_mode
+
+    mode = check_mode(recovery)
+    if mode and transport == "fuse":
+        raise UsageError("--recovery is the kernel's ublk recovery: not for the FUSE transport")
+    if mode:
+        spec["recovery"] = mode
     return spec
 
 

@@ -18,7 +18,7 @@ def run_add(a: dict) -> dict:
                       block_size=a.get("block_size"), max_io=a.get("max_io", "512k"),
                       dev_id=a.get("dev_id", -1), transport=a.get("transport") or "ublk",
                       loop=bool(a.get("loop")), powercut=bool(a.get("powercut")),
-                      no_records=bool(a.get("no_records")))
+                      no_records=bool(a.get("no_records")), recovery=a.get("recovery"))
     return add(spec)
 
 
@@ -27,7 +27,8 @@ def render_add(dev: dict) -> str:
         return render_add_fuse(dev)
     q = dev["queues"]
     return (f"dev {dev['id']} -> /dev/ublkb{dev['id']} ({dev['describe']}, {human(dev['size'])}, "
-            f"{q} queue{'s' if q > 1 else ''} x {dev['depth']})")
+            f"{q} queue{'s' if q > 1 else ''} x {dev['depth']}"
+            + (f", recovery {dev['recovery']}" if dev.get("recovery") else "") + ")")
 
 
 def render_add_fuse(dev: dict) -> str:
@@ -79,8 +80,7 @@ def render_list(devs: list) -> str:
         size = human(d["size"]) if d["size"] is not None else "?"
         lines.append(f"{d['id']:>3} {d['state']:<8} {size:>7} {str(d['queues']) + ' x ' + str(d['depth']):>9} "
                      f"{pid:>7}  {d['target']:<28} {','.join(d['flags']) or '-'}")
-    if any(not d["daemon_alive"] for d in devs):
-        lines.append("† daemon gone: IO fails until the device is deleted (`ublkshell del ID`)")
+    lines += dead_daemon_notes(devs)
     return "\n".join(lines + ([render_fuse_list(fuse)] if fuse else []))
 
 
@@ -96,6 +96,20 @@ def render_fuse_list(devs: list) -> str:
         lines.append("† daemon gone: its mount and loop device are cleaned up; "
                      "the stats stay until `ublkshell del fuseN`")
     return "\n".join(lines)
+
+
+def dead_daemon_notes(devs: list) -> list:
+    """What a † in `list` means for each device without a daemon, by the kernel's state."""
+    notes = {
+        "QUIESCED": "IO waits until `recover ID` starts a new daemon (or `del ID` fails it)",
+        "FAIL_IO": "IO fails (EREMOTEIO) until `recover ID` starts a new daemon",
+    }
+    out = []
+    for d in devs:
+        if not d["daemon_alive"]:
+            what = notes.get(d["state"], "IO fails until the device is deleted (`ublkshell del ID`)")
+            out.append(f"† dev {d['id']}: daemon gone ({d['state']}): {what.replace('ID', str(d['id']))}")
+    return out
 
 
 def run_features(a: dict) -> dict:
@@ -239,6 +253,35 @@ VERBS = {
 from .faults.verbs import VERBS as _FAULT_VERBS  # noqa: E402
 
 VERBS.update(_FAULT_VERBS)
+
+
+# -- daemon death and recovery (kill, recover) ---------------------------------
+def run_kill(a: dict) -> dict:
+    from .recovery import kill
+
+    return kill(devids.parse(a["id"]))
+
+
+def run_recover(a: dict) -> dict:
+    from .recovery import recover
+
+    return recover(devids.parse(a["id"]))
+
+
+def render_kill(r: dict) -> str:
+    from .recovery import render_kill as render
+
+    return render(r)
+
+
+def render_recover(r: dict) -> str:
+    from .recovery import render_recover as render
+
+    return render(r)
+
+
+VERBS.update({"kill": (run_kill, render_kill), "recover": (run_recover, render_recover)})
+# -- end daemon death and recovery ---------------------------------------------
 
 
 def dumps(result) -> str:

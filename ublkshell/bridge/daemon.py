@@ -5,11 +5,16 @@ starts one native queue thread per hardware queue, STARTs the device, writes
 its registry entry and tells the spawner (one JSON line on the ready fd).
 Then it only waits: the IO never enters Python.
 
+With `"recover": true` in its spec it takes over an existing device whose
+daemon died instead (START_USER_RECOVERY, the same backing store and
+statistics, END_USER_RECOVERY); everything else is the same path.
+
 SIGTERM means "delete the device": STOP_DEV (the queues drain and see the
-abort), close /dev/ublkcN, DEL_DEV. SIGKILL is what `kill` faults use: the
+abort), close /dev/ublkcN, DEL_DEV. SIGKILL is what `kill` uses: the
 kernel's abort path then runs for real.
 """
 import argparse
+import errno
 import json
 import os
 import signal
@@ -20,8 +25,12 @@ from .._native import ffi, lib
 from ..ctrl import Control, CtrlError
 from ..errors import UblkError
 from ..devices import forget
+from ..recovery import recovery_flags, recovery_mode
 from ..targets import make_target
 from . import registry, shm
+
+# how long a recovering daemon waits for the kernel to let go of the dead one
+RECOVERY_WAIT = float(os.environ.get("UBLKSHELL_RECOVERY_WAIT", "15"))
 
 _stop = []
 _powercut = []
@@ -73,26 +82,106 @@ class Daemon:
         self.cdev = -1
         self.dev = ffi.NULL
         self.stats = None
+        self.abandoned = 0  # tags a dead daemon was serving (recovery only)
+
+    @property
+    def recovering(self) -> bool:
+        return bool(self.spec.get("recover"))
 
     def start(self) -> dict:
+        """Make the device ours (a new one, or a recovered one), serve it, record it."""
+        self.ctrl = Control()
+        info = self._take_over() if self.recovering else self._create()
+        self.dev_id = info.dev_id
+        self.info = info
+        self.cdev = _open_cdev(self.dev_id)
+        self._open_stats(info)
+        self._start_queues(info)
+        # both return once every queue has FETCHed every tag
+        if self.recovering:
+            self.ctrl.end_user_recovery(self.dev_id, os.getpid())
+        else:
+            self.ctrl.start_dev(self.dev_id, os.getpid())
+        entry = self._entry(info)
+        registry.write(self.dev_id, entry)
+        how = f"recovered (#{entry['recoveries']})" if self.recovering else "serving"
+        _log(f"dev {self.dev_id}: {how} {self.target.describe()} "
+             f"({entry['queues']} queues x {entry['depth']})")
+        return entry
+
+    def _create(self):
+        """ADD_DEV and SET_PARAMS for a new device."""
         spec = self.spec
         self.target.open()
-        self.ctrl = Control()
-        flags = 0
+        flags = recovery_flags(spec.get("recovery"), self.ctrl.features)
         if self.ctrl.ioctl_encode:
             flags |= lib.UBLK_F_CMD_IOCTL_ENCODE
         info = self.ctrl.add_dev(spec.get("dev_id", -1), spec["queues"], spec["depth"],
                                  spec["max_io"], flags)
         self.dev_id = info.dev_id
-        self.info = info
         self.target.attach(self.dev_id)
         params = ffi.new("struct ublk_params *")
         self.target.fill_params(params, info.max_io_buf_bytes)
         self.ctrl.set_params(self.dev_id, params)
-        self.cdev = _open_cdev(self.dev_id)
-        self.stats = shm.create(self.dev_id, info.nr_hw_queues, info.queue_depth,
-                                spec.get("records", shm.DEFAULT_RECORDS), os.getpid())
+        return info
 
+    def _take_over(self):
+        """START_USER_RECOVERY on a device whose daemon died; the kernel keeps
+        its geometry and parameters, the backing store is reopened."""
+        dev_id = int(self.spec["dev_id"])
+        try:
+            info = self.ctrl.get_dev_info(dev_id)
+        except CtrlError as e:
+            if e.errno == errno.ENODEV:
+                raise UblkError(f"device {dev_id} does not exist") from None
+            raise
+        if not info.flags & lib.UBLK_F_USER_RECOVERY:
+            raise UblkError(f"device {dev_id} was added without --recovery: it cannot be recovered")
+        # the size and block size are the kernel's: a loop file that changed since must not change them
+        params = self.ctrl.get_params(dev_id)
+        self.spec["size"] = int(params.basic.dev_sectors) << 9
+        self.spec["block_size"] = 1 << params.basic.logical_bs_shift
+        self.spec["block_size_given"] = True
+        self.target.block_size = self.spec["block_size"]
+        # the backing store first: a recovery that cannot serve should not start
+        self.target.open()
+        self.target.attach(dev_id)
+        deadline = time.monotonic() + RECOVERY_WAIT
+        while True:
+            try:
+                self.ctrl.start_user_recovery(dev_id)
+                break
+            except CtrlError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                # EBUSY: the dead daemon's /dev/ublkcN is not released yet
+                # (its rings are torn down in the background), or a live daemon serves it
+                info = self.ctrl.get_dev_info(dev_id)
+                if info.state == lib.UBLK_S_DEV_LIVE and registry.pid_alive(int(info.ublksrv_pid)):
+                    raise UblkError(f"device {dev_id} is served by a live daemon "
+                                    f"(pid {info.ublksrv_pid}): nothing to recover") from None
+                if info.state == lib.UBLK_S_DEV_DEAD:
+                    raise UblkError(f"device {dev_id} is stopped (DEAD): it cannot be recovered, "
+                                    f"only deleted") from None
+                if time.monotonic() > deadline:
+                    raise UblkError(f"START_USER_RECOVERY on device {dev_id} still busy after "
+                                    f"{RECOVERY_WAIT:.0f} s") from None
+                time.sleep(0.05)
+        self.dev_id = dev_id
+        return self.ctrl.get_dev_info(dev_id)
+
+    def _open_stats(self, info) -> None:
+        nq, depth = int(info.nr_hw_queues), int(info.queue_depth)
+        self.stats = None
+        if self.recovering:
+            # the same file, same layout: counters, histograms and the trace continue
+            self.stats, self.abandoned = shm.adopt(self.dev_id, nq, depth, os.getpid())
+        if self.stats is None:
+            self.stats = shm.create(self.dev_id, nq, depth,
+                                    self.spec.get("records", shm.DEFAULT_RECORDS), os.getpid())
+
+    def _start_queues(self, info) -> None:
+        spec = self.spec
         cfg = ffi.new("struct us_dev_cfg *")
         cfg.dev_id = self.dev_id
         cfg.nr_queues = info.nr_hw_queues
@@ -117,12 +206,14 @@ class Daemon:
         self.dev = lib.us_dev_start(cfg, err)
         if self.dev == ffi.NULL:
             raise UblkError(f"starting the queues failed: {os.strerror(-err[0])}")
-        # returns once every queue has FETCHed every tag
-        self.ctrl.start_dev(self.dev_id, os.getpid())
-        entry = {
+
+    def _entry(self, info) -> dict:
+        spec = {k: v for k, v in self.spec.items() if k not in ("recover", "recoveries")}
+        spec["dev_id"] = self.dev_id
+        return {
             "id": self.dev_id,
             "pid": os.getpid(),
-            "target": self.spec["target"],
+            "target": spec["target"],
             "describe": self.target.describe(),
             "size": self.target.size,
             "block_size": self.target.block_size,
@@ -130,16 +221,15 @@ class Daemon:
             "depth": int(info.queue_depth),
             "max_io": int(info.max_io_buf_bytes),
             "flags": int(info.flags),
-            "spec": self.spec,
+            "recovery": recovery_mode(int(info.flags)),
+            "recoveries": int(self.spec.get("recoveries", 0)),
+            "abandoned": self.abandoned,
+            "spec": spec,
             "log": os.environ.get("UBLKSHELL_DAEMON_LOG", ""),
             "stats": self.stats.path,
             "started": time.time(),
             **self.target.state(),
         }
-        registry.write(self.dev_id, entry)
-        _log(f"dev {self.dev_id}: serving {self.target.describe()} "
-             f"({entry['queues']} queues x {entry['depth']})")
-        return entry
 
     def serve(self) -> int:
         """Wait until the queues end; on a stop signal, delete the device."""
@@ -242,7 +332,8 @@ def main(argv=None) -> int:
         msg = str(e) if isinstance(e, UblkError) else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
         _log(f"failed: {msg}")
         if d is not None:
-            d.teardown(delete=True)
+            # a failed recovery leaves the device waiting for the next attempt
+            d.teardown(delete=not d.recovering)
         report({"ok": False, "error": msg})
         return 1
     report({"ok": True, "device": entry})

@@ -86,7 +86,8 @@ def _info(dev, entry, s):
             "size": entry.get("size"), "block_size": entry.get("block_size"),
             "queues": entry.get("queues"), "depth": entry.get("depth"),
             "pid": pid, "daemon_alive": pid_alive(pid) if isinstance(pid, int) else False,
-            "flags": flags, "flag_names": feature_names(flags)}
+            "flags": flags, "flag_names": feature_names(flags),
+            "recovery": entry.get("recovery"), "recoveries": entry.get("recoveries", 0)}
 
 
 def info_text(dev, entry, s):
@@ -101,6 +102,8 @@ def info_text(dev, entry, s):
             f"queues      {i['queues']} x {i['depth']}\n"
             f"daemon      pid {i['pid']} ({'alive' if i['daemon_alive'] else 'dead'})\n"
             f"flags       {i['flags']:#x} {names}\n"
+            + f"recovery    {i['recovery'] or 'none'}"
+              f"{', recovered ' + str(i['recoveries']) + ' times' if i['recoveries'] else ''}\n"
             + (f"transport   fuse: file {entry.get('file')}, block device {entry.get('loop') or '-'}\n"
                if entry.get("transport") == "fuse" else ""))
 

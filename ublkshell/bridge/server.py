@@ -3,6 +3,7 @@ the Python API. It owns no IO: each device keeps its own daemon process. The
 server answers clients on a root-only unix socket, watches the daemons,
 serves the stats tree, and on SIGTERM stops cleanly (deleting the devices
 unless told to keep them)."""
+import errno
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from . import registry, shm as shm_mod
 from .protocol import MAX_LINE, SOCKET_PATH, VERSION, ProtocolError, decode_request, encode
 
 DEFAULT_MOUNT = "/mnt/ublkstats"
+WATCH_S = 0.5  # how often the registry is checked for dead or replaced daemons
 
 
 def log(msg: str) -> None:
@@ -53,12 +55,15 @@ class DeviceSource:
 
 
 class Server:
-    def __init__(self, socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False):
+    def __init__(self, socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False,
+                 auto_recover=False):
         self.socket_path = socket_path
         self.mountpoint = mountpoint
         self.keep_devices = keep_devices
+        self.auto_recover = auto_recover
         self.source = DeviceSource()
-        self.alive = {}
+        self.alive = {}  # dev_id -> (daemon pid, alive)
+        self.recovering = set()
         self.events = []  # recent server events, for `events`
         self.stop = trio.Event()
 
@@ -205,22 +210,60 @@ class Server:
             nursery.start_soon(self._serve_conn, trio.SocketStream(conn))
 
     # -- supervision -------------------------------------------------------
-    async def _watch(self) -> None:
-        """Notice daemons that die (kill faults, crashes) and devices that come and go."""
+    async def _watch(self, nursery) -> None:
+        """Notice daemons that die (kill, crashes) or are replaced (recover), and
+        devices that come and go."""
         while True:
             entries = await trio.to_thread.run_sync(registry.all_entries)
             for dev_id, e in entries.items():
-                alive = registry.pid_alive(e.get("pid"))
+                pid = e.get("pid")
+                alive = registry.pid_alive(pid)
                 was = self.alive.get(dev_id)
                 if was is None:
-                    self.event("device-added" if alive else "device-found-dead", id=dev_id, pid=e.get("pid"))
-                elif was and not alive:
-                    self.event("daemon-died", id=dev_id, pid=e.get("pid"))
-                self.alive[dev_id] = alive
+                    self.event("device-added" if alive else "device-found-dead", id=dev_id, pid=pid)
+                elif pid != was[0] and alive:
+                    self.event("daemon-recovered", id=dev_id, pid=pid, old_pid=was[0],
+                               recoveries=e.get("recoveries"), abandoned=e.get("abandoned"))
+                elif was[1] and not alive:
+                    # asking the kernel may take a moment: the watch goes on meanwhile
+                    nursery.start_soon(self._died, nursery, dev_id, e)
+                self.alive[dev_id] = (pid, alive)
             for dev_id in set(self.alive) - set(entries):
                 self.event("device-deleted", id=dev_id)
                 del self.alive[dev_id]
-            await trio.sleep(0.5)
+            await trio.sleep(WATCH_S)
+
+    # -- daemon death and recovery ----------------------------------------------
+    async def _died(self, nursery, dev_id: int, entry: dict) -> None:
+        pid = entry.get("pid")
+        state = await trio.to_thread.run_sync(_kernel_state, dev_id)
+        s = self.source.shm(dev_id)
+        inflight = sum(int(s.queue(q).inflight) for q in range(s.nr_queues)) if s else None
+        kind = "daemon-killed" if entry.get("killed_pid") == pid else "daemon-died"
+        self.event(kind, id=dev_id, pid=pid, state=state, recovery=entry.get("recovery"),
+                   inflight=inflight)
+        if self.auto_recover and entry.get("recovery") and state not in ("DEAD", "GONE") \
+                and dev_id not in self.recovering:
+            self.recovering.add(dev_id)
+            nursery.start_soon(self._recover, dev_id)
+
+    async def _recover(self, dev_id: int) -> None:
+        from ..recovery import recover
+
+        try:
+            dev = await trio.to_thread.run_sync(recover, dev_id)
+            # the watcher would report it too, but it knows neither the time nor that we did it
+            self.alive[dev_id] = (dev["pid"], True)
+            self.event("auto-recovered", id=dev_id, pid=dev["pid"], old_pid=dev.get("old_pid"),
+                       recoveries=dev.get("recoveries"), abandoned=dev.get("abandoned"),
+                       seconds=dev.get("seconds"))
+        except UblkError as e:
+            self.event("auto-recover-failed", id=dev_id, error=str(e))
+        except Exception as e:  # a bug must not take the server down
+            self.event("auto-recover-failed", id=dev_id, error=f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self.recovering.discard(dev_id)
+    # -- end daemon death and recovery ------------------------------------------
 
     async def _tree(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -250,7 +293,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._accept, sock, nursery)
-                nursery.start_soon(self._watch)
+                nursery.start_soon(self._watch, nursery)
                 if self.mountpoint:
                     await nursery.start(self._tree)
                 task_status.started()
@@ -274,6 +317,29 @@ class Server:
             log("stopped")
 
 
+def _kernel_state(dev_id: int) -> str:
+    """LIVE, QUIESCED, FAIL_IO, DEAD; GONE for a deleted device, ? if unknown."""
+    from ..ctrl import Control, CtrlError
+    from ..uapi import STATES
+
+    # the kernel turns a dead daemon's device QUIESCED/FAIL_IO/DEAD once its rings let go
+    deadline = time.monotonic() + 5
+    state = "?"
+    try:
+        with Control() as ctrl:
+            while True:
+                try:
+                    st = int(ctrl.get_dev_info(dev_id).state)
+                except CtrlError as e:
+                    return "GONE" if e.errno == errno.ENODEV else "?"
+                state = STATES.get(st, str(st))
+                if state != "LIVE" or time.monotonic() > deadline:
+                    return state
+                time.sleep(0.05)
+    except UblkError:
+        return state
+
+
 def _delete_ours() -> None:
     from ..devices import delete
 
@@ -285,8 +351,9 @@ def _delete_ours() -> None:
             log(f"deleting dev {devids.name(dev_id)}: {e}")
 
 
-def serve(socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False) -> int:
+def serve(socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False,
+          auto_recover=False) -> int:
     if os.geteuid() != 0:
         raise UblkError("the server manages block devices and mounts the stats tree: run it as root")
-    trio.run(Server(socket_path, mountpoint or None, keep_devices).run)
+    trio.run(Server(socket_path, mountpoint or None, keep_devices, auto_recover).run)
     return 0

@@ -88,6 +88,36 @@ def create(dev_id: int, nr_queues: int, depth: int, records: int, pid: int) -> S
     return s
 
 
+def adopt(dev_id: int, nr_queues: int, depth: int, pid: int):
+    """A recovering daemon takes over its predecessor's file, so counters,
+    histograms and trace cursors carry on. Returns (Shm or None, tags the
+    dead daemon was serving); None when there is no usable file of this
+    layout (the caller creates a fresh one)."""
+    try:
+        s = Shm(path_for(dev_id), writable=True).check()
+    except (OSError, UblkError):
+        return None, 0
+    if s.nr_queues != nr_queues or s.depth != depth:
+        s.close()
+        return None, 0
+    # no queue thread runs yet: these words have no other writer now
+    abandoned = 0
+    for q in range(nr_queues):
+        tags = lib.us_shm_tags(s.base, q)
+        for t in range(depth):
+            if tags[t].state:
+                abandoned += 1
+                tags[t].state = 0
+                tags[t].fault = 0
+        s.queue(q).inflight = 0
+    area = s.fault_area()
+    if area != ffi.NULL:
+        # the rules stay; the IO that hang rules withheld went with the dead daemon
+        area.hung = 0
+    s.hdr.daemon_pid = pid
+    return s, abandoned
+
+
 def open_device(dev_id: int) -> Shm:
     path = path_for(dev_id)
     try:

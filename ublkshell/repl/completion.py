@@ -6,7 +6,7 @@ from prompt_toolkit.document import Document
 
 from ..faults.grammar import ACTION_WORDS, ACTIONS, MATCH_WORDS
 from .. import devids
-from .shell import FILTER_KEYS, ID_VERBS, MULTI_ID_VERBS, OPS, TARGETS, VERBS
+from .shell import FILTER_KEYS, ID_VERBS, MULTI_ID_VERBS, OPS, RECOVERY_MODES, TARGETS, VERBS
 
 # words that stand alone or take their value as the next word
 _BARE = {"fua": "fua", "tag": "tag", "lba": "lba"}
@@ -55,6 +55,13 @@ def candidates(shell, words: list[str], cur: str) -> list[str]:
     prev = words[-1]
     if verb == "add" and prev in ("-t", "--type"):
         return [t for t in TARGETS if t.startswith(cur)]
+    # daemon death and recovery: `--recovery MODE` or `--recovery=MODE`
+    if verb == "add" and cur.startswith("--recovery="):
+        return [f"--recovery={m}" for m in RECOVERY_MODES if f"--recovery={m}".startswith(cur)]
+    if verb == "add" and prev == "--recovery":
+        # the mode is optional: the next option is as good a completion as a mode
+        return [m for m in RECOVERY_MODES if m.startswith(cur)] if not cur.startswith("-") else \
+            sorted(o for o in options if o.startswith(cur))
     if prev in options and options[prev]:
         return []  # a value nobody can guess (-q 2, --size 1G); -f is handled by the caller
     if cur.startswith("-"):

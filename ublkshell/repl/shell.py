@@ -26,8 +26,13 @@ SHELL_ONLY = {
 }
 FAULT_VERBS = (*ACTIONS, "faults", "clear", "seed", "powercut")
 SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight", *FAULT_VERBS)
+# daemon death and recovery
+SERVER_VERBS += ("kill", "recover")
 VERBS = (*SERVER_VERBS, "trace", *SHELL_ONLY)
 ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VERBS}
+# daemon death and recovery
+ID_VERBS |= {"kill", "recover"}
+RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
 TARGETS = ("null", "mem", "loop")
 OPS = ("read", "write", "flush", "discard", "write_zeroes")

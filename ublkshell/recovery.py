@@ -1,0 +1,197 @@
+"""Daemon death and recovery: `kill` (SIGKILL a device's IO daemon, so the
+kernel's abort path runs for real) and `recover` (a fresh daemon takes the
+device over with START_USER_RECOVERY / END_USER_RECOVERY).
+
+What the kernel does meanwhile depends on the flags the device was added
+with (`add --recovery[=MODE]`); docs/design.md has what we observed."""
+import errno
+import os
+import signal
+import time
+
+from . import devids
+from ._native import lib
+from .ctrl import Control, CtrlError
+from .errors import UblkError, UsageError
+from .uapi import STATES
+from .bridge import registry
+
+# mode -> ADD_DEV flags (GET_FEATURES must offer every one of them)
+MODES = {
+    "requeue": lib.UBLK_F_USER_RECOVERY,
+    "reissue": lib.UBLK_F_USER_RECOVERY | lib.UBLK_F_USER_RECOVERY_REISSUE,
+    "fail": lib.UBLK_F_USER_RECOVERY | lib.UBLK_F_USER_RECOVERY_FAIL_IO,
+}
+DEFAULT_MODE = "requeue"
+_FEATURE_NAMES = {lib.UBLK_F_USER_RECOVERY: "user_recovery",
+                  lib.UBLK_F_USER_RECOVERY_REISSUE: "user_recovery_reissue",
+                  lib.UBLK_F_USER_RECOVERY_FAIL_IO: "user_recovery_fail_io"}
+# how long `kill` waits for the daemon to go and for the kernel to notice
+KILL_WAIT = float(os.environ.get("UBLKSHELL_KILL_WAIT", "15"))
+DAEMON_MODULE = b"ublkshell.bridge.daemon"
+
+
+def check_mode(mode) -> str | None:
+    """`add --recovery` value -> mode name (None: no recovery)."""
+    if mode is None or mode is False:
+        return None
+    if mode is True or mode == "":
+        return DEFAULT_MODE
+    if mode not in MODES:
+        raise UsageError(f"--recovery: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    return mode
+
+
+def recovery_flags(mode, features: int) -> int:
+    """ADD_DEV flags for a mode, if this kernel offers them (checked in the daemon)."""
+    mode = check_mode(mode)
+    if mode is None:
+        return 0
+    flags = MODES[mode]
+    missing = [n for bit, n in _FEATURE_NAMES.items() if flags & bit and not features & bit]
+    if missing:
+        raise UblkError(f"--recovery={mode}: this kernel's ublk_drv does not offer "
+                        f"{', '.join(missing)} (see `ublkshell features`)")
+    return flags
+
+
+def recovery_mode(flags: int) -> str | None:
+    """The mode a device's flags mean (None: no recovery)."""
+    if not flags & lib.UBLK_F_USER_RECOVERY:
+        return None
+    if flags & lib.UBLK_F_USER_RECOVERY_FAIL_IO:
+        return "fail"
+    if flags & lib.UBLK_F_USER_RECOVERY_REISSUE:
+        return "reissue"
+    return "requeue"
+
+
+def _ublk_only(dev_id: int) -> None:
+    if devids.is_fuse(dev_id):
+        raise UblkError(f"{devids.name(dev_id)} uses the FUSE transport: kill and recover are the "
+                        "kernel's ublk abort and recovery paths")
+
+
+def _info(ctrl: Control, dev_id: int):
+    try:
+        return ctrl.get_dev_info(dev_id)
+    except CtrlError as e:
+        if e.errno == errno.ENODEV:
+            raise UblkError(f"device {dev_id} does not exist") from None
+        raise
+
+
+def _is_our_daemon(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return DAEMON_MODULE in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _serving_pid(info, entry: dict) -> int:
+    """The live daemon of a device, 0 if none (the registry's, else the kernel's)."""
+    for pid in (entry.get("pid"), int(info.ublksrv_pid)):
+        if registry.pid_alive(pid):
+            return int(pid)
+    return 0
+
+
+def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
+    """SIGKILL the device's IO daemon and wait until the kernel has reacted."""
+    _ublk_only(dev_id)
+    with Control() as ctrl:
+        info = _info(ctrl, dev_id)
+        entry = registry.read(dev_id)
+        if entry is None:
+            raise UblkError(f"device {dev_id} is not served by ublkshell: not killing its server")
+        pid = _serving_pid(info, entry)
+        if not pid:
+            raise UblkError(f"device {dev_id} has no live daemon ({STATES.get(info.state, info.state)}): "
+                            "nothing to kill")
+        if not _is_our_daemon(pid):
+            raise UblkError(f"device {dev_id}: pid {pid} is not a ublkshell daemon: not killing it")
+        # the server tells a kill from a crash by this mark
+        registry.write(dev_id, dict(entry, killed_pid=pid, killed_at=time.time()))
+        t0 = time.monotonic()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = t0 + timeout
+        while registry.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # the kernel reacts once the dead daemon's rings let go of /dev/ublkcN
+        state = None
+        while time.monotonic() < deadline:
+            try:
+                state = int(ctrl.get_dev_info(dev_id).state)
+            except CtrlError as e:
+                if e.errno != errno.ENODEV:
+                    raise
+                state = None
+                break
+            if state != lib.UBLK_S_DEV_LIVE:
+                break
+            time.sleep(0.02)
+        return {"id": dev_id, "pid": pid, "daemon_gone": not registry.pid_alive(pid),
+                "state": STATES.get(state, "GONE" if state is None else str(state)),
+                "recovery": recovery_mode(int(info.flags)),
+                "seconds": round(time.monotonic() - t0, 3)}
+
+
+def render_kill(r: dict) -> str:
+    i = r["id"]
+    head = f"dev {i}: daemon {r['pid']} killed"
+    if not r["daemon_gone"]:
+        return f"{head}, but it has not exited yet"
+    what = {
+        "QUIESCED": f"IO waits for `recover {i}`",
+        "FAIL_IO": f"IO fails (EREMOTEIO) until `recover {i}`",
+        "DEAD": f"IO in flight failed, the disk is gone; `del {i}` removes the rest",
+        "LIVE": "the kernel has not noticed yet",
+        "GONE": "the device is gone",
+    }.get(r["state"], "")
+    return f"{head}; device {r['state']}" + (f": {what}" if what else "")
+
+
+def check_recoverable(dev_id: int) -> dict:
+    """The registry entry of a device a new daemon may take over; one-line errors otherwise."""
+    _ublk_only(dev_id)
+    with Control() as ctrl:
+        info = _info(ctrl, dev_id)
+        entry = registry.read(dev_id)
+        if not info.flags & lib.UBLK_F_USER_RECOVERY:
+            raise UblkError(f"device {dev_id} was added without --recovery: it cannot be recovered "
+                            f"(delete it: `del {dev_id}`)")
+        if entry is None:
+            raise UblkError(f"device {dev_id} is not served by ublkshell: nothing to recover it from")
+        pid = _serving_pid(info, entry)
+        if pid:
+            raise UblkError(f"device {dev_id} is served by a live daemon (pid {pid}): "
+                            f"nothing to recover (`kill {dev_id}` first)")
+        if info.state == lib.UBLK_S_DEV_DEAD:
+            raise UblkError(f"device {dev_id} is stopped (DEAD): it cannot be recovered, only deleted")
+        return entry
+
+
+def recover(dev_id: int) -> dict:
+    """Start a fresh daemon on a device whose daemon died; return its registry entry."""
+    from .devices import spawn_daemon
+
+    entry = check_recoverable(dev_id)
+    spec = dict(entry["spec"], dev_id=dev_id, recover=True,
+                recoveries=int(entry.get("recoveries", 0)) + 1)
+    if entry.get("mem_path"):
+        spec["mem_path"] = entry["mem_path"]
+    t0 = time.monotonic()
+    dev = spawn_daemon(spec)
+    dev["old_pid"] = entry.get("pid")
+    dev["seconds"] = round(time.monotonic() - t0, 3)
+    return dev
+
+
+def render_recover(dev: dict) -> str:
+    lost = f"; {dev['abandoned']} IOs were being served when it died" if dev.get("abandoned") else ""
+    return (f"dev {dev['id']}: recovered by daemon {dev['pid']} (was {dev['old_pid']}), "
+            f"recovery #{dev['recoveries']}, {dev['seconds']:.1f} s{lost}")
