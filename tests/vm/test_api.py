@@ -45,3 +45,16 @@ def test_context_manager_deletes():
         assert os.path.exists(dev.path)
         dev.hang(op="flush", count=1)
     assert not os.path.exists(f"/dev/ublkc{dev.id}")
+
+
+def test_kill_and_recover_keep_the_data(ublk_device):
+    dev = ublk_device("mem", size="64M", recovery=True)
+    data = pattern(64 * KB, 2)
+    pwrite_direct(dev.path, data, 1 << 20)
+    dev.fail(op="read", lba=(0, 7))
+    assert dev.kill()["state"] == "QUIESCED"
+    dev.recover()
+    assert pread_direct(dev.path, 64 * KB, 1 << 20) == data
+    # the rules live in the device's statistics, which the new daemon keeps
+    assert _errno(pread_direct, dev.path, 4 * KB, 0) == errno.EIO
+    assert dev.faults()["rules"][0]["hits"] == 1
