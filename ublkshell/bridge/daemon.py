@@ -304,16 +304,18 @@ class Daemon:
             _log(f"dev {self.dev_id}: deleted")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="ublkshell-daemon")
+def daemon_main(argv, prog: str, make, handlers: dict, on_failure=None) -> int:
+    """What every device daemon does around its own start and serve: take --spec and
+    --ready-fd, leave the working directory, install its signal handlers, tell the
+    spawner in one JSON line whether it serves."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--spec", required=True)
     ap.add_argument("--ready-fd", type=int, default=-1)
     args = ap.parse_args(argv)
     # hold no directory of a filesystem that may end up on our own device
     os.chdir("/")
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    signal.signal(signal.SIGUSR1, _on_powercut)
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
     def report(msg: dict) -> None:
         if args.ready_fd >= 0:
@@ -326,18 +328,24 @@ def main(argv=None) -> int:
 
     d = None
     try:
-        d = Daemon(json.loads(args.spec))
+        d = make(json.loads(args.spec))
         entry = d.start()
     except (UblkError, OSError) as e:
         msg = str(e) if isinstance(e, UblkError) else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
         _log(f"failed: {msg}")
-        if d is not None:
-            # a failed recovery leaves the device waiting for the next attempt
-            d.teardown(delete=not d.recovering)
+        if d is not None and on_failure is not None:
+            on_failure(d)
         report({"ok": False, "error": msg})
         return 1
     report({"ok": True, "device": entry})
     return d.serve()
+
+
+def main(argv=None) -> int:
+    stop = {s: _on_signal for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    # a failed recovery leaves the device waiting for the next attempt
+    return daemon_main(argv, "ublkshell-daemon", Daemon, {**stop, signal.SIGUSR1: _on_powercut},
+                       on_failure=lambda d: d.teardown(delete=not d.recovering))
 
 
 if __name__ == "__main__":

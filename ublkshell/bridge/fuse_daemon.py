@@ -15,8 +15,6 @@ detached lazily and this process's exit aborts the FUSE connection: its
 users get IO errors, never a hang. SIGKILL leaves the mount and the loop
 device behind, dead but harmless; `ublkshell list` and `del` remove them.
 """
-import argparse
-import json
 import os
 import signal
 import sys
@@ -164,35 +162,10 @@ class FuseDaemon:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="ublkshell-fuse-daemon")
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--ready-fd", type=int, default=-1)
-    args = ap.parse_args(argv)
-    # hold no directory of a file system that may end up on our own device
-    os.chdir("/")
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
+    from .daemon import daemon_main
 
-    def report(msg: dict) -> None:
-        if args.ready_fd >= 0:
-            try:
-                os.write(args.ready_fd, (json.dumps(msg) + "\n").encode())
-                os.close(args.ready_fd)
-            except OSError:
-                pass
-            args.ready_fd = -1
-
-    d = None
-    try:
-        d = FuseDaemon(json.loads(args.spec))
-        entry = d.start()
-    except (UblkError, OSError) as e:
-        msg = str(e) if isinstance(e, UblkError) else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
-        _log(f"failed: {msg}")
-        report({"ok": False, "error": msg})
-        return 1
-    report({"ok": True, "device": entry})
-    return d.serve()
+    stop = {s: _on_signal for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    return daemon_main(argv, "ublkshell-fuse-daemon", FuseDaemon, stop)
 
 
 if __name__ == "__main__":

@@ -153,26 +153,6 @@ static void rec_end(struct us_fuse *f, unsigned tag, int result)
 }
 
 /* -- the targets, byte-addressed ------------------------------------------------- */
-/* whole reads; zeros from the backing file's end on (loop: a file smaller than the device) */
-static int backing_read(int fd, char *buf, size_t len, off_t off)
-{
-	size_t done = 0;
-	ssize_t n;
-
-	while (done < len) {
-		n = pread(fd, buf + done, len - done, off + done);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0) {
-			memset(buf + done, 0, len - done);
-			break;
-		}
-		done += n;
-	}
-	return (int)len;
-}
 
 static int backing_write(int fd, const char *buf, size_t len, off_t off)
 {
@@ -423,7 +403,9 @@ static void fx_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		return;
 	}
 	buf = thread_buf(len ? len : 1);
-	res = buf ? backing_read(f->cfg.backing_fd, buf, len, off) : -ENOMEM;
+	res = buf ? us_pread_zero(f->cfg.backing_fd, buf, len, off) : -ENOMEM;
+	if (res == 0)
+		res = (int)len;
 	/* ended before the reply, as the ublk path ends before its commit */
 	rec_end(f, tag, res);
 	if (res < 0)

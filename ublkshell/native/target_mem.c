@@ -13,6 +13,27 @@
 
 #include "ushell.h"
 
+int us_pread_zero(int fd, char *buf, size_t len, off_t off)
+{
+	size_t done = 0;
+	ssize_t n;
+
+	while (done < len) {
+		n = pread(fd, buf + done, len - done, off + done);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0) {
+			/* past the end of the file (a loop file smaller than the device) */
+			memset(buf + done, 0, len - done);
+			break;
+		}
+		done += n;
+	}
+	return 0;
+}
+
 static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 {
 	int fd = q->dev->cfg.backing_fd;
@@ -22,20 +43,11 @@ static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 
 	(void)tag;
 	switch (io->op_flags & 0xff) {
-	case UBLK_IO_OP_READ:
-		while (done < len) {
-			n = pread(fd, io->buf + done, len - done, off + done);
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (n < 0)
-				return -errno;
-			if (n == 0) {
-				memset(io->buf + done, 0, len - done);
-				break;
-			}
-			done += n;
-		}
-		return len;
+	case UBLK_IO_OP_READ: {
+		int r = us_pread_zero(fd, io->buf, len, off);
+
+		return r < 0 ? r : (int)len;
+	}
 	case UBLK_IO_OP_WRITE:
 		while (done < len) {
 			n = pwrite(fd, io->buf + done, len - done, off + done);

@@ -160,6 +160,9 @@ void us_wlog_free(struct us_wlog *w);
 void us_wlog_begin(struct us_queue *q, struct us_io *io);
 void us_wlog_end(struct us_queue *q, struct us_io *io, int result);
 
+/* target_mem.c: read len bytes whole, zeros past the end of the file; 0 or -errno */
+int us_pread_zero(int fd, char *buf, size_t len, off_t off);
+
 /* ring.c: hand an IO to the target (after a delay or a hang ends) */
 void us_start_target(struct us_queue *q, unsigned tag);
 

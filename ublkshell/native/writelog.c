@@ -76,27 +76,6 @@ void us_wlog_free(struct us_wlog *w)
 	free(w);
 }
 
-static int read_old(int fd, char *buf, size_t len, off_t off)
-{
-	size_t done = 0;
-	ssize_t n;
-
-	while (done < len) {
-		n = pread(fd, buf + done, len - done, off + done);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0) {
-			/* past the end of a loop file: what reads there return */
-			memset(buf + done, 0, len - done);
-			break;
-		}
-		done += n;
-	}
-	return 0;
-}
-
 /* the target is about to run io: remember what it overwrites, or where a FLUSH stands */
 void us_wlog_begin(struct us_queue *q, struct us_io *io)
 {
@@ -128,7 +107,7 @@ void us_wlog_begin(struct us_queue *q, struct us_io *io)
 	e->sector = io->start_sector;
 	e->sectors = io->nr_sectors;
 	e->fua = !!(io->op_flags & UBLK_IO_F_FUA);
-	if (read_old(w->fd, e->data, len, (off_t)e->sector << 9)) {
+	if (us_pread_zero(w->fd, e->data, len, (off_t)e->sector << 9)) {
 		free(e);
 		return;
 	}
