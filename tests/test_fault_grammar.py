@@ -26,6 +26,7 @@ READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_F
     ("flakey up=10s down=2s mode=drop", "flakey up=10s down=2s mode=drop"),
     ("fail q=1 size=4k..64k fua op=write,flush errno=28", "fail q=1 op=write,flush size=4096..65536 fua errno=ENOSPC"),
     ("delay 500us", "delay 500us"),
+    ("corrupt", "corrupt"),
 ])
 def test_parse_and_describe(line, text):
     (rule,) = grammar.parse(line)
@@ -60,6 +61,7 @@ def test_badblocks_split_into_spans():
     ("corrupt errno=EIO", 9, "corrupt takes no errno="),
     ("drop op=read", 1, "not reads"),
     ("torn op=read", 1, "writes only"),
+    ("corrupt op=flush", 1, "op=read or op=write"),
     ("flakey up=1s", 13, "needs up=DURATION and down=DURATION"),
     ("flakey up=1s down=10us", 14, "at least 1ms"),
     ("badblocks", 10, "badblocks needs sectors"),

@@ -229,6 +229,11 @@ def parse(line: str) -> list[dict]:
         return out
     if action == "drop" and not rule["ops"]:
         rule["ops"] = list(WRITE_LIKE)
+    if action == "corrupt":
+        if set(rule["ops"]) - {"read", "write"}:
+            raise RuleError(1, "corrupt changes data: op=read or op=write")
+        # a flush or discard has no data to flip: it must not count as a hit
+        rule["ops"] = rule["ops"] or ["read", "write"]
     if action == "torn":
         rule["ops"] = ["write"]
     return [rule]
@@ -248,7 +253,8 @@ def describe(rule: dict) -> str:
         words.append(f"q={rule['q']}")
     if rule["tag"] >= 0:
         words.append(f"tag={rule['tag']}")
-    default_ops = {"drop": list(WRITE_LIKE), "torn": ["write"], "badblocks": list(BAD_OPS)}
+    default_ops = {"drop": list(WRITE_LIKE), "torn": ["write"], "badblocks": list(BAD_OPS),
+                   "corrupt": ["read", "write"]}
     if rule["ops"] and rule["ops"] != default_ops.get(a):
         words.append("op=" + ",".join(rule["ops"]))
     if rule["lba"] is not None and a != "badblocks":
