@@ -84,16 +84,22 @@ def test_ext4_goes_read_only_on_write_error(devices, backing, scratch):
             f.write("x" * 10000)
         run(["sync"])
         rule(dev, "fail", "op=write")
-        with open(os.path.join(mnt, "after"), "w") as f:
-            f.write("y" * 100000)
-        run(["sync"], check=False)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
+        i = 0
         while time.monotonic() < deadline:
             opts = [l.split()[3].split(",") for l in open("/proc/mounts") if l.split()[1] == mnt]
             # 7.x kernels show the forced read-only state as `emergency_ro`, older ones as `ro`
             if opts and {"ro", "emergency_ro"} & set(opts[0]):
                 break
-            # the journal commit that fails may need another nudge
+            # a data write that fails only marks the file; the journal aborts when one of its
+            # own writes fails, so give every round new metadata to commit
+            try:
+                with open(os.path.join(mnt, f"after{i}"), "w") as f:
+                    f.write("y" * 100000)
+                os.mkdir(os.path.join(mnt, f"dir{i}"))
+            except OSError:
+                pass
+            i += 1
             run(["sync"], check=False)
             time.sleep(0.5)
         assert {"ro", "emergency_ro"} & set(opts[0]), opts
