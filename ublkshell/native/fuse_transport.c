@@ -154,20 +154,12 @@ static void rec_end(struct us_fuse *f, unsigned tag, int result)
 
 /* -- the targets, byte-addressed ------------------------------------------------- */
 
-static int backing_write(int fd, const char *buf, size_t len, off_t off)
+/* how much of [off, off + size) lies on the device: a block device ends where it ends */
+static size_t on_device(const struct us_fuse *f, off_t off, size_t size)
 {
-	size_t done = 0;
-	ssize_t n;
-
-	while (done < len) {
-		n = pwrite(fd, buf + done, len - done, off + done);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		done += n;
-	}
-	return (int)len;
+	if ((uint64_t)off >= f->cfg.dev_bytes)
+		return 0;
+	return size < f->cfg.dev_bytes - off ? size : f->cfg.dev_bytes - off;
 }
 
 static int falloc(int fd, int mode, off_t off, off_t len)
@@ -393,9 +385,8 @@ static void fx_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		fuse_reply_err(req, EINVAL);
 		return;
 	}
-	/* a block device ends where it ends: reads there are short, then empty */
-	len = (uint64_t)off >= f->cfg.dev_bytes ? 0 :
-		(size < f->cfg.dev_bytes - off ? size : f->cfg.dev_bytes - off);
+	/* reads at the end are short, then empty */
+	len = on_device(f, off, size);
 	tag = rec_begin(f, UBLK_IO_OP_READ, off, len);
 	if (f->cfg.target == US_TGT_NULL) {
 		rec_end(f, tag, (int)len);
@@ -427,15 +418,14 @@ static void fx_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 		fuse_reply_err(req, EINVAL);
 		return;
 	}
-	len = (uint64_t)off >= f->cfg.dev_bytes ? 0 :
-		(size < f->cfg.dev_bytes - off ? size : f->cfg.dev_bytes - off);
+	len = on_device(f, off, size);
 	tag = rec_begin(f, UBLK_IO_OP_WRITE, off, len ? len : size);
 	if (!len && size)
 		res = -ENOSPC;	/* at or past the end: the disk cannot grow */
 	else if (f->cfg.target == US_TGT_NULL)
 		res = (int)len;
-	else
-		res = backing_write(f->cfg.backing_fd, buf, len, off);
+	else if ((res = us_pwrite_full(f->cfg.backing_fd, buf, len, off)) == 0)
+		res = (int)len;
 	rec_end(f, tag, res);
 	if (res < 0)
 		fuse_reply_err(req, -res);
@@ -650,13 +640,7 @@ int us_fuse_wait(struct us_fuse *f, int timeout_ms)
 	struct timespec ts;
 	int done;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_sec += timeout_ms / 1000;
-	ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
+	us_deadline(&ts, CLOCK_MONOTONIC, timeout_ms);
 	pthread_mutex_lock(&f->done_lock);
 	while (!f->done) {
 		if (pthread_cond_timedwait(&f->done_cond, &f->done_lock, &ts) == ETIMEDOUT)

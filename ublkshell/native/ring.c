@@ -431,13 +431,7 @@ int us_dev_wait(struct us_dev *d, int timeout_ms)
 	struct timespec ts;
 	int done;
 
-	clock_gettime(CLOCK_REALTIME, &ts);
-	ts.tv_sec += timeout_ms / 1000;
-	ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
+	us_deadline(&ts, CLOCK_REALTIME, timeout_ms);
 	pthread_mutex_lock(&d->lock);
 	while (d->nr_exited < d->cfg.nr_queues)
 		if (pthread_cond_timedwait(&d->cond, &d->lock, &ts) == ETIMEDOUT)

@@ -34,30 +34,37 @@ int us_pread_zero(int fd, char *buf, size_t len, off_t off)
 	return 0;
 }
 
+int us_pwrite_full(int fd, const char *buf, size_t len, off_t off)
+{
+	size_t done = 0;
+	ssize_t n;
+
+	while (done < len) {
+		n = pwrite(fd, buf + done, len - done, off + done);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		done += n;
+	}
+	return 0;
+}
+
 static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 {
 	int fd = q->dev->cfg.backing_fd;
 	off_t off = (off_t)io->start_sector << 9;
-	size_t len = (size_t)io->nr_sectors << 9, done = 0;
-	ssize_t n;
+	size_t len = (size_t)io->nr_sectors << 9;
+	int r;
 
 	(void)tag;
 	switch (io->op_flags & 0xff) {
-	case UBLK_IO_OP_READ: {
-		int r = us_pread_zero(fd, io->buf, len, off);
-
+	case UBLK_IO_OP_READ:
+		r = us_pread_zero(fd, io->buf, len, off);
 		return r < 0 ? r : (int)len;
-	}
 	case UBLK_IO_OP_WRITE:
-		while (done < len) {
-			n = pwrite(fd, io->buf + done, len - done, off + done);
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (n <= 0)
-				return n < 0 ? -errno : -EIO;
-			done += n;
-		}
-		return len;
+		r = us_pwrite_full(fd, io->buf, len, off);
+		return r < 0 ? r : (int)len;
 	case UBLK_IO_OP_FLUSH:
 		/* RAM has nothing to flush (a loop file on tmpfs comes through here too) */
 		return 0;

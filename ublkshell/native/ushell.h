@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 #include <liburing.h>
 #include "uapi.h"
 #include "records.h"
@@ -162,6 +163,20 @@ void us_wlog_end(struct us_queue *q, struct us_io *io, int result);
 
 /* target_mem.c: read len bytes whole, zeros past the end of the file; 0 or -errno */
 int us_pread_zero(int fd, char *buf, size_t len, off_t off);
+/* write len bytes whole; 0 or -errno (-EIO if the file takes nothing) */
+int us_pwrite_full(int fd, const char *buf, size_t len, off_t off);
+
+/* an absolute deadline timeout_ms from now on clock, for pthread_cond_timedwait */
+static inline void us_deadline(struct timespec *ts, clockid_t clock, int timeout_ms)
+{
+	clock_gettime(clock, ts);
+	ts->tv_sec += timeout_ms / 1000;
+	ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
 
 /* ring.c: hand an IO to the target (after a delay or a hang ends) */
 void us_start_target(struct us_queue *q, unsigned tag);
