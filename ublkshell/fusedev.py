@@ -19,6 +19,7 @@ from . import devids
 from ._native import lib
 from .bridge import registry
 from .errors import UblkError
+from .mounts import is_mounted
 
 FUSE_DEV = "/dev/fuse"
 DAEMON_MODULE = "ublkshell.bridge.fuse_daemon"
@@ -76,27 +77,6 @@ def claim_id(wanted: int) -> int:
 
 
 # -- mounts ---------------------------------------------------------------
-def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def is_mounted(path: str) -> bool:
-    # from the mount table, never stat(): a dead FUSE mount answers ENOTCONN
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(_unescape(line.split()[4]) == path for line in f if len(line.split()) > 4)
-    except OSError:
-        return False
-
-
 def unmount_stale(path: str) -> bool:
     """Detach whatever is mounted on path (lazily: a dead FUSE mount never blocks it)."""
     if not is_mounted(path):

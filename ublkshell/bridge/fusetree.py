@@ -27,6 +27,7 @@ import trio
 from .._native import lib
 from ..devids import from_stem, stem
 from ..errors import UblkError
+from ..mounts import is_mounted
 from ..sizes import human
 from ..stats import Tail, fmt_ns, format_record, inflight, percentile, snapshot, summarize
 from ..verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
@@ -690,31 +691,6 @@ class StatsTree(pyfuse3.Operations):
 
 # -- mounting ------------------------------------------------------------------
 _active = False
-
-
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo writes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def is_mounted(mountpoint: str) -> bool:
-    """Whether anything is mounted on mountpoint (a dead FUSE mount included,
-    which os.path.ismount cannot tell: stat fails on it)."""
-    mp = os.path.abspath(mountpoint)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(len(fields) > 4 and _unescape(fields[4]) == mp
-                       for fields in (line.split() for line in f))
-    except OSError:
-        return os.path.ismount(mp)
 
 
 def _dead(mp: str) -> bool:
