@@ -61,6 +61,19 @@ def test_human():
     (["kill", "0", "1"], "ublkshell: unrecognized arguments: 1"),
     (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--recovery"],
      "ublkshell: --recovery is the kernel's ublk recovery: not for the FUSE transport"),
+    # faults and power cuts
+    (["add", "-t", "null", "--size", "1G", "--powercut"],
+     "ublkshell: --powercut needs a target that stores data (mem, loop), not null"),
+    (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--powercut"],
+     "ublkshell: --powercut is for ublk devices, not the FUSE transport"),
+    (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--no-records"],
+     "ublkshell: --no-records is for ublk devices, not the FUSE transport"),
+    (["powercut", "0", "--keep", "2"], "ublkshell: powercut: --keep 2.0 is outside 0..1"),
+    (["powercut", "0", "--partial", "--keep", "0.3"], "ublkshell: powercut: --partial or --keep P, not both"),
+    (["fail", "0", "op=wrte"],
+     "ublkshell: fail: column 8: unknown op 'wrte' (read, write, flush, discard, write_zeroes)"),
+    (["delay", "12"], "ublkshell: delay: column 9: delay needs a duration: delay 5ms, or delay 1ms..50ms"),
+    (["clear", "0", "x"], "ublkshell: argument RULE: invalid int value: 'x'"),
 ])
 def test_bad_input_is_one_line_with_exit_2(args, message):
     p = cli(*args)
@@ -110,3 +123,14 @@ def test_spec_from_good_options(tmp_path):
     assert spec["file"] == str(img) and spec["queues"] == 2 and spec["depth"] == 64
     assert spec["block_size"] == 512 and spec["max_io"] == 512 << 10
     assert build_spec("mem", size="1G")["size"] == 1 << 30
+
+
+def test_fault_verbs_on_a_device_without_statistics(tmp_path):
+    env = dict(os.environ, UBLKSHELL_MEM_DIR=str(tmp_path))
+    for args, message in [
+        (["fail", "5", "op=read"], f"ublkshell: device 5 is not served by ublkshell (no {tmp_path}/ublkb5.stats)"),
+        (["faults", "5"], f"ublkshell: device 5 is not served by ublkshell (no {tmp_path}/ublkb5.stats)"),
+        (["seed", "5", "-1"], "ublkshell: seed must be a whole number in 0..2^64-1"),
+    ]:
+        p = cli(*args, env=env)
+        assert p.returncode == 1 and p.stderr.strip() == message, (args, p.stderr)

@@ -350,6 +350,23 @@ def test_faults_file(mnt, source):
         f.write("clear\n")
     assert "no fault rules" in read(path).decode()
     assert lib.us_fault_eval(s.base, 0, 1, read_op, 4095, 8) == 0
+    # everything else written there is refused with the reason in the listing
+    for data, reason in [(b"clear abc\n", "clear takes a rule id, not 'abc'"),
+                         (b"seed x\n", "seed takes one whole number: seed 1234"),
+                         (b"\xff\xfe\n", "not UTF-8 text")]:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            assert errno_of(os.write, fd, data) == errno.EINVAL
+        finally:
+            os.close(fd)
+        assert reason in read(path).decode(), data
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        # a line that never ends is not buffered without bound
+        assert errno_of(os.write, fd, b"#" * (fusetree.MAX_FAULT_WRITE + 1)) == errno.EFBIG
+    finally:
+        os.close(fd)
+    assert "no fault rules" in read(path).decode()
 
 
 # -- trace ---------------------------------------------------------------------
