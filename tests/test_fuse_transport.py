@@ -420,7 +420,7 @@ def _in_private_dev(env, script: str) -> subprocess.CompletedProcess:
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                            "mount -t tmpfs none /dev && " + script],
                           capture_output=True, text=True, timeout=120,
-                          env=dict(env.env, PY=sys.executable))
+                          env=dict(env.env, PY=sys.executable, ROOT=str(env.root)))
 
 
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare (util-linux)")
@@ -437,7 +437,9 @@ def test_losetup_failing_is_one_line_and_leaves_nothing(env):
     # /dev has fuse but no loop-control: losetup really fails to find a device
     p = _in_private_dev(env, 'mknod -m 600 /dev/fuse c 10 229 && mknod -m 666 /dev/null c 1 3 && '
                              '"$PY" -m ublkshell add --transport fuse -t mem --size 64M --loop; rc=$?; '
-                             'echo "mounts: $(grep -c fuse.ublkshell /proc/self/mountinfo)"; exit $rc')
+                             # the namespace starts with a copy of the host's mounts: count only ours
+                             'echo "mounts: $(grep fuse.ublkshell /proc/self/mountinfo | grep -c "$ROOT")"; '
+                             'exit $rc')
     assert p.returncode == 1, p.stderr
     assert p.stderr.strip() == "ublkshell: losetup failed: cannot find an unused loop device"
     assert p.stdout.strip() == "mounts: 0"
