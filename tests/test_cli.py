@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ublkshell.errors import UsageError
-from ublkshell.sizes import human, parse_size
+from ublkshell.units import human, parse_size
 from ublkshell.targets import build_spec
 
 

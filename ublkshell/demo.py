@@ -14,7 +14,7 @@ import time
 
 from .ctrl import CONTROL_PATH, NO_DRIVER_HINT
 from .errors import UblkError
-from .sizes import human
+from .units import human
 
 
 def _step(msg: str) -> float:
@@ -36,7 +36,7 @@ def _run(argv: list[str], what: str, timeout: float = 600) -> str:
 
 
 def run_demo(size: str, allow_vm: bool = True) -> int:
-    from .sizes import parse_size
+    from .units import parse_size
 
     nbytes = parse_size(size, "--size")
     if not os.path.exists(CONTROL_PATH):

@@ -12,7 +12,7 @@ import struct
 from . import devids
 from ._native import lib
 from .errors import UblkError, UsageError
-from .sizes import parse_size
+from .units import parse_size
 
 MEM_DIR = os.environ.get("UBLKSHELL_MEM_DIR", "/dev/shm/ublkshell")
 _BLKGETSIZE64 = 0x80081272

@@ -5,7 +5,7 @@ import json
 
 from . import devids
 from .errors import UsageError
-from .sizes import human
+from .units import human
 
 
 # -- devices --------------------------------------------------------------

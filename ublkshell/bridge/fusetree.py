@@ -28,7 +28,7 @@ from .._native import lib
 from ..devids import from_stem, stem
 from ..errors import UblkError
 from ..mounts import is_mounted
-from ..sizes import human
+from ..units import human
 from ..stats import Tail, fmt_ns, format_record, inflight, percentile, snapshot, summarize
 from ..verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
 from ..uapi import feature_names

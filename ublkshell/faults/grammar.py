@@ -13,7 +13,7 @@ import errno as _errno
 import re
 
 from ..errors import UsageError
-from ..sizes import parse_size
+from ..units import parse_size
 
 ACTIONS = {
     "delay": "add latency: `delay 5ms` or uniform `delay 1ms..50ms`",

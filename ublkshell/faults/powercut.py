@@ -51,7 +51,7 @@ def run_powercut(a: dict) -> dict:
 
 
 def render_powercut(r: dict) -> str:
-    from ..sizes import human
+    from ..units import human
 
     what = (f"{r['dropped']} unflushed write{'s' if r['dropped'] != 1 else ''} "
             f"({human(r['dropped_bytes'])}) lost, {r['kept']} kept")
