@@ -11,7 +11,7 @@ from ublkshell.targets import build_spec
 
 
 def cli(*args, env=None):
-    e = dict(os.environ, UBLKSHELL_STATE_DIR="/tmp/ublkshell-test-state", **(env or {}))
+    e = {**os.environ, "UBLKSHELL_STATE_DIR": "/tmp/ublkshell-test-state", **(env or {})}
     return subprocess.run([sys.executable, "-m", "ublkshell", *args], capture_output=True,
                           text=True, timeout=60, env=e)
 
@@ -68,7 +68,7 @@ def test_human():
      "ublkshell: --powercut is for ublk devices, not the FUSE transport"),
     (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--no-records"],
      "ublkshell: --no-records is for ublk devices, not the FUSE transport"),
-    (["powercut", "0", "--keep", "2"], "ublkshell: powercut: --keep 2.0 is outside 0..1"),
+    (["powercut", "0", "--keep", "2"], "ublkshell: --keep: 2 is outside 0..1"),
     (["powercut", "0", "--partial", "--keep", "0.3"], "ublkshell: powercut: --partial or --keep P, not both"),
     (["fail", "0", "op=wrte"],
      "ublkshell: fail: column 8: unknown op 'wrte' (read, write, flush, discard, write_zeroes)"),
@@ -96,7 +96,17 @@ def test_empty_loop_file_needs_size(tmp_path):
 
 
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="this kernel has ublk_drv")
-@pytest.mark.parametrize("args", [["list"], ["features"], ["del", "0"], ["add", "-t", "mem", "--size", "1G"],
+def test_list_without_the_driver_is_an_empty_list(tmp_path):
+    # nothing to list is not an error: scripts that list before adding must not fail
+    env = {"UBLKSHELL_STATE_DIR": str(tmp_path / "state")}
+    p = cli("list", env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "no ublk devices\n", "")
+    p = cli("list", "--json", env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "[]\n", "")
+
+
+@pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="this kernel has ublk_drv")
+@pytest.mark.parametrize("args", [["features"], ["del", "0"], ["add", "-t", "mem", "--size", "1G"],
                                   ["kill", "0"], ["recover", "0"],
                                   ["add", "-t", "mem", "--size", "1G", "--recovery=fail"]])
 def test_missing_driver_says_how_to_get_it(args):
@@ -126,11 +136,13 @@ def test_spec_from_good_options(tmp_path):
 
 
 def test_fault_verbs_on_a_device_without_statistics(tmp_path):
-    env = dict(os.environ, UBLKSHELL_MEM_DIR=str(tmp_path))
+    env = dict(os.environ, UBLKSHELL_DATA_DIR=str(tmp_path))
     for args, message in [
         (["fail", "5", "op=read"], f"ublkshell: device 5 is not served by ublkshell (no {tmp_path}/ublkb5.stats)"),
         (["faults", "5"], f"ublkshell: device 5 is not served by ublkshell (no {tmp_path}/ublkb5.stats)"),
-        (["seed", "5", "-1"], "ublkshell: seed must be a whole number in 0..2^64-1"),
     ]:
         p = cli(*args, env=env)
         assert p.returncode == 1 and p.stderr.strip() == message, (args, p.stderr)
+    # a bad seed is refused before any device is looked at
+    p = cli("seed", "5", "-1", env=env)
+    assert p.returncode == 2 and p.stderr.strip() == "ublkshell: seed: -1 is out of range (0..18446744073709551615)"

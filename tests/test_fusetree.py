@@ -16,6 +16,7 @@ import pytest
 trio = pytest.importorskip("trio")
 pytest.importorskip("pyfuse3")
 
+from ublkshell import procs  # noqa: E402
 from ublkshell._native import lib  # noqa: E402
 from ublkshell.bridge import fusetree  # noqa: E402
 from ublkshell.bridge import shm as shm_mod  # noqa: E402
@@ -102,7 +103,7 @@ def _force_unmount(mp):
 @pytest.fixture
 def shm_dir(tmp_path, monkeypatch):
     d = tmp_path / "shm"
-    monkeypatch.setattr(shm_mod, "SHM_DIR", str(d))
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(d))
     return d
 
 
@@ -232,18 +233,28 @@ def test_json_counts_match_what_was_recorded(mnt, source):
 
 
 def test_info_and_params(mnt, source):
-    info = json.loads(read(f"{mnt}/ublkb3/info.json"))
-    assert info["id"] == 3 and info["pid"] == os.getpid() and info["daemon_alive"] is True
-    assert (info["queues"], info["depth"], info["block_size"], info["size"]) == (2, 16, 4096, 64 << 20)
-    text = read(f"{mnt}/ublkb3/info").decode()
-    assert "null 64M #3" in text and "2 x 16" in text and f"pid {os.getpid()} (alive)" in text
-    params = json.loads(read(f"{mnt}/ublkb3/params.json"))
-    assert params == json.loads(json.dumps(source.entries[3]))
-    ptext = read(f"{mnt}/ublkb3/params").decode()
-    assert "max_io" in ptext and "spec.target" in ptext
-    # a daemon that is gone shows as such
-    source.entries[5]["pid"] = 2**22 + 1
-    assert json.loads(read(f"{mnt}/ublkb5/info.json"))["daemon_alive"] is False
+    # a process whose command line names our daemon, recorded with its start time: alive
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ublkshell.bridge.daemon"])
+    try:
+        start = procs.start_time(stand_in.pid)
+        source.entries[3].update(pid=stand_in.pid, pid_start=start)
+        info = json.loads(read(f"{mnt}/ublkb3/info.json"))
+        assert info["id"] == 3 and info["pid"] == stand_in.pid and info["daemon_alive"] is True
+        assert (info["queues"], info["depth"], info["block_size"], info["size"]) == (2, 16, 4096, 64 << 20)
+        text = read(f"{mnt}/ublkb3/info").decode()
+        assert "null 64M #3" in text and "2 x 16" in text and f"pid {stand_in.pid} (alive)" in text
+        params = json.loads(read(f"{mnt}/ublkb3/params.json"))
+        assert params == json.loads(json.dumps(source.entries[3]))
+        ptext = read(f"{mnt}/ublkb3/params").decode()
+        assert "max_io" in ptext and "spec.target" in ptext
+        # a daemon that is gone shows as such; so does a live process that is not our daemon,
+        # and one of our daemons under a pid the entry recorded with another start time (reused)
+        for pid, pid_start in ((2**22 + 1, None), (os.getpid(), None), (stand_in.pid, start + 1)):
+            source.entries[5].update(pid=pid, pid_start=pid_start)
+            assert json.loads(read(f"{mnt}/ublkb5/info.json"))["daemon_alive"] is False, pid
+    finally:
+        stand_in.kill()
+        stand_in.wait()
 
 
 def test_inflight_shows_tags_being_served(mnt, source):
@@ -351,8 +362,8 @@ def test_faults_file(mnt, source):
     assert "no fault rules" in read(path).decode()
     assert lib.us_fault_eval(s.base, 0, 1, read_op, 4095, 8) == 0
     # everything else written there is refused with the reason in the listing
-    for data, reason in [(b"clear abc\n", "clear takes a rule id, not 'abc'"),
-                         (b"seed x\n", "seed takes one whole number: seed 1234"),
+    for data, reason in [(b"clear abc\n", "RULE: 'abc' is not a whole number"),
+                         (b"seed x\n", "seed: 'x' is not a whole number"),
                          (b"\xff\xfe\n", "not UTF-8 text")]:
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -476,7 +487,7 @@ def test_trace_follows_a_restarted_daemon(mnt, source, tmp_path, monkeypatch):
         rec(source.shms[5], 0, 1, READ, 10)
         assert _lines_until(out, 1)[0].split()[5] == "10+8"
         # what the server's source does when the stats file is replaced
-        monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path / "shm2"))
+        monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path / "shm2"))
         fresh = shm_mod.create(5, nr_queues=1, depth=8, records=64, pid=os.getpid())
         _previous, source.shms[5] = source.shms[5], fresh  # keep the old mapping alive
         rec(fresh, 0, 2, WRITE, 20)

@@ -13,7 +13,7 @@ READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_F
 
 @pytest.fixture
 def shm(tmp_path, monkeypatch):
-    monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path))
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path))
     s = shm_mod.create(7, nr_queues=2, depth=32, records=16, pid=1234)
     yield s
     s.close()

@@ -90,7 +90,7 @@ def test_completion(monkeypatch):
 
 @pytest.fixture
 def shm_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path))
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path))
     return tmp_path
 
 

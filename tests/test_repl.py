@@ -26,7 +26,7 @@ ESC = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 @pytest.fixture
 def env(tmp_path):
     return dict(os.environ, UBLKSHELL_STATE_DIR=str(tmp_path / "state"),
-                UBLKSHELL_MEM_DIR=str(tmp_path / "mem"), HOME=str(tmp_path),
+                UBLKSHELL_DATA_DIR=str(tmp_path / "mem"), HOME=str(tmp_path),
                 TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="200", LINES="50")
 
 
@@ -54,7 +54,7 @@ def server(tmp_path, env):
 @pytest.fixture
 def dev7(tmp_path, monkeypatch):
     """Device 7's statistics where the server looks, with 10 writes and 3 reads."""
-    monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path / "mem"))
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path / "mem"))
     s = shm_mod.create(7, 2, 32, 1024, os.getpid())
     for i in range(10):
         lib.us_shm_record_io(s.base, i % 2, i, WRITE, 1000 + 8 * i, 8, 4096, 20_000)
@@ -117,7 +117,7 @@ def test_bad_command_is_one_line_and_the_prompt_returns(repl):
         ("stats 'unbalanced", "cannot split the line: No closing quotation"),
         ("stats 12345", "device 12345 has no statistics (not served by ublkshell?)"),
         ("stats", "the following arguments are required: id"),
-        ("top 7 --interval 0", "top: --interval 0: must be more than 0"),
+        ("top 7 --interval 0", "top: --interval: 0 is outside 0.01..86400"),
     ]:
         out = run(repl, line).strip().splitlines()
         assert out == [f"error: {message}"], (line, out)

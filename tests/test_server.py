@@ -81,8 +81,8 @@ def test_ping_and_verbs(server):
     (b'{"id": 1}\n', 'request has no "cmd" string'),
     (b'{"id": 1, "cmd": "list", "args": [1]}\n', '"args" must be an object'),
     (b'{"id": {"x": 1}, "cmd": "ping"}\n', '"id" must be a number or a string'),
-    (b'{"id": 1, "cmd": "stats", "args": {}}\n', "bad arguments for stats"),
-    (b'{"id": 1, "cmd": "stats", "args": {"id": "zero"}}\n', "bad arguments for stats"),
+    (b'{"id": 1, "cmd": "stats", "args": {}}\n', "stats: ID is required"),
+    (b'{"id": 1, "cmd": "stats", "args": {"id": "zero"}}\n', "ID: 'zero' is not a device id"),
     (b"\xff\xfe\n", "not JSON"),
 ])
 def test_malformed_requests_get_an_error_and_the_server_stays_up(server, payload, error):

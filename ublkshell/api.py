@@ -54,9 +54,9 @@ def rule_words(**kw) -> list[str]:
 
 
 def _verb(name: str):
-    from .verbs import VERBS
+    from .verbs import call
 
-    return VERBS[name][0]
+    return lambda args: call(name, args)
 
 
 class Device:

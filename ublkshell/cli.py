@@ -147,11 +147,16 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the server (socket, stats tree, daemon watch) in the foreground",
                         description="Run the ublkshell server: a root-only control socket (JSON lines, "
                                     "docs/protocol.md), the FUSE stats tree, and a watch on every device "
-                                    "daemon. SIGTERM stops it and deletes the devices unless --keep-devices.")
+                                    "daemon. The devices belong to their own daemons: SIGTERM (or a crash) "
+                                    "stops the server and leaves them running, and a new server adopts "
+                                    "them. --delete-devices deletes them on a clean stop instead.")
     sv.add_argument("--socket", default=None, help="control socket (default /run/ublkshell/ublkshell.sock)")
     sv.add_argument("--mount", default="/mnt/ublkstats", help="where to mount the stats tree (default /mnt/ublkstats)")
     sv.add_argument("--no-fuse", action="store_true", help="do not mount the stats tree")
-    sv.add_argument("--keep-devices", action="store_true", help="leave the devices running when the server stops")
+    sv.add_argument("--delete-devices", action="store_true",
+                    help="delete every device when the server is stopped (SIGTERM, `shutdown`)")
+    # the default since devices outlive the server; still accepted from older scripts
+    sv.add_argument("--keep-devices", action="store_true", help=argparse.SUPPRESS)
     sv.add_argument("--auto-recover", action="store_true",
                     help="when the daemon of a device added with --recovery dies, start a new one")
 
@@ -195,10 +200,10 @@ def _args_of(args) -> dict:
 
 
 def _one_shot(args) -> int:
-    from .verbs import VERBS, dumps
+    from .verbs import VERBS, call, dumps
 
-    run, render = VERBS[args.verb]
-    result = run(_args_of(args))
+    render = VERBS[args.verb].render
+    result = call(args.verb, _args_of(args))
     if getattr(args, "json", False):
         print(dumps(result))
     elif args.verb == "stats":
@@ -210,19 +215,22 @@ def _one_shot(args) -> int:
 
 def _cmd_trace(args) -> int:
     from .bridge.shm import open_device
-    from .stats import Filter, follow, format_record, parse_duration
-    from .verbs import TRACE_HEADER
+    from .stats import Filter, follow, format_record
+    from .units import parse_duration
+    from .validate import check
+    from .verbs import TRACE_ARGS, TRACE_HEADER
 
-    flt = Filter.parse(args.filters)
-    duration = parse_duration(args.duration, "--duration") / 1e9 if args.duration else 0.0
-    s = open_device(args.id)
+    a = check("trace", TRACE_ARGS, _args_of(args))
+    flt = Filter.parse(a["filters"])
+    duration = parse_duration(a["duration"], "--duration", default_unit="s") / 1e9 if a["duration"] else 0.0
+    s = open_device(a["id"])
     if args.json:
         emit = lambda r: print(json.dumps(r, sort_keys=True), flush=True)  # noqa: E731
     else:
         print(TRACE_HEADER, flush=True)
         emit = lambda r: print(format_record(r), flush=True)  # noqa: E731
     try:
-        lost = follow(s, flt, emit, count=args.count, duration=duration, from_start=args.from_start)
+        lost = follow(s, flt, emit, count=a["count"], duration=duration, from_start=a["from_start"])
     except KeyboardInterrupt:
         return 0
     if lost:
@@ -265,8 +273,10 @@ def main(argv=None) -> int:
             from .bridge.protocol import SOCKET_PATH
             from .bridge.server import serve
 
+            if args.keep_devices and args.delete_devices:
+                raise UsageError("serve: --keep-devices or --delete-devices, not both")
             return serve(args.socket or args.shell_socket or SOCKET_PATH,
-                         None if args.no_fuse else args.mount, args.keep_devices,
+                         None if args.no_fuse else args.mount, args.delete_devices,
                          auto_recover=args.auto_recover)
         if args.verb == "demo":
             return _cmd_demo(args)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+from . import files
 from .bridge import registry
 from .bridge.protocol import SOCKET_PATH, encode
 from .errors import UblkError
@@ -17,7 +18,7 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
+            self._connect(path, timeout)
         except FileNotFoundError:
             raise UblkError(f"no ublkshell server at {path} (start one with `ublkshell serve`)") from None
         except ConnectionRefusedError:
@@ -26,6 +27,19 @@ class Client:
             raise UblkError(f"{path}: permission denied: the server is root-only") from None
         self.buf = b""
         self.next_id = 1
+
+    def _connect(self, path: str, timeout) -> None:
+        # a full listen backlog answers EAGAIN at once: a busy server, not a missing one
+        deadline = time.monotonic() + (timeout if timeout else 60)
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise UblkError(f"the ublkshell server at {path} is too busy to take a connection") from None
+                time.sleep(0.01)
 
     def close(self):
         self.sock.close()
@@ -55,6 +69,9 @@ class Client:
         rid = self.send(cmd, args)
         while True:
             msg = self._readline()
+            if msg.get("id") is None and msg.get("ok") is False:
+                # about the connection, not a request: busy, or a request it could not read
+                raise UblkError(msg.get("error", "the server refused"))
             if msg.get("id") != rid or "event" in msg or msg.get("started"):
                 continue
             if not msg.get("ok"):
@@ -89,10 +106,16 @@ def ensure_server(path: str = SOCKET_PATH, timeout: float = 60.0) -> None:
     """Start `ublkshell serve` in the background unless one already answers."""
     if server_running(path):
         return
+    from .devices import daemon_command
+
     log = os.path.join(registry.logdir(), "server.log")
-    with open(log, "ab", buffering=0) as logf:
-        subprocess.Popen([sys.executable, "-m", "ublkshell", "serve", "--socket", path],
-                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    argv, env = daemon_command("ublkshell")
+    fd = files.open_nofollow(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        subprocess.Popen(argv + ["serve", "--socket", os.path.abspath(path)], stdin=subprocess.DEVNULL,
+                         stdout=fd, stderr=fd, start_new_session=True, cwd="/", env=env)
+    finally:
+        os.close(fd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server_running(path):

@@ -6,9 +6,10 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
-from . import devids, fusedev
+from . import devids, files, fusedev, procs
 from .ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
 from .errors import UblkError
 from .recovery import recovery_mode
@@ -20,11 +21,12 @@ ADD_TIMEOUT = float(os.environ.get("UBLKSHELL_ADD_TIMEOUT", "120"))
 
 def _log_tail(path: str, lines: int = 3) -> str:
     try:
-        with open(path, errors="replace") as f:
-            tail = [l.strip() for l in f.readlines()[-lines:] if l.strip()]
-        return " | ".join(tail)
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    return " | ".join(l.strip() for l in text.splitlines()[-lines:] if l.strip())
 
 
 def add(spec: dict, timeout: float = ADD_TIMEOUT) -> dict:
@@ -39,26 +41,46 @@ def add(spec: dict, timeout: float = ADD_TIMEOUT) -> dict:
     return spawn_daemon(spec, timeout, module)
 
 
+def daemon_command(module: str) -> tuple[list[str], dict]:
+    """argv and environment for `python -m module`, importing this very ublkshell.
+
+    `python -m` puts the working directory first on sys.path: started from a
+    source checkout, a daemon would import the checkout instead of the
+    installed package (and fail without its compiled extension). -P drops
+    that entry, PYTHONPATH names the directory this ublkshell came from, and
+    the daemon runs in / so that it holds no directory of any filesystem."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return [sys.executable, "-P", "-m", module], env
+
+
 def spawn_daemon(spec: dict, timeout: float = ADD_TIMEOUT, module: str = "ublkshell.bridge.daemon") -> dict:
     """Start an IO daemon for spec (a new device, or `"recover": true` for an
     existing one) in its own session; return what it reports once it serves."""
-    log = os.path.join(registry.logdir(), f"daemon-{int(time.time() * 1000)}.log")
+    # O_EXCL, mode 0600, a name nobody can take first
+    fd, log = tempfile.mkstemp(dir=registry.logdir(), prefix=f"daemon-{int(time.time() * 1000)}-",
+                               suffix=".log")
     r, w = os.pipe()
-    env = dict(os.environ, UBLKSHELL_DAEMON_LOG=log)
-    with open(log, "ab", buffering=0) as logf:
+    argv, env = daemon_command(module)
+    env["UBLKSHELL_DAEMON_LOG"] = log
+    try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--spec", json.dumps(spec),
-             "--ready-fd", str(w)],
-            pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            argv + ["--spec", json.dumps(spec), "--ready-fd", str(w)],
+            pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd="/",
             start_new_session=True, env=env)
-    os.close(w)
+    finally:
+        os.close(fd)
+        os.close(w)
     buf = b""
     deadline = time.monotonic() + timeout
     try:
         while b"\n" not in buf:
             left = deadline - time.monotonic()
             if left <= 0:
+                # our own child, not yet reaped: its pid (and process group) cannot be reused
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 raise UblkError(f"the device daemon did not start within {timeout:.0f} s (log: {log})")
             ready, _, _ = select.select([r], [], [], min(left, 1.0))
             if ready:
@@ -66,20 +88,31 @@ def spawn_daemon(spec: dict, timeout: float = ADD_TIMEOUT, module: str = "ublksh
                 if not chunk:
                     break
                 buf += chunk
+                if len(buf) > 1 << 20:
+                    break
     finally:
         os.close(r)
     try:
         msg = json.loads(buf.decode().splitlines()[0]) if buf.strip() else None
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         msg = None
-    if not msg:
-        proc.wait(timeout=10)
+    if not isinstance(msg, dict):
+        _reap(proc)
         raise UblkError(f"the device daemon exited ({proc.returncode}) before serving: "
                         f"{_log_tail(log) or 'see ' + log}")
     if not msg.get("ok"):
-        proc.wait(timeout=30)
-        raise UblkError(msg.get("error", "the device daemon failed"))
+        _reap(proc)
+        raise UblkError(str(msg.get("error") or "the device daemon failed"))
     return msg["device"]
+
+
+def _reap(proc) -> None:
+    """A daemon that said it failed exits on its own; one that hangs on its way out is killed."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def describe(ctrl: Control, dev_id: int) -> dict:
@@ -98,7 +131,7 @@ def describe(ctrl: Control, dev_id: int) -> dict:
         "size": None,
         "block_size": None,
         "target": "-",
-        "daemon_alive": registry.pid_alive(int(info.ublksrv_pid)),
+        "daemon_alive": procs.is_daemon(int(info.ublksrv_pid)),
         "recovery": recovery_mode(int(info.flags)),
     }
     try:
@@ -110,7 +143,7 @@ def describe(ctrl: Control, dev_id: int) -> dict:
     entry = registry.read(dev_id)
     if entry:
         d["target"] = entry.get("describe", entry.get("target", "-"))
-        d["daemon_alive"] = registry.pid_alive(entry.get("pid"))
+        d["daemon_alive"] = procs.entry_daemon_alive(entry)
         d["pid"] = entry.get("pid", d["pid"])
     return d
 
@@ -118,7 +151,7 @@ def describe(ctrl: Control, dev_id: int) -> dict:
 def list_devices() -> list[dict]:
     out = []
     fuse = fusedev.list_devices()
-    if fuse and not os.path.exists(CONTROL_PATH):
+    if not os.path.exists(CONTROL_PATH):
         return fuse  # a kernel without ublk_drv: the FUSE devices are all there is
     with Control() as ctrl:
         for dev_id in list_device_ids():
@@ -130,13 +163,25 @@ def list_devices() -> list[dict]:
     return out + fuse
 
 
-def _wait_gone(pid: int, dev_id: int, timeout: float) -> bool:
+def _wait_gone(pid: int, start, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not registry.pid_alive(pid):
+        if not procs.is_daemon(pid, start):
             return True
         time.sleep(0.05)
     return False
+
+
+def stop_daemon(pid: int, start, timeout: float) -> bool:
+    """SIGTERM our daemon (it releases what it withholds, stops and deletes its device),
+    SIGKILL it if it does not finish in time. False if pid is not our daemon."""
+    if not procs.signal_daemon(pid, signal.SIGTERM, start):
+        return False
+    if not _wait_gone(pid, start, timeout):
+        # a daemon that cannot drain in time: the kernel's abort path takes over
+        procs.signal_daemon(pid, signal.SIGKILL, start)
+        _wait_gone(pid, start, 5)
+    return True
 
 
 def delete(dev_id: int, timeout: float = 20.0) -> None:
@@ -151,30 +196,23 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
                 registry.remove(dev_id)
                 raise UblkError(f"device {dev_id} does not exist") from None
             raise
-        entry = registry.read(dev_id) or {}
-        pid = entry.get("pid") or int(info.ublksrv_pid)
-        if registry.pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            if not _wait_gone(pid, dev_id, timeout):
-                # a daemon that cannot drain in time: the kernel's abort path takes over
-                os.kill(pid, signal.SIGKILL)
-                _wait_gone(pid, dev_id, 5)
+        entry = registry.read(dev_id)
+        if entry is not None:
+            stop_daemon(entry["pid"], entry.get("pid_start"), timeout)
+        else:
+            # no entry (a daemon killed before writing it): the kernel's pid, only if it is ours
+            stop_daemon(int(info.ublksrv_pid), None, timeout)
         if dev_id in list_device_ids():
             ctrl.stop_and_delete(dev_id)
         forget(dev_id)
 
 
 def forget(dev_id: int) -> None:
-    """Drop what a deleted device left on the host: its mem data, statistics, registry entry."""
-    mem = (registry.read(dev_id) or {}).get("mem_path")
-    if mem:
-        try:
-            os.unlink(mem)
-        except FileNotFoundError:
-            pass
+    """Drop what a deleted device left on the host: its mem data, statistics, registry entry.
+    Only files of ours, by the names we give them: never a path read from a file."""
+    from .targets import mem_path
+
+    files.unlink_quiet(mem_path(dev_id, create=False))
     shm.remove(dev_id)
     registry.remove(dev_id)
 

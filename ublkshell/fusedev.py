@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 
-from . import devids
+from . import devids, files, procs
 from ._native import lib
 from .bridge import registry
 from .errors import UblkError
@@ -25,8 +25,8 @@ FUSE_DEV = "/dev/fuse"
 DAEMON_MODULE = "ublkshell.bridge.fuse_daemon"
 
 
-def fuse_dir() -> str:
-    return os.path.join(registry.STATE_DIR, "fuse")
+def fuse_dir(create: bool = True):
+    return files.sub_dir("fuse", create)
 
 
 def mount_dir(dev_id: int) -> str:
@@ -53,8 +53,7 @@ def preflight() -> None:
 # -- ids ------------------------------------------------------------------
 def lock() -> int:
     """Held while a daemon picks its id and comes up: two adds never pick the same one."""
-    os.makedirs(fuse_dir(), mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(fuse_dir(), ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = files.open_nofollow(os.path.join(fuse_dir(), ".lock"), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
@@ -150,15 +149,8 @@ def detach_loop(loopdev, path, seq) -> bool:
 
 # -- daemons --------------------------------------------------------------
 def daemon_alive(entry: dict) -> bool:
-    """The entry's pid runs and is a FUSE daemon (not a process that reused the number)."""
-    pid = entry.get("pid")
-    if not registry.pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return DAEMON_MODULE.encode() in f.read()
-    except OSError:
-        return False
+    """The entry's pid runs and is its FUSE daemon (not a process that reused the number)."""
+    return procs.entry_daemon_alive(entry, (DAEMON_MODULE,))
 
 
 def clean_after(dev_id: int, entry: dict) -> list[str]:
@@ -227,15 +219,10 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
     if entry is None:
         # no entry, nothing to touch: its mount may be one a starting daemon is setting up
         raise UblkError(f"device {devids.name(dev_id)} does not exist")
-    if daemon_alive(entry):
-        try:
-            os.kill(entry["pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        if not _wait_gone(entry, timeout):
-            # killing it closes /dev/fuse: the kernel aborts the connection, nothing can hang on it
-            os.kill(entry["pid"], signal.SIGKILL)
-            _wait_gone(entry, 5)
+    if procs.signal_entry(entry, signal.SIGTERM, (DAEMON_MODULE,)) and not _wait_gone(entry, timeout):
+        # killing it closes /dev/fuse: the kernel aborts the connection, nothing can hang on it
+        procs.signal_entry(entry, signal.SIGKILL, (DAEMON_MODULE,))
+        _wait_gone(entry, 5)
     clean_after(dev_id, entry)
     forget(dev_id)
 

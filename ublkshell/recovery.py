@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from . import devids
+from . import devids, procs
 from ._native import lib
 from .ctrl import Control, CtrlError
 from .errors import UblkError, UsageError
@@ -28,7 +28,7 @@ _FEATURE_NAMES = {lib.UBLK_F_USER_RECOVERY: "user_recovery",
                   lib.UBLK_F_USER_RECOVERY_FAIL_IO: "user_recovery_fail_io"}
 # how long `kill` waits for the daemon to go and for the kernel to notice
 KILL_WAIT = float(os.environ.get("UBLKSHELL_KILL_WAIT", "15"))
-DAEMON_MODULE = b"ublkshell.bridge.daemon"
+DAEMON_MODULE = "ublkshell.bridge.daemon"
 
 
 def check_mode(mode) -> str | None:
@@ -81,20 +81,21 @@ def _info(ctrl: Control, dev_id: int):
         raise
 
 
-def _is_our_daemon(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return DAEMON_MODULE in f.read().split(b"\0")
-    except OSError:
-        return False
+def _serving(info, entry: dict):
+    """(pid, start) of the device's live daemon of ours, (0, None) if none: the registry's,
+    else the kernel's ublksrv_pid when that is one of our daemons."""
+    if procs.entry_daemon_alive(entry, (DAEMON_MODULE,)):
+        return entry["pid"], entry.get("pid_start")
+    pid = int(info.ublksrv_pid)
+    if procs.is_daemon(pid, None, (DAEMON_MODULE,)):
+        return pid, procs.start_time(pid)
+    return 0, None
 
 
-def _serving_pid(info, entry: dict) -> int:
-    """The live daemon of a device, 0 if none (the registry's, else the kernel's)."""
-    for pid in (entry.get("pid"), int(info.ublksrv_pid)):
-        if registry.pid_alive(pid):
-            return int(pid)
-    return 0
+def _foreign_server(info) -> int:
+    """The kernel's ublk server for the device if it runs and is not ours."""
+    pid = int(info.ublksrv_pid)
+    return pid if procs.alive(pid) and not procs.is_daemon(pid, None, (DAEMON_MODULE,)) else 0
 
 
 def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
@@ -105,21 +106,19 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
         entry = registry.read(dev_id)
         if entry is None:
             raise UblkError(f"device {dev_id} is not served by ublkshell: not killing its server")
-        pid = _serving_pid(info, entry)
+        pid, start = _serving(info, entry)
         if not pid:
+            if _foreign_server(info):
+                raise UblkError(f"device {dev_id}: pid {int(info.ublksrv_pid)} is not a ublkshell daemon: "
+                                "not killing it")
             raise UblkError(f"device {dev_id} has no live daemon ({STATES.get(info.state, info.state)}): "
                             "nothing to kill")
-        if not _is_our_daemon(pid):
-            raise UblkError(f"device {dev_id}: pid {pid} is not a ublkshell daemon: not killing it")
         # the server tells a kill from a crash by this mark
         registry.write(dev_id, dict(entry, killed_pid=pid, killed_at=time.time()))
         t0 = time.monotonic()
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        procs.signal_daemon(pid, signal.SIGKILL, start, (DAEMON_MODULE,))
         deadline = t0 + timeout
-        while registry.pid_alive(pid) and time.monotonic() < deadline:
+        while procs.is_daemon(pid, start, (DAEMON_MODULE,)) and time.monotonic() < deadline:
             time.sleep(0.02)
         # the kernel reacts once the dead daemon's rings let go of /dev/ublkcN
         state = None
@@ -134,7 +133,7 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
             if state != lib.UBLK_S_DEV_LIVE:
                 break
             time.sleep(0.02)
-        return {"id": dev_id, "pid": pid, "daemon_gone": not registry.pid_alive(pid),
+        return {"id": dev_id, "pid": pid, "daemon_gone": not procs.is_daemon(pid, start, (DAEMON_MODULE,)),
                 "state": STATES.get(state, "GONE" if state is None else str(state)),
                 "recovery": recovery_mode(int(info.flags)),
                 "seconds": round(time.monotonic() - t0, 3)}
@@ -166,7 +165,7 @@ def check_recoverable(dev_id: int) -> dict:
                             f"(delete it: `del {dev_id}`)")
         if entry is None:
             raise UblkError(f"device {dev_id} is not served by ublkshell: nothing to recover it from")
-        pid = _serving_pid(info, entry)
+        pid = _serving(info, entry)[0] or _foreign_server(info)
         if pid:
             raise UblkError(f"device {dev_id} is served by a live daemon (pid {pid}): "
                             f"nothing to recover (`kill {dev_id}` first)")
@@ -182,8 +181,6 @@ def recover(dev_id: int) -> dict:
     entry = check_recoverable(dev_id)
     spec = dict(entry["spec"], dev_id=dev_id, recover=True,
                 recoveries=int(entry.get("recoveries", 0)) + 1)
-    if entry.get("mem_path"):
-        spec["mem_path"] = entry["mem_path"]
     t0 = time.monotonic()
     dev = spawn_daemon(spec)
     dev["old_pid"] = entry.get("pid")

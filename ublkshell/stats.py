@@ -5,6 +5,7 @@ import time
 from ._native import ffi, lib
 from .bridge.shm import OP_NAMES, OPS, Shm
 from .errors import UsageError
+from .units import parse_duration
 
 FLAG_NAMES = ((lib.UBLK_IO_F_FUA, "fua"), (lib.UBLK_IO_F_NOUNMAP, "nounmap"),
               (lib.UBLK_IO_F_FAILFAST_DEV, "failfast"), (lib.UBLK_IO_F_META, "meta"),
@@ -93,17 +94,6 @@ def fmt_ns(ns: int) -> str:
     return f"{ns / 1e9:.3g}s"
 
 
-def parse_duration(text: str, option: str) -> int:
-    units = (("ns", 1), ("us", 1000), ("ms", 1_000_000), ("s", 1_000_000_000))
-    for suffix, mult in units:
-        if text.endswith(suffix) and not (suffix == "s" and text[-2:-1].isalpha()):
-            try:
-                return int(float(text[: -len(suffix)]) * mult)
-            except ValueError:
-                break
-    raise UsageError(f"{option}: {text!r} is not a duration (try 500us, 1ms, 2s)")
-
-
 class Filter:
     """Which records `trace` shows: queue, tag, op, LBA range, min latency, errors."""
 
@@ -139,7 +129,7 @@ class Filter:
                     if f.lba[1] < f.lba[0]:
                         raise UsageError(f"trace filter lba={val}: the range is empty")
                 elif key == "min_lat":
-                    f.min_lat_ns = parse_duration(val, "min_lat")
+                    f.min_lat_ns = parse_duration(val, "trace filter min_lat")
                 else:
                     raise UsageError(f"trace filter {key!r} is unknown (q, tag, op, lba, min_lat, errors, faulted)")
             except ValueError:

@@ -9,12 +9,11 @@ import os
 import stat
 import struct
 
-from . import devids
+from . import devids, files
 from ._native import lib
 from .errors import UblkError, UsageError
 from .units import parse_size
 
-MEM_DIR = os.environ.get("UBLKSHELL_MEM_DIR", "/dev/shm/ublkshell")
 _BLKGETSIZE64 = 0x80081272
 _BLKSSZGET = 0x1268
 
@@ -88,23 +87,34 @@ class NullTarget(Target):
     kind = lib.US_TGT_NULL
 
 
+def mem_path(dev_id: int, create: bool = True):
+    """Where a mem device's data lives (data dir, see files.py); None if there is no data dir."""
+    d = files.data_dir(create)
+    return None if d is None else os.path.join(d, f"{devids.stem(dev_id)}.mem")
+
+
 class MemTarget(Target):
     name = "mem"
     kind = lib.US_TGT_MEM
 
     def attach(self, dev_id: int) -> None:
-        os.makedirs(MEM_DIR, mode=0o700, exist_ok=True)
-        path = self.spec.get("mem_path") or os.path.join(MEM_DIR, f"{devids.stem(dev_id)}.mem")
+        path = mem_path(dev_id)
         if self.spec.get("recover"):
             # the dead daemon's data: a missing file must not become an empty disk
             try:
-                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                self.fd = files.open_nofollow(path, os.O_RDWR)
             except FileNotFoundError:
-                raise UblkError(f"the mem data of device {dev_id} ({path}) is gone: "
+                raise UblkError(f"the mem data of device {devids.name(dev_id)} ({path}) is gone: "
                                 "cannot recover it") from None
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise UblkError(f"{path}: not a regular file: cannot recover from it")
         else:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_TRUNC, 0o600)
-            os.ftruncate(self.fd, self.size)
+            # whatever an earlier device of this id left is replaced, never followed
+            self.fd = files.create_new(path)
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError as e:
+                raise UblkError(f"mem: cannot make {path} {self.size} bytes: {e.strerror}") from None
         self.path = path
 
     def state(self) -> dict:
@@ -114,12 +124,7 @@ class MemTarget(Target):
         return self.fd
 
     def remove(self) -> None:
-        path = getattr(self, "path", None) or self.spec.get("mem_path")
-        if path:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        files.unlink_quiet(getattr(self, "path", None))
 
 
 class LoopTarget(Target):
@@ -199,6 +204,8 @@ TARGETS = {t.name: t for t in (NullTarget, MemTarget, LoopTarget)}
 
 
 POWERCUT_LOG = 256 << 20
+# 1 EiB: sector numbers and byte offsets stay far from 64-bit overflow everywhere
+MAX_DEVICE_SIZE = 1 << 60
 TRANSPORTS = ("ublk", "fuse")
 
 
@@ -222,11 +229,8 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
     if file is not None:
         spec["file"] = os.path.abspath(file)
     if size is not None:
-        spec["size"] = parse_size(size, "--size")
-    if not 1 <= queues <= 64:
-        raise UsageError(f"-q/--queues: {queues} is out of range (1..64)")
-    if not 1 <= depth <= lib.UBLK_MAX_QUEUE_DEPTH:
-        raise UsageError(f"-d/--depth: {depth} is out of range (1..{lib.UBLK_MAX_QUEUE_DEPTH})")
+        spec["size"] = parse_size(size, "--size", hi=MAX_DEVICE_SIZE)
+    # queues, depth and dev_id arrive range-checked (validate.py, verbs.ADD_ARGS)
     spec["queues"], spec["depth"] = queues, depth
     bs = 512 if block_size is None else parse_size(block_size, "--block-size")
     if bs not in (512, 1024, 2048, 4096):
@@ -238,8 +242,6 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
     spec["max_io"] = mio
     if "size" in spec and spec["size"] % bs:
         raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
-    if dev_id is not None and dev_id != -1 and not 0 <= dev_id < (1 << 20):
-        raise UsageError(f"-n/--number: {dev_id} is not a valid device id")
     if transport == "fuse" and (powercut or no_records):
         raise UsageError(f"--{'powercut' if powercut else 'no-records'} is for ublk devices, "
                          "not the FUSE transport")

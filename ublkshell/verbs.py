@@ -2,10 +2,12 @@
 the work and returns plain JSON-able data; `render_X(result) -> str` turns it
 into text for people. `--json` prints the result itself."""
 import json
+from typing import Any, Callable, NamedTuple
 
 from . import devids
 from .errors import UsageError
 from .units import human
+from .validate import ID, JSON, Arg, check, dev_ids, flag, optional, text, text_or_flag, whole, words
 
 
 # -- devices --------------------------------------------------------------
@@ -13,13 +15,29 @@ def run_add(a: dict) -> dict:
     from .devices import add
     from .targets import build_spec
 
-    spec = build_spec(a.get("target") or "", file=a.get("file"), size=a.get("size"),
-                      queues=a.get("queues", 1), depth=a.get("depth", 128),
-                      block_size=a.get("block_size"), max_io=a.get("max_io", "512k"),
-                      dev_id=a.get("dev_id", -1), transport=a.get("transport") or "ublk",
-                      loop=bool(a.get("loop")), powercut=bool(a.get("powercut")),
-                      no_records=bool(a.get("no_records")), recovery=a.get("recovery"))
+    spec = build_spec(a["target"], file=a["file"], size=a["size"], queues=a["queues"], depth=a["depth"],
+                      block_size=a["block_size"], max_io=a["max_io"], dev_id=a["dev_id"],
+                      transport=a["transport"], loop=a["loop"], powercut=a["powercut"],
+                      no_records=a["no_records"], recovery=a["recovery"])
     return add(spec)
+
+
+ADD_ARGS = {
+    "target": Arg("-t/--type", text(64), required=True),
+    "file": Arg("-f/--file", optional(text())),
+    "size": Arg("--size", optional(text(64))),
+    "queues": Arg("-q/--queues", whole(1, 64), 1),
+    "depth": Arg("-d/--depth", whole(1, 4096), 128),
+    "dev_id": Arg("-n/--number", whole(-1, devids.FUSE_BASE - 1), -1),
+    "block_size": Arg("--block-size", optional(text(64))),
+    "max_io": Arg("--max-io", text(64), "512k"),
+    "transport": Arg("--transport", text(64), "ublk"),
+    "loop": Arg("--loop", flag, False),
+    "powercut": Arg("--powercut", flag, False),
+    "no_records": Arg("--no-records", flag, False),
+    "recovery": Arg("--recovery", text_or_flag()),
+    **JSON,
+}
 
 
 def render_add(dev: dict) -> str:
@@ -41,14 +59,13 @@ def render_add_fuse(dev: dict) -> str:
 def run_del(a: dict) -> dict:
     from .devices import delete, delete_all
 
-    ids = a.get("ids") or []
-    if a.get("all"):
+    ids = a["ids"]
+    if a["all"]:
         if ids:
             raise UsageError("del: give device ids or -a, not both")
         return {"deleted": delete_all(), "all": True}
     if not ids:
         raise UsageError("del: which device? give an id (see `ublkshell list`) or -a for all")
-    ids = [devids.parse(i) for i in ids]
     for dev_id in ids:
         delete(dev_id)
     return {"deleted": ids, "all": False}
@@ -144,8 +161,7 @@ def stats_of(dev_id: int, shm) -> dict:
 def run_stats(a: dict) -> dict:
     from .bridge.shm import open_device
 
-    dev_id = devids.parse(a["id"])
-    return stats_of(dev_id, open_device(dev_id))
+    return stats_of(a["id"], open_device(a["id"]))
 
 
 def stats_table(title: str, rows: list, all_ops: bool = False) -> str:
@@ -176,7 +192,7 @@ def run_lat(a: dict) -> dict:
     from .bridge.shm import OPS, open_device
     from .stats import snapshot, summarize
 
-    dev_id, op = devids.parse(a["id"]), a.get("op") or "read"
+    dev_id, op = a["id"], a["op"]
     if op not in OPS:
         raise UsageError(f"lat: unknown op {op!r} (choose from {', '.join(OPS)})")
     o = snapshot(open_device(dev_id))["ops"][op]
@@ -217,8 +233,7 @@ def run_inflight(a: dict) -> dict:
     from .bridge.shm import open_device
     from .stats import inflight
 
-    dev_id = devids.parse(a["id"])
-    return {"device": dev_id, "tags": inflight(open_device(dev_id))}
+    return {"device": a["id"], "tags": inflight(open_device(a["id"]))}
 
 
 def tags_table(title: str, tags: list) -> str:
@@ -240,32 +255,45 @@ def render_inflight(r: dict) -> str:
     return tags_table(f"dev {devids.name(r['device'])}", r["tags"])
 
 
+TRACE_ARGS = {**ID, "filters": Arg("FILTER", words()), "from_start": Arg("--from-start", flag, False),
+              "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", optional(text(64))),
+              **JSON}
 TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"
 
-# verb -> (run, render) for the one-shot verbs
+class Verb(NamedTuple):
+    run: Callable[[dict], Any]
+    render: Callable[..., str]
+    args: dict  # name -> validate.Arg: what the verb takes, checked by call()
+
+
+# the one-shot verbs
 VERBS = {
-    "add": (run_add, render_add), "del": (run_del, render_del), "list": (run_list, render_list),
-    "features": (run_features, render_features), "stats": (run_stats, render_stats),
-    "lat": (run_lat, render_lat), "inflight": (run_inflight, render_inflight),
+    "add": Verb(run_add, render_add, ADD_ARGS),
+    "del": Verb(run_del, render_del, {"ids": Arg("ID", dev_ids), "all": Arg("-a/--all", flag, False), **JSON}),
+    "list": Verb(run_list, render_list, JSON),
+    "features": Verb(run_features, render_features, JSON),
+    "stats": Verb(run_stats, render_stats, {**ID, "queues": Arg("--queues", flag, False), **JSON}),
+    "lat": Verb(run_lat, render_lat, {**ID, "op": Arg("OP", text(32), "read"), **JSON}),
+    "inflight": Verb(run_inflight, render_inflight, {**ID, **JSON}),
 }
 
 # the fault verbs (delay, fail, ..., faults, clear, seed) live with the rule engine
 from .faults.verbs import VERBS as _FAULT_VERBS  # noqa: E402
 
-VERBS.update(_FAULT_VERBS)
+VERBS.update({name: Verb(*v) for name, v in _FAULT_VERBS.items()})
 
 
 # -- daemon death and recovery (kill, recover) ---------------------------------
 def run_kill(a: dict) -> dict:
     from .recovery import kill
 
-    return kill(devids.parse(a["id"]))
+    return kill(a["id"])
 
 
 def run_recover(a: dict) -> dict:
     from .recovery import recover
 
-    return recover(devids.parse(a["id"]))
+    return recover(a["id"])
 
 
 def render_kill(r: dict) -> str:
@@ -280,8 +308,17 @@ def render_recover(r: dict) -> str:
     return render(r)
 
 
-VERBS.update({"kill": (run_kill, render_kill), "recover": (run_recover, render_recover)})
+VERBS.update({"kill": Verb(run_kill, render_kill, {**ID, **JSON}),
+              "recover": Verb(run_recover, render_recover, {**ID, **JSON})})
 # -- end daemon death and recovery ---------------------------------------------
+
+
+def call(name: str, args) -> Any:
+    """Run a verb with arguments from any face: checked first (validate.py), then run."""
+    verb = VERBS.get(name)
+    if verb is None:
+        raise UsageError(f"unknown command {str(name)[:40]!r}")
+    return verb.run(check(name, verb.args, args))
 
 
 def dumps(result) -> str:

@@ -20,7 +20,9 @@ import os
 import signal
 import sys
 import time
+import traceback
 
+from .. import procs
 from .._native import ffi, lib
 from ..ctrl import Control, CtrlError
 from ..errors import UblkError
@@ -157,7 +159,7 @@ class Daemon:
                 # EBUSY: the dead daemon's /dev/ublkcN is not released yet
                 # (its rings are torn down in the background), or a live daemon serves it
                 info = self.ctrl.get_dev_info(dev_id)
-                if info.state == lib.UBLK_S_DEV_LIVE and registry.pid_alive(int(info.ublksrv_pid)):
+                if info.state == lib.UBLK_S_DEV_LIVE and procs.alive(int(info.ublksrv_pid)):
                     raise UblkError(f"device {dev_id} is served by a live daemon "
                                     f"(pid {info.ublksrv_pid}): nothing to recover") from None
                 if info.state == lib.UBLK_S_DEV_DEAD:
@@ -212,7 +214,7 @@ class Daemon:
         spec["dev_id"] = self.dev_id
         return {
             "id": self.dev_id,
-            "pid": os.getpid(),
+            **procs.me(),
             "target": spec["target"],
             "describe": self.target.describe(),
             "size": self.target.size,
@@ -330,11 +332,21 @@ def daemon_main(argv, prog: str, make, handlers: dict, on_failure=None) -> int:
     try:
         d = make(json.loads(args.spec))
         entry = d.start()
-    except (UblkError, OSError) as e:
-        msg = str(e) if isinstance(e, UblkError) else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
+    except Exception as e:
+        if isinstance(e, UblkError):
+            msg = str(e)
+        elif isinstance(e, OSError):
+            msg = f"{e.filename or ''}: {e.strerror}".lstrip(": ")
+        else:
+            # a bug: the spawner gets one line, the log gets the traceback
+            msg = f"internal error: {type(e).__name__}: {e}"
+            traceback.print_exc()
         _log(f"failed: {msg}")
         if d is not None and on_failure is not None:
-            on_failure(d)
+            try:
+                on_failure(d)
+            except Exception as e2:
+                _log(f"cleaning up after the failure: {type(e2).__name__}: {e2}")
         report({"ok": False, "error": msg})
         return 1
     report({"ok": True, "device": entry})

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 
-from .. import devids, fusedev
+from .. import devids, files, fusedev, procs
 from .._native import ffi, lib
 from ..errors import UblkError
 from ..targets import make_target
@@ -76,7 +76,7 @@ class FuseDaemon:
         self.stats = shm.create(self.dev_id, 1, depth, spec.get("records", shm.DEFAULT_RECORDS),
                                 os.getpid())
         self.mount = fusedev.mount_dir(self.dev_id)
-        os.makedirs(self.mount, mode=0o700, exist_ok=True)
+        files.private_dir(self.mount)
 
         cfg = ffi.new("struct us_fuse_cfg *")
         cfg.target = self.target.kind
@@ -99,7 +99,7 @@ class FuseDaemon:
             "id": self.dev_id,
             "name": self.name,
             "transport": "fuse",
-            "pid": os.getpid(),
+            **procs.me(),
             "target": spec["target"],
             "describe": self.target.describe(),
             "size": self.target.size,

@@ -12,6 +12,7 @@ each lookup, readdir and open asks the DeviceSource again, so devices appear
 and vanish with the server's view of them."""
 import errno
 import functools
+import inspect
 import json
 import logging
 import os
@@ -26,13 +27,13 @@ import trio
 
 from .._native import lib
 from ..devids import from_stem, stem
-from ..errors import UblkError
+from ..errors import UblkError, UsageError
 from ..mounts import is_mounted
 from ..units import human
 from ..stats import Tail, fmt_ns, format_record, inflight, percentile, snapshot, summarize
 from ..verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
 from ..uapi import feature_names
-from .registry import pid_alive
+from .. import procs
 from .shm import OPS, Shm
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def _info(dev, entry, s):
     return {"id": dev, "target": entry.get("target"), "describe": entry.get("describe"),
             "size": entry.get("size"), "block_size": entry.get("block_size"),
             "queues": entry.get("queues"), "depth": entry.get("depth"),
-            "pid": pid, "daemon_alive": pid_alive(pid) if isinstance(pid, int) else False,
+            "pid": pid, "daemon_alive": procs.entry_daemon_alive(entry),
             "flags": flags, "flag_names": feature_names(flags),
             "recovery": entry.get("recovery"), "recoveries": entry.get("recoveries", 0)}
 
@@ -206,22 +207,24 @@ def faults_text(dev, entry, s):
 
 
 def apply_fault_line(dev: int, line: str) -> None:
-    """One line written to a device's `faults` file: a rule, `clear [ID]` or `seed N`."""
-    from ..errors import UsageError
+    """One line written to a device's `faults` file: a rule, `clear [ID]` or `seed N`,
+    checked like the same verb from any other face."""
     from ..faults import table
+    from ..verbs import call
 
     words = line.split()
     if not words or words[0].startswith("#"):
         return
-    if words[0] == "clear" and len(words) <= 2:
-        if len(words) == 2 and not words[1].isdigit():
-            raise UsageError(f"clear takes a rule id, not {words[1]!r}")
-        table.clear(dev, int(words[1]) if len(words) == 2 else 0)
+    if words[0] == "clear":
+        if len(words) > 2:
+            raise UsageError("clear takes at most one rule id: clear, or clear 3")
+        call("clear", {"id": dev, "rule": words[1] if len(words) == 2 else None})
     elif words[0] == "seed":
-        if len(words) != 2 or not words[1].isdigit():
+        if len(words) != 2:
             raise UsageError("seed takes one whole number: seed 1234")
-        table.set_seed(dev, int(words[1]))
+        call("seed", {"id": dev, "seed": words[1]})
     else:
+        # a rule line: the rule grammar checks it (columns count in this line)
         table.add(dev, line)
 
 
@@ -314,7 +317,17 @@ class _Handle:
 
 def _guard(fn):
     """Unexpected errors become EIO: an exception escaping a handler would
-    end pyfuse3's main loop and leave a dead mount behind."""
+    end pyfuse3's main loop (and with it the tree) and leave a dead mount."""
+    if fn.__name__ == "forget":
+        # the kernel expects no answer to a forget: nothing to turn an error into
+        @functools.wraps(fn)
+        async def quiet(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as e:
+                log.error("stats tree: forget failed: %s: %s", type(e).__name__, e)
+        return quiet
+
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
         try:
@@ -329,10 +342,19 @@ def _guard(fn):
     return wrapper
 
 
+def guard_handlers(cls):
+    """_guard every request handler a pyfuse3.Operations subclass defines."""
+    for name, fn in list(vars(cls).items()):
+        if inspect.iscoroutinefunction(fn) and hasattr(pyfuse3.Operations, name):
+            setattr(cls, name, _guard(fn))
+    return cls
+
+
 def _err(code):
     return pyfuse3.FUSEError(code)
 
 
+@guard_handlers
 class StatsTree(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -453,7 +475,6 @@ class StatsTree(pyfuse3.Operations):
         raise _err(errno.ENOTDIR)
 
     # -- lookups -----------------------------------------------------------------
-    @_guard
     async def lookup(self, parent_inode, name, ctx=None):
         kind, dev, q, _spec, entry = self._node(parent_inode)
         ino = None
@@ -480,14 +501,12 @@ class StatsTree(pyfuse3.Operations):
             raise _err(errno.ENOENT)
         return self._attr(ino, self._node(ino))
 
-    @_guard
     async def getattr(self, inode, ctx=None):
         return self._attr(inode, self._node(inode))
 
     async def forget(self, inode_list):
         pass  # inodes carry no state
 
-    @_guard
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
         only_truncate = (fields.update_size and attr.st_size == 0 and not
@@ -498,7 +517,6 @@ class StatsTree(pyfuse3.Operations):
         raise _err(errno.EACCES)
 
     # -- directories ---------------------------------------------------------------
-    @_guard
     async def opendir(self, inode, ctx):
         if self._node(inode).kind not in ("root", "devdir", "qsdir", "qdir"):
             raise _err(errno.ENOTDIR)
@@ -506,7 +524,6 @@ class StatsTree(pyfuse3.Operations):
         self.dirs[fh] = inode
         return fh
 
-    @_guard
     async def readdir(self, fh, start_id, token):
         ino = self.dirs.get(fh)
         if ino is None:
@@ -528,7 +545,6 @@ class StatsTree(pyfuse3.Operations):
         self.dirs.pop(fh, None)
 
     # -- files ---------------------------------------------------------------------
-    @_guard
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         kind, dev, q, spec, entry = node
@@ -566,7 +582,6 @@ class StatsTree(pyfuse3.Operations):
         self.handles[fi.fh] = h
         return fi
 
-    @_guard
     async def read(self, fh, off, size):
         h = self.handles.get(fh)
         if h is None:
@@ -611,7 +626,6 @@ class StatsTree(pyfuse3.Operations):
         tr.pending = data[cut:]
         return data[:cut]
 
-    @_guard
     async def write(self, fh, off, buf):
         h = self.handles.get(fh)
         if h is None:
@@ -628,8 +642,6 @@ class StatsTree(pyfuse3.Operations):
         return len(buf)
 
     async def _fault_lines(self, dev: int, data: bytes) -> None:
-        from ..errors import UblkError
-
         try:
             lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError:
@@ -640,9 +652,9 @@ class StatsTree(pyfuse3.Operations):
                 await trio.to_thread.run_sync(apply_fault_line, dev, line)
             except UblkError as e:
                 # the writer only sees EINVAL: the reason goes to the log and the listing
-                msg = f"{line.strip()!r}: {e}"
+                msg = f"{line.strip()[:120]!r}: {e}"
                 self.fault_errors[dev] = msg
-                log.warning("stats tree: ublkb%d/faults: %s", dev, msg)
+                log.warning("stats tree: %s/faults: %s", stem(dev), msg)
                 raise _err(errno.EINVAL) from None
         self.fault_errors.pop(dev, None)
 

@@ -8,10 +8,10 @@ Each reply carries the request's id: {"id", "ok": true, "result"} or
 import json
 import os
 
-from .registry import STATE_DIR
-
-SOCKET_PATH = os.environ.get("UBLKSHELL_SOCKET", os.path.join(STATE_DIR, "ublkshell.sock"))
+SOCKET_PATH = os.environ.get("UBLKSHELL_SOCKET") or os.path.join(
+    os.environ.get("UBLKSHELL_STATE_DIR", "/run/ublkshell"), "ublkshell.sock")
 MAX_LINE = 1 << 20
+MAX_DEPTH = 32  # nesting no request needs; deeper is refused before the decoder recurses
 VERSION = 1
 
 
@@ -23,21 +23,43 @@ def encode(msg: dict) -> bytes:
     return (json.dumps(msg, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _too_deep(line: bytes) -> bool:
+    # brackets inside strings count too: a request has no reason to hold 32 of them in a row
+    depth = 0
+    for c in line:
+        if c in b"[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif c in b"]}":
+            depth -= 1
+    return False
+
+
 def decode_request(line: bytes) -> tuple:
     """-> (id, cmd, args) or raise ProtocolError (id is None when unknown)."""
+    if _too_deep(line):
+        raise ProtocolError(f"a request nests deeper than {MAX_DEPTH} levels")
     try:
-        msg = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"not JSON: {e}") from None
+        # NaN and Infinity are Python's extension of JSON, not numbers any argument takes
+        msg = json.loads(line, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(f"not JSON: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("a request is a JSON object")
     rid = msg.get("id")
     cmd = msg.get("cmd")
     args = msg.get("args", {})
+    if not isinstance(rid, (int, str, type(None))) or isinstance(rid, bool):
+        raise ProtocolError("\"id\" must be a number or a string")
+    if isinstance(rid, str) and len(rid) > 256 or isinstance(rid, int) and abs(rid) >= 1 << 63:
+        raise ProtocolError("\"id\" is too long")
     if not isinstance(cmd, str) or not cmd:
         raise ProtocolError("request has no \"cmd\" string")
     if not isinstance(args, dict):
         raise ProtocolError("\"args\" must be an object")
-    if not isinstance(rid, (int, str, type(None))) or isinstance(rid, bool):
-        raise ProtocolError("\"id\" must be a number or a string")
     return rid, cmd, args

@@ -1,77 +1,67 @@
 """Where each device's daemon writes what it serves, so that `list`, `del`
-and later a restarted server can find it: one JSON file per device under the
-state directory (root-only, 0700/0600)."""
+and later a restarted server can find it: one JSON file per device in the
+state directory's devices/ (root-only: ublkshell/files.py)."""
 import json
 import os
 
-from .. import devids
+from .. import devids, files
+from ..errors import UblkError
 
-STATE_DIR = os.environ.get("UBLKSHELL_STATE_DIR", "/run/ublkshell")
-
-
-def _devdir() -> str:
-    return os.path.join(STATE_DIR, "devices")
+MAX_ENTRY = 1 << 20  # an entry is a few KB; anything bigger is not one of ours
 
 
 def logdir() -> str:
-    d = os.path.join(STATE_DIR, "log")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
+    return files.sub_dir("log")
 
 
-def _path(dev_id: int) -> str:
+def _path(d: str, dev_id: int) -> str:
     # devices/3.json for ublk device 3, devices/fuse0.json for FUSE device fuse0
-    return os.path.join(_devdir(), f"{devids.name(dev_id)}.json")
+    return os.path.join(d, f"{devids.name(dev_id)}.json")
 
 
 def write(dev_id: int, entry: dict) -> None:
-    d = _devdir()
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    path = _path(dev_id)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(entry, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    data = json.dumps(entry, indent=1, sort_keys=True).encode()
+    files.write_atomic(_path(files.sub_dir("devices"), dev_id), data)
+
+
+def _valid(dev_id: int, e) -> bool:
+    # entries are our own files in a root-only directory, but a half-written or
+    # hand-edited one must not crash the readers that trust its types
+    return (isinstance(e, dict) and e.get("id") == dev_id and isinstance(e.get("pid"), int)
+            and not isinstance(e.get("pid"), bool) and isinstance(e.get("spec", {}), dict))
 
 
 def read(dev_id: int):
-    try:
-        with open(_path(dev_id)) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
+    d = files.sub_dir("devices", create=False)
+    if d is None:
         return None
+    try:
+        fd = files.open_nofollow(_path(d, dev_id), os.O_RDONLY)
+    except (OSError, UblkError):
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            e = json.loads(f.read(MAX_ENTRY + 1)[:MAX_ENTRY])
+    except (OSError, ValueError, RecursionError):
+        return None
+    return e if _valid(dev_id, e) else None
 
 
 def remove(dev_id: int) -> None:
-    try:
-        os.unlink(_path(dev_id))
-    except FileNotFoundError:
-        pass
+    d = files.sub_dir("devices", create=False)
+    if d is not None:
+        files.unlink_quiet(_path(d, dev_id))
 
 
 def all_entries() -> dict:
     out = {}
-    try:
-        names = os.listdir(_devdir())
-    except FileNotFoundError:
+    d = files.sub_dir("devices", create=False)
+    if d is None:
         return out
-    for n in names:
+    for n in os.listdir(d):
         dev_id = devids.from_name(n[:-5]) if n.endswith(".json") else None
         if dev_id is not None:
             e = read(dev_id)
             if e is not None:
                 out[dev_id] = e
     return out
-
-
-def pid_alive(pid) -> bool:
-    """True if pid runs and is not a zombie waiting to be reaped."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0] not in ("Z", "X")
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False

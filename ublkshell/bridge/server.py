@@ -1,24 +1,47 @@
 """`ublkshell serve`: the trio server behind the REPL, the FUSE stats tree and
 the Python API. It owns no IO: each device keeps its own daemon process. The
-server answers clients on a root-only unix socket, watches the daemons,
-serves the stats tree, and on SIGTERM stops cleanly (deleting the devices
-unless told to keep them)."""
+server answers clients on a root-only unix socket, watches the daemons and
+serves the stats tree.
+
+Crash-only: devices belong to their daemons, so the server may die at any
+moment (a bug, SIGKILL, the OOM killer) and lose nothing; a new server adopts
+the devices it finds. No request, connection or stats-tree handler can end
+it: each failure is answered (or logged) and the rest goes on. SIGTERM stops
+it and leaves the devices running; deleting them is the explicit choice
+(`serve --delete-devices`, or `shutdown` with `delete`)."""
 import errno
+import math
 import os
 import signal
 import socket
+import stat
 import sys
 import time
+import traceback
 
 import trio
 
-from .. import devids
+from .. import devids, files, procs
 from ..errors import UblkError, UsageError
+from ..units import parse_duration
+from ..validate import Arg, check, flag, whole
+from ..verbs import TRACE_ARGS
 from . import registry, shm as shm_mod
 from .protocol import MAX_LINE, SOCKET_PATH, VERSION, ProtocolError, decode_request, encode
 
 DEFAULT_MOUNT = "/mnt/ublkstats"
 WATCH_S = 0.5  # how often the registry is checked for dead or replaced daemons
+MAX_EVENTS = 200
+MAX_CONNS = 256  # clients at once; more are told the server is busy
+MAX_PENDING = 64  # requests in flight on one connection
+STREAMS = {"trace"}  # commands that stream until the client hangs up (or count/duration)
+# the commands the server answers itself (the verbs check their own, verbs.py)
+SERVER_ARGS = {
+    "trace": TRACE_ARGS,
+    "ping": {},
+    "events": {"last": Arg("last", whole(1, MAX_EVENTS), 50)},
+    "shutdown": {"delete": Arg("delete", flag, False)},
+}
 
 
 def log(msg: str) -> None:
@@ -54,193 +77,258 @@ class DeviceSource:
         return s
 
 
+class Conn:
+    """One client connection: replies from concurrent requests go out whole, one at a time."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.lock = trio.Lock()
+        self.open = True
+        self.pending = 0
+
+    async def send(self, msg: dict) -> bool:
+        if not self.open:
+            return False
+        data = encode(msg)
+        try:
+            async with self.lock:
+                await self.stream.send_all(data)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.open = False
+            return False
+
+
 class Server:
-    def __init__(self, socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False,
+    def __init__(self, socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, delete_devices=False,
                  auto_recover=False):
         self.socket_path = socket_path
         self.mountpoint = mountpoint
-        self.keep_devices = keep_devices
+        self.delete_devices = delete_devices
         self.auto_recover = auto_recover
         self.source = DeviceSource()
         self.alive = {}  # dev_id -> (daemon pid, alive)
         self.recovering = set()
         self.events = []  # recent server events, for `events`
         self.stop = trio.Event()
+        self.conns = 0
 
     def event(self, kind: str, **fields) -> None:
         ev = {"t": time.time(), "kind": kind, **fields}
-        self.events = (self.events + [ev])[-200:]
+        self.events = (self.events + [ev])[-MAX_EVENTS:]
         log(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
     # -- socket ------------------------------------------------------------
     async def _bind(self) -> trio.socket.SocketType:
-        os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
+        path = self.socket_path
+        files.state_dir()
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.exists(parent):
+            files.private_dir(parent)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe.connect(self.socket_path)
-            raise UblkError(f"a ublkshell server already listens on {self.socket_path}")
+            probe.connect(path)
+            raise UblkError(f"a ublkshell server already listens on {path}")
         except (FileNotFoundError, ConnectionRefusedError):
             pass
         finally:
             probe.close()
         try:
-            os.unlink(self.socket_path)  # stale, left by a crash
+            st = os.lstat(path)
         except FileNotFoundError:
             pass
+        else:
+            # a stale socket left by a crash goes; anything else is not ours to delete
+            if not stat.S_ISSOCK(st.st_mode):
+                raise UblkError(f"{path} exists and is not a socket: refusing to replace it "
+                                "(choose another --socket)")
+            os.unlink(path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            await sock.bind(self.socket_path)
+            await sock.bind(path)
         finally:
             os.umask(old)
-        os.chmod(self.socket_path, 0o600)
-        sock.listen(64)
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)
         return sock
 
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
-        buf = b""
-        async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        if not await self._request(stream, line):
-                            return
-                if len(buf) > MAX_LINE:
-                    await self._send(stream, {"id": None, "ok": False,
-                                              "error": f"request longer than {MAX_LINE} bytes"})
-                    return
-
-    async def _send(self, stream, msg: dict) -> bool:
+        conn = Conn(stream)
         try:
-            await stream.send_all(encode(msg))
-            return True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
+            async with stream:
+                # requests run concurrently; streams (trace) end when the client hangs up,
+                # one-shot requests still finish (a client may half-close after sending)
+                async with trio.open_nursery() as requests:
+                    async with trio.open_nursery() as streams:
+                        await self._read_requests(conn, requests, streams)
+                        streams.cancel_scope.cancel()
+        except Exception as e:  # one connection's failure never ends the server
+            log(f"connection failed: {type(e).__name__}: {e}")
+            log(traceback.format_exc())
+        finally:
+            self.conns -= 1
 
-    async def _request(self, stream, line: bytes) -> bool:
-        from ..verbs import VERBS
+    async def _read_requests(self, conn: Conn, requests, streams) -> None:
+        buf = b""
+        while True:
+            try:
+                data = await conn.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    self._start_request(conn, line, requests, streams)
+            if len(buf) > MAX_LINE:
+                await conn.send({"id": None, "ok": False, "error": f"request longer than {MAX_LINE} bytes"})
+                return
 
+    def _start_request(self, conn: Conn, line: bytes, requests, streams) -> None:
         try:
             rid, cmd, args = decode_request(line)
         except ProtocolError as e:
-            return await self._send(stream, {"id": None, "ok": False, "error": str(e)})
-        try:
-            if cmd == "ping":
-                result = {"version": VERSION, "pid": os.getpid(), "mount": self.mountpoint}
-            elif cmd == "events":
-                result = self.events[-int(args.get("last", 50)):]
-            elif cmd == "shutdown":
-                self.stop.set()
-                result = {}
-            elif cmd == "trace":
-                return await self._trace(stream, rid, args)
-            elif cmd in VERBS:
-                run = VERBS[cmd][0]
-                result = await trio.to_thread.run_sync(run, args)
-            else:
-                raise UsageError(f"unknown command {cmd!r}")
-        except UblkError as e:
-            return await self._send(stream, {"id": rid, "ok": False, "error": str(e)})
-        except (KeyError, TypeError, ValueError) as e:
-            return await self._send(stream, {"id": rid, "ok": False,
-                                             "error": f"bad arguments for {cmd}: {type(e).__name__}: {e}"})
-        except Exception as e:  # a bug must not take the server down
-            log(f"internal error on {cmd}: {type(e).__name__}: {e}")
-            return await self._send(stream, {"id": rid, "ok": False,
-                                             "error": f"internal error: {type(e).__name__}: {e}"})
-        return await self._send(stream, {"id": rid, "ok": True, "result": result})
+            requests.start_soon(conn.send, {"id": None, "ok": False, "error": str(e)})
+            return
+        if conn.pending >= MAX_PENDING:
+            requests.start_soon(conn.send, {"id": rid, "ok": False,
+                                            "error": f"too many requests in flight on this connection "
+                                                     f"({MAX_PENDING}): wait for replies"})
+            return
+        conn.pending += 1
+        (streams if cmd in STREAMS else requests).start_soon(self._request, conn, rid, cmd, args)
 
-    async def _trace(self, stream, rid, args) -> bool:
+    async def _request(self, conn: Conn, rid, cmd: str, args: dict) -> None:
+        try:
+            try:
+                result = await self._run(conn, rid, cmd, args)
+            except UblkError as e:
+                reply = {"id": rid, "ok": False, "error": _one_line(str(e))}
+            except Exception as e:  # a bug must not take the server down
+                log(f"internal error on {cmd}: {type(e).__name__}: {e}")
+                log(traceback.format_exc())
+                reply = {"id": rid, "ok": False, "error": _one_line(f"internal error: {type(e).__name__}: {e}")}
+            else:
+                reply = {"id": rid, "ok": True, "result": result}
+            await conn.send(reply)
+        finally:
+            conn.pending -= 1
+
+    async def _run(self, conn: Conn, rid, cmd: str, args: dict):
+        from ..verbs import VERBS, call
+
+        if cmd in SERVER_ARGS:
+            a = check(cmd, SERVER_ARGS[cmd], args)
+            if cmd == "ping":
+                return {"version": VERSION, "pid": os.getpid(), "mount": self.mountpoint}
+            if cmd == "events":
+                return self.events[-a["last"]:]
+            if cmd == "shutdown":
+                self.delete_devices = self.delete_devices or a["delete"]
+                self.stop.set()
+                return {}
+            if cmd == "trace":
+                return await self._trace(conn, rid, a)
+        if cmd in VERBS:
+            return await trio.to_thread.run_sync(call, cmd, args)
+        raise UsageError(f"unknown command {cmd[:40]!r}")
+
+    async def _trace(self, conn: Conn, rid, a: dict) -> dict:
         from ..stats import Filter, Tail
 
-        dev_id = devids.parse(args["id"])
-        flt = Filter.parse([str(w) for w in args.get("filters", [])])
-        count = int(args.get("count", 0))
+        dev_id = a["id"]
+        flt = Filter.parse(a["filters"])
+        duration = parse_duration(a["duration"], "--duration", default_unit="s") if a["duration"] else 0
         s = self.source.shm(dev_id)
         if s is None:
             raise UblkError(f"device {devids.name(dev_id)} has no statistics (not served by ublkshell?)")
-        tail = Tail(s, from_start=bool(args.get("from_start")))
+        tail = Tail(s, from_start=a["from_start"])
         # tells the client that records from here on will reach it
-        if not await self._send(stream, {"id": rid, "started": True}):
-            return False
-        state = {"sent": 0, "open": True}
-
-        async def pump(cancel):
+        if not await conn.send({"id": rid, "started": True}):
+            return {}
+        sent = 0
+        with trio.move_on_after(duration / 1e9 if duration else math.inf):
             while True:
                 for r in tail.poll():
                     if flt.match(r):
-                        if not await self._send(stream, {"id": rid, "event": r}):
-                            state["open"] = False
-                            cancel.cancel()
-                            return
-                        state["sent"] += 1
-                        if count and state["sent"] >= count:
-                            cancel.cancel()
-                            return
+                        if not await conn.send({"id": rid, "event": r}):
+                            return {}
+                        sent += 1
+                        if a["count"] and sent >= a["count"]:
+                            return {"lost": tail.lost, "sent": sent}
                 await trio.sleep(0.05)
-
-        async def hangup(cancel):
-            # a stream ends when its client hangs up: notice it even while the device is idle
-            try:
-                await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            state["open"] = False
-            cancel.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, nursery.cancel_scope)
-            nursery.start_soon(hangup, nursery.cancel_scope)
-        if not state["open"]:
-            return False
-        return await self._send(stream, {"id": rid, "ok": True,
-                                         "result": {"lost": tail.lost, "sent": state["sent"]}})
+        return {"lost": tail.lost, "sent": sent}
 
     async def _accept(self, sock, nursery) -> None:
         while True:
-            conn, _ = await sock.accept()
-            nursery.start_soon(self._serve_conn, trio.SocketStream(conn))
+            try:
+                conn, _ = await sock.accept()
+            except OSError as e:
+                # out of descriptors or memory: wait for some to come back, never stop listening
+                log(f"accept: {e.strerror or e}")
+                await trio.sleep(0.1)
+                continue
+            stream = trio.SocketStream(conn)
+            if self.conns >= MAX_CONNS:
+                nursery.start_soon(self._refuse, stream)
+                continue
+            self.conns += 1
+            nursery.start_soon(self._serve_conn, stream)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        with trio.move_on_after(1):
+            try:
+                async with stream:
+                    await stream.send_all(encode({"id": None, "ok": False,
+                                                  "error": f"server busy: {MAX_CONNS} connections open"}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     # -- supervision -------------------------------------------------------
+    async def _keep(self, name: str, fn, *args) -> None:
+        """Run one of the server's loops; a bug in it is logged and the loop starts again."""
+        while True:
+            try:
+                return await fn(*args)
+            except Exception as e:
+                log(f"{name} failed, restarting it in 1 s: {type(e).__name__}: {e}")
+                log(traceback.format_exc())
+                await trio.sleep(1)
+
     async def _watch(self, nursery) -> None:
         """Notice daemons that die (kill, crashes) or are replaced (recover), and
         devices that come and go."""
         while True:
             entries = await trio.to_thread.run_sync(registry.all_entries)
             for dev_id, e in entries.items():
-                pid = e.get("pid")
-                alive = registry.pid_alive(pid)
+                pid = e["pid"]
+                alive = procs.entry_daemon_alive(e)
                 was = self.alive.get(dev_id)
                 if was is None:
-                    self.event("device-added" if alive else "device-found-dead", id=dev_id, pid=pid)
+                    self.event("device-added" if alive else "device-found-dead", id=devids.name(dev_id), pid=pid)
                 elif pid != was[0] and alive:
-                    self.event("daemon-recovered", id=dev_id, pid=pid, old_pid=was[0],
+                    self.event("daemon-recovered", id=devids.name(dev_id), pid=pid, old_pid=was[0],
                                recoveries=e.get("recoveries"), abandoned=e.get("abandoned"))
                 elif was[1] and not alive:
                     # asking the kernel may take a moment: the watch goes on meanwhile
-                    nursery.start_soon(self._died, nursery, dev_id, e)
+                    nursery.start_soon(self._keep, "death report", self._died, nursery, dev_id, e)
                 self.alive[dev_id] = (pid, alive)
             for dev_id in set(self.alive) - set(entries):
-                self.event("device-deleted", id=dev_id)
+                self.event("device-deleted", id=devids.name(dev_id))
                 del self.alive[dev_id]
             await trio.sleep(WATCH_S)
 
     # -- daemon death and recovery ----------------------------------------------
     async def _died(self, nursery, dev_id: int, entry: dict) -> None:
-        pid = entry.get("pid")
-        state = await trio.to_thread.run_sync(_kernel_state, dev_id)
+        pid = entry["pid"]
+        state = "-" if devids.is_fuse(dev_id) else await trio.to_thread.run_sync(_kernel_state, dev_id)
         s = self.source.shm(dev_id)
         inflight = sum(int(s.queue(q).inflight) for q in range(s.nr_queues)) if s else None
         kind = "daemon-killed" if entry.get("killed_pid") == pid else "daemon-died"
-        self.event(kind, id=dev_id, pid=pid, state=state, recovery=entry.get("recovery"),
+        self.event(kind, id=devids.name(dev_id), pid=pid, state=state, recovery=entry.get("recovery"),
                    inflight=inflight)
         if self.auto_recover and entry.get("recovery") and state not in ("DEAD", "GONE") \
                 and dev_id not in self.recovering:
@@ -254,13 +342,14 @@ class Server:
             dev = await trio.to_thread.run_sync(recover, dev_id)
             # the watcher would report it too, but it knows neither the time nor that we did it
             self.alive[dev_id] = (dev["pid"], True)
-            self.event("auto-recovered", id=dev_id, pid=dev["pid"], old_pid=dev.get("old_pid"),
+            self.event("auto-recovered", id=devids.name(dev_id), pid=dev["pid"], old_pid=dev.get("old_pid"),
                        recoveries=dev.get("recoveries"), abandoned=dev.get("abandoned"),
                        seconds=dev.get("seconds"))
         except UblkError as e:
-            self.event("auto-recover-failed", id=dev_id, error=str(e))
+            self.event("auto-recover-failed", id=devids.name(dev_id), error=str(e))
         except Exception as e:  # a bug must not take the server down
-            self.event("auto-recover-failed", id=dev_id, error=f"internal error: {type(e).__name__}: {e}")
+            self.event("auto-recover-failed", id=devids.name(dev_id),
+                       error=f"internal error: {type(e).__name__}: {e}")
         finally:
             self.recovering.discard(dev_id)
     # -- end daemon death and recovery ------------------------------------------
@@ -281,19 +370,23 @@ class Server:
 
         try:
             await run_tree(self.mountpoint, self.source, task_status=Status())
-        except (OSError, RuntimeError, UblkError) as e:
-            log(f"stats tree on {self.mountpoint} failed: {e}")
+        except Exception as e:
             # the server goes on without the tree, whether it failed before or after mounting
+            log(f"stats tree on {self.mountpoint} failed: {_one_line(str(e)) or type(e).__name__}")
+            if not isinstance(e, (OSError, UblkError)):
+                log(traceback.format_exc())
             if not started:
                 task_status.started()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         sock = await self._bind()
+        ino = os.stat(self.socket_path).st_ino
         log(f"listening on {self.socket_path}")
+        stopped = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._accept, sock, nursery)
-                nursery.start_soon(self._watch, nursery)
+                nursery.start_soon(self._keep, "accept loop", self._accept, sock, nursery)
+                nursery.start_soon(self._keep, "daemon watch", self._watch, nursery)
                 if self.mountpoint:
                     await nursery.start(self._tree)
                 task_status.started()
@@ -306,15 +399,19 @@ class Server:
                     nursery.start_soon(on_signal)
                     await self.stop.wait()
                 nursery.cancel_scope.cancel()
+            stopped = True
         finally:
             sock.close()
             try:
-                os.unlink(self.socket_path)
+                if os.stat(self.socket_path).st_ino == ino:
+                    os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
-            if not self.keep_devices:
+            # crash-only: devices belong to their daemons; only a clean stop that was
+            # asked to (serve --delete-devices, shutdown with delete) deletes them
+            if stopped and self.delete_devices:
                 await trio.to_thread.run_sync(_delete_ours)
-            log("stopped")
+            log("stopped" if stopped else "stopped by an error; the devices keep running")
 
 
 def _kernel_state(dev_id: int) -> str:
@@ -351,9 +448,13 @@ def _delete_ours() -> None:
             log(f"deleting dev {devids.name(dev_id)}: {e}")
 
 
-def serve(socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, keep_devices=False,
+def serve(socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, delete_devices=False,
           auto_recover=False) -> int:
     if os.geteuid() != 0:
         raise UblkError("the server manages block devices and mounts the stats tree: run it as root")
-    trio.run(Server(socket_path, mountpoint or None, keep_devices, auto_recover).run)
+    trio.run(Server(socket_path, mountpoint or None, delete_devices, auto_recover).run)
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -4,18 +4,20 @@ rings, all in a file on tmpfs so a killed daemon's numbers stay readable."""
 import mmap
 import os
 
-from .. import devids
+from .. import devids, files
 from .._native import ffi, lib
 from ..errors import UblkError
 
-SHM_DIR = os.environ.get("UBLKSHELL_MEM_DIR", "/dev/shm/ublkshell")
 DEFAULT_RECORDS = 16384
 OPS = ("read", "write", "flush", "discard", "write_zeroes", "other")
 OP_NAMES = {0: "read", 1: "write", 2: "flush", 3: "discard", 5: "write_zeroes"}
 
 
-def path_for(dev_id: int) -> str:
-    return os.path.join(SHM_DIR, f"{devids.stem(dev_id)}.stats")
+def path_for(dev_id: int, create: bool = False) -> str:
+    """The device's statistics file, in the data dir (files.py); readers never create that dir."""
+    # no data dir yet: a path that cannot exist, so readers say "no statistics"
+    d = files.data_dir(create) or "/proc/self/.ublkshell-no-data-dir"
+    return os.path.join(d, f"{devids.stem(dev_id)}.stats")
 
 
 class Shm:
@@ -66,24 +68,26 @@ class Shm:
 
 
 def create(dev_id: int, nr_queues: int, depth: int, records: int, pid: int) -> Shm:
-    if records < 16 or records & (records - 1):
-        raise UblkError(f"--records: {records} must be a power of two >= 16")
-    os.makedirs(SHM_DIR, mode=0o700, exist_ok=True)
-    path = path_for(dev_id)
+    if records < 16 or records & (records - 1) or records > 1 << 24:
+        raise UblkError(f"--records: {records} must be a power of two in 16..16M")
+    path = path_for(dev_id, create=True)
     size = lib.us_shm_size(nr_queues, depth, records)
-    # a fresh inode every time: readers that still map an earlier device's file keep that file
-    tmp = f"{path}.{os.getpid()}.new"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # a fresh inode every time (a private temporary file, renamed into place):
+    # readers that still map an earlier device's file keep that file
+    fd, tmp = files.make_temp(path)
     try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-    s = Shm(tmp, writable=True)
-    rc = lib.us_shm_init(s.base, size, nr_queues, depth, records, dev_id, pid)
-    if rc:
-        os.unlink(tmp)
-        raise UblkError(f"{path}: cannot lay out statistics: {os.strerror(-rc)}")
-    os.replace(tmp, path)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        s = Shm(tmp, writable=True)
+        rc = lib.us_shm_init(s.base, size, nr_queues, depth, records, dev_id, pid)
+        if rc:
+            raise UblkError(f"{path}: cannot lay out statistics: {os.strerror(-rc)}")
+        os.replace(tmp, path)
+    except BaseException:
+        files.unlink_quiet(tmp)
+        raise
     s.path = path
     return s
 
@@ -127,7 +131,4 @@ def open_device(dev_id: int) -> Shm:
 
 
 def remove(dev_id: int) -> None:
-    try:
-        os.unlink(path_for(dev_id))
-    except FileNotFoundError:
-        pass
+    files.unlink_quiet(path_for(dev_id))

@@ -3,40 +3,38 @@ FLUSH (or FUA) is undone in the backing store, all of them or a random subset
 (`--keep P`, `--partial` = 0.5, replayable with `seed`), and the IO daemon dies
 without telling the kernel, as in a crash. Needs a device added with --powercut.
 """
-import os
 import signal
 import time
 
-from .. import devids
+from .. import procs
 from ..bridge import registry
 from ..errors import UblkError, UsageError
 from .table import locked
 
 
 def run_powercut(a: dict) -> dict:
-    dev_id = devids.parse(a["id"])
-    keep = 0.5 if a.get("partial") else float(a.get("keep") or 0.0)
-    if a.get("partial") and a.get("keep") is not None:
+    dev_id = a["id"]
+    if a["partial"] and a["keep"] is not None:
         raise UsageError("powercut: --partial or --keep P, not both")
-    if not 0.0 <= keep <= 1.0:
-        raise UsageError(f"powercut: --keep {keep} is outside 0..1")
+    keep = 0.5 if a["partial"] else (a["keep"] or 0.0)
     entry = registry.read(dev_id)
     if not entry:
         raise UblkError(f"device {dev_id} is not served by ublkshell")
     if not entry.get("spec", {}).get("powercut"):
         raise UblkError(f"device {dev_id} keeps no write log: add it with --powercut "
                         "(e.g. `add -t mem --size 1G --powercut`)")
-    pid = entry.get("pid")
-    if not registry.pid_alive(pid):
+    pid = entry["pid"]
+    if not procs.entry_daemon_alive(entry):
         raise UblkError(f"device {dev_id}: its daemon (pid {pid}) is not running")
     with locked(dev_id) as s:
         area = s.fault_area()
         area.pc_done = 0
         area.powercut_keep = int(round(keep * 1_000_000))
         seed = int(area.seed)
-        os.kill(pid, signal.SIGUSR1)
+        if not procs.signal_entry(entry, signal.SIGUSR1):
+            raise UblkError(f"device {dev_id}: its daemon (pid {pid}) is gone")
     deadline = time.monotonic() + 60
-    while registry.pid_alive(pid):
+    while procs.entry_daemon_alive(entry):
         if time.monotonic() > deadline:
             raise UblkError(f"device {dev_id}: the daemon (pid {pid}) did not cut power within 60 s")
         time.sleep(0.05)

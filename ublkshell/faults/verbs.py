@@ -3,6 +3,7 @@
 ublkshell/verbs.py: run_X(args) -> JSON-able result, render_X(result) -> text."""
 from .. import devids
 from ..errors import UsageError
+from ..validate import ID, JSON, U32, U64, Arg, flag, fraction, optional, whole, words
 from . import grammar, table
 from .powercut import render_powercut, run_powercut
 
@@ -25,23 +26,14 @@ EXAMPLES = {
 }
 
 
-def _words(a: dict) -> list[str]:
-    words = a.get("words") or []
-    if isinstance(words, str):
-        words = words.split()
-    if not all(isinstance(w, str) for w in words):
-        raise UsageError("words must be strings")
-    return words
-
-
 def run_rule(action: str, a: dict) -> dict:
-    dev_id = devids.parse(a["id"])
-    line = " ".join([action, *_words(a)])
+    dev_id = a["id"]
+    line = " ".join([action, *a["words"]])
     try:
         rules = table.add(dev_id, line)
     except grammar.RuleError as e:
         # the user typed `ACTION ID WORDS`: count columns in that line
-        col = e.col + (len(str(dev_id)) + 1 if e.col > len(action) else 0)
+        col = e.col + (len(devids.name(dev_id)) + 1 if e.col > len(action) else 0)
         raise UsageError(f"{action}: column {col}: {e.reason}") from None
     return {"device": dev_id, "added": [{"id": r["id"], "text": r["text"]} for r in rules]}
 
@@ -51,8 +43,7 @@ def render_rule(r: dict) -> str:
 
 
 def run_faults(a: dict) -> dict:
-    dev_id = devids.parse(a["id"])
-    return dict(table.rules(dev_id), device=dev_id)
+    return dict(table.rules(a["id"]), device=a["id"])
 
 
 def rules_table(r: dict) -> str:
@@ -76,10 +67,8 @@ def render_faults(r: dict) -> str:
 
 
 def run_clear(a: dict) -> dict:
-    dev_id = devids.parse(a["id"])
-    rule = a.get("rule")
-    n = table.clear(dev_id, int(rule) if rule is not None else 0)
-    return {"device": dev_id, "cleared": n, "rule": rule}
+    n = table.clear(a["id"], a["rule"] or 0)
+    return {"device": a["id"], "cleared": n, "rule": a["rule"]}
 
 
 def render_clear(r: dict) -> str:
@@ -89,10 +78,9 @@ def render_clear(r: dict) -> str:
 
 
 def run_seed(a: dict) -> dict:
-    dev_id = devids.parse(a["id"])
-    if a.get("seed") is not None:
-        table.set_seed(dev_id, int(a["seed"]))
-    return {"device": dev_id, "seed": table.rules(dev_id)["seed"]}
+    if a["seed"] is not None:
+        table.set_seed(a["id"], a["seed"])
+    return {"device": a["id"], "seed": table.rules(a["id"])["seed"]}
 
 
 def render_seed(r: dict) -> str:
@@ -145,9 +133,16 @@ def add_parsers(sub) -> None:
 
 
 def _rule_verb(action: str):
-    return (lambda a: run_rule(action, a)), render_rule
+    return (lambda a: run_rule(action, a)), render_rule, RULE_ARGS
 
 
+RULE_ARGS = {**ID, "words": Arg("WORD", words()), **JSON}
 VERBS = {action: _rule_verb(action) for action in grammar.ACTIONS}
-VERBS.update({"faults": (run_faults, render_faults), "clear": (run_clear, render_clear),
-              "seed": (run_seed, render_seed), "powercut": (run_powercut, render_powercut)})
+VERBS.update({
+    "faults": (run_faults, render_faults, {**ID, **JSON}),
+    "clear": (run_clear, render_clear, {**ID, "rule": Arg("RULE", optional(whole(1, U32))), **JSON}),
+    "seed": (run_seed, render_seed, {**ID, "seed": Arg("seed", optional(whole(0, U64))), **JSON}),
+    "powercut": (run_powercut, render_powercut,
+                 {**ID, "partial": Arg("--partial", flag, False),
+                  "keep": Arg("--keep", optional(fraction(0.0, 1.0))), **JSON}),
+})

@@ -228,11 +228,14 @@ class Shell:
         self.print(stats)
 
     def trace(self, args) -> None:
-        from ..stats import Filter, format_record, parse_duration
-        from ..verbs import TRACE_HEADER
+        from ..stats import Filter, format_record
+        from ..units import parse_duration
+        from ..validate import check
+        from ..verbs import TRACE_ARGS, TRACE_HEADER
 
+        check("trace", TRACE_ARGS, cli._args_of(args))
         Filter.parse(args.filters)  # bad filters: one line before the header
-        duration = parse_duration(args.duration, "--duration") / 1e9 if args.duration else 0.0
+        duration = parse_duration(args.duration, "--duration", default_unit="s") / 1e9 if args.duration else 0.0
         self.call("stats", id=args.id)  # an unknown device: one line before the header
         # its own connection: Ctrl-C closes it and the server stops sending
         c = Client(self.path, timeout=duration or None)
@@ -273,8 +276,9 @@ class Shell:
         return ids, stats, errors
 
     def top(self, args) -> None:
-        if not args.interval > 0:
-            raise UsageError(f"top: --interval {args.interval:g}: must be more than 0")
+        from ..validate import fraction
+
+        args.interval = fraction(0.01, 86400)(args.interval, "top: --interval")
         tty = self.out.isatty()
         try:
             ids, old, _ = self._sample(args.ids)

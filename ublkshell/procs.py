@@ -1,0 +1,91 @@
+"""Which processes are ours, and signals that reach only them.
+
+A pid in a registry entry (or the kernel's ublksrv_pid) may belong to another
+process by the time we act on it: the daemon died and the number was reused.
+A daemon records its start time (/proc/PID/stat field 22) beside its pid; a
+signal goes out only through a pidfd opened first and then checked against
+that start time and the daemon's command line, so it cannot reach a process
+that merely inherited the number."""
+import os
+import signal
+
+DAEMON_MODULES = ("ublkshell.bridge.daemon", "ublkshell.bridge.fuse_daemon")
+
+
+def _stat_fields(pid: int):
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            # comm may hold spaces and parentheses: the fields start after the last ')'
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def start_time(pid) -> int | None:
+    """When pid started (clock ticks since boot): with the pid, a process's identity."""
+    f = _stat_fields(pid) if isinstance(pid, int) and pid > 0 else None
+    try:
+        return int(f[19]) if f else None
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid) -> bool:
+    """pid runs and is not a zombie waiting to be reaped."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    f = _stat_fields(pid)
+    return bool(f) and f[0] not in (b"Z", b"X")
+
+
+def me() -> dict:
+    """What a daemon records about itself so that others can tell it from a successor."""
+    return {"pid": os.getpid(), "pid_start": start_time(os.getpid())}
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def is_daemon(pid, start=None, modules=DAEMON_MODULES) -> bool:
+    """pid is one of our device daemons (started at `start`, when known)."""
+    if not alive(pid):
+        return False
+    if isinstance(start, int) and start_time(pid) != start:
+        return False
+    args = _cmdline(pid)
+    return any(m.encode() in args for m in modules)
+
+
+def entry_daemon_alive(entry: dict, modules=DAEMON_MODULES) -> bool:
+    """The daemon a registry entry names still runs (not a process that reused its pid)."""
+    return is_daemon(entry.get("pid"), entry.get("pid_start"), modules)
+
+
+def signal_daemon(pid, sig: int, start=None, modules=DAEMON_MODULES) -> bool:
+    """Send sig to pid only if it is our daemon; False if it is not (or gone)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return False
+    try:
+        # checked after the pidfd pins the process: a pid reused after this check
+        # cannot receive the signal, the pidfd still names the process we checked
+        if not is_daemon(pid, start, modules):
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def signal_entry(entry: dict, sig: int, modules=DAEMON_MODULES) -> bool:
+    return signal_daemon(entry.get("pid"), sig, entry.get("pid_start"), modules)
