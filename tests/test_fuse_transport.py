@@ -360,6 +360,50 @@ def test_server_tree_and_shell_see_fuse_devices(env, tmp_path):
     assert not env.our_mounts() and not env.our_loops() and env.registry() == []
 
 
+def _server(env, sock, tree):
+    srv = subprocess.Popen([sys.executable, "-m", "ublkshell", "serve", "--socket", sock, "--mount", str(tree)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env.env, text=True)
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(sock) and os.path.ismount(tree)):
+        assert srv.poll() is None, srv.stdout.read()
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    return srv
+
+
+def test_a_killed_server_loses_nothing_and_the_next_one_adopts_the_devices(env, tmp_path):
+    """Crash-only: whatever ends the server (here SIGKILL, as the OOM killer would),
+    the devices and their data stay, and a new server serves them as before."""
+    sock, tree = str(tmp_path / "s.sock"), tmp_path / "tree"
+    tree.mkdir()
+    srv = _server(env, sock, tree)
+    try:
+        env.run("--socket", sock, "-c", "add --transport fuse -t mem --size 32M --loop")
+        dev = env.json("list")[0]
+        env.added.append(dev)
+        written = os.urandom(512 * 1024)
+        pwrite_direct(dev["loop"], 0, written)
+    finally:
+        srv.kill()
+        srv.wait(timeout=30)
+    (left,) = env.json("list")
+    assert left["daemon_alive"] and pread_direct(dev["loop"], 0, len(written)) == written
+    # the dead server's tree is a dead mount: the next server clears it and mounts its own
+    srv = _server(env, sock, tree)
+    try:
+        assert sorted(os.listdir(tree)) == ["fuse0"]
+        st = json.loads((tree / "fuse0" / "stats.json").read_text())
+        assert st["ops"]["write"]["bytes"] >= len(written)
+        events = env.run("--socket", sock, "-c", "stats fuse0").stdout
+        assert events.startswith("dev fuse0:")
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(timeout=30)
+    assert pread_direct(dev["loop"], 0, len(written)) == written
+    env.run("del", "fuse0")
+    assert not env.our_mounts() and not env.our_loops() and env.registry() == []
+
+
 # -- a daemon that dies --------------------------------------------------------
 def test_killed_daemon_leaves_nothing_that_hangs(env):
     dev = env.add("-t", "mem", "--size", "32M", "--loop")

@@ -438,6 +438,40 @@ def test_trace_streams_records_made_after_open(mnt, source, trees):
     assert len([h for h in trees[0].handles.values() if h.kind == "trace"]) <= 1
 
 
+def test_a_line_that_ends_with_the_file_is_checked_like_any_other(mnt, source, monkeypatch):
+    """`printf 'fail size=1.5e400k' > faults` (no newline): the line is applied when the
+    file is closed; its error reaches close(), and the tree (and the server) stay up."""
+    path = f"{mnt}/ublkb3/faults"
+    for line, reason in [(b"fail size=1.5e400k", "'1.5e400k' is not a size"),
+                         (b"fail lba=" + b"9" * 30, "lba"),
+                         (b"delay " + b"9" * 40 + b"s", "is not a duration"),
+                         (b"seed 99999999999999999999999", "seed: 99999999999999999999999 is out of range")]:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, line)
+        assert errno_of(os.close, fd) == errno.EINVAL, line
+        assert reason in read(path).decode(), (line, read(path))
+    # a bug in a handler is EIO for that request, never the end of the tree
+    def boom(dev, line):
+        raise OverflowError("a bug")
+
+    monkeypatch.setattr(fusetree, "apply_fault_line", boom)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"fail op=read")
+    assert errno_of(os.close, fd) == errno.EIO
+    assert "ublkb3" in os.listdir(mnt) and b"no fault rules" in read(path)
+
+
+def test_every_request_handler_is_guarded():
+    import inspect
+
+    import pyfuse3
+
+    handlers = [n for n, fn in vars(fusetree.StatsTree).items()
+                if inspect.iscoroutinefunction(fn) and hasattr(pyfuse3.Operations, n)]
+    assert {"lookup", "read", "write", "flush", "release", "forget", "statfs"} <= set(handlers)
+    assert all(hasattr(getattr(fusetree.StatsTree, n), "__wrapped__") for n in handlers)
+
+
 def read_within(fd, size, timeout=5.0):
     """os.read that cannot wedge the test when the tree fails to answer."""
     out = queue.Queue()

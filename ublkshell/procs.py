@@ -10,6 +10,11 @@ import os
 import signal
 
 DAEMON_MODULES = ("ublkshell.bridge.daemon", "ublkshell.bridge.fuse_daemon")
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
+
+
+def _pid_ok(pid) -> bool:
+    return isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < PID_MAX
 
 
 def _stat_fields(pid: int):
@@ -23,7 +28,7 @@ def _stat_fields(pid: int):
 
 def start_time(pid) -> int | None:
     """When pid started (clock ticks since boot): with the pid, a process's identity."""
-    f = _stat_fields(pid) if isinstance(pid, int) and pid > 0 else None
+    f = _stat_fields(pid) if _pid_ok(pid) else None
     try:
         return int(f[19]) if f else None
     except (IndexError, ValueError):
@@ -32,7 +37,7 @@ def start_time(pid) -> int | None:
 
 def alive(pid) -> bool:
     """pid runs and is not a zombie waiting to be reaped."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    if not _pid_ok(pid):
         return False
     f = _stat_fields(pid)
     return bool(f) and f[0] not in (b"Z", b"X")
@@ -68,7 +73,7 @@ def entry_daemon_alive(entry: dict, modules=DAEMON_MODULES) -> bool:
 
 def signal_daemon(pid, sig: int, start=None, modules=DAEMON_MODULES) -> bool:
     """Send sig to pid only if it is our daemon; False if it is not (or gone)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    if not _pid_ok(pid):
         return False
     try:
         pidfd = os.pidfd_open(pid)

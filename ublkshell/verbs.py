@@ -255,7 +255,7 @@ def render_inflight(r: dict) -> str:
     return tags_table(f"dev {devids.name(r['device'])}", r["tags"])
 
 
-TRACE_ARGS = {**ID, "filters": Arg("FILTER", words()), "from_start": Arg("--from-start", flag, False),
+TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--from-start", flag, False),
               "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", optional(text(64))),
               **JSON}
 TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"
@@ -269,7 +269,7 @@ class Verb(NamedTuple):
 # the one-shot verbs
 VERBS = {
     "add": Verb(run_add, render_add, ADD_ARGS),
-    "del": Verb(run_del, render_del, {"ids": Arg("ID", dev_ids), "all": Arg("-a/--all", flag, False), **JSON}),
+    "del": Verb(run_del, render_del, {"ids": Arg("ID", dev_ids, ()), "all": Arg("-a/--all", flag, False), **JSON}),
     "list": Verb(run_list, render_list, JSON),
     "features": Verb(run_features, render_features, JSON),
     "stats": Verb(run_stats, render_stats, {**ID, "queues": Arg("--queues", flag, False), **JSON}),

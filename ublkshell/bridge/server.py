@@ -12,6 +12,7 @@ it and leaves the devices running; deleting them is the explicit choice
 import errno
 import math
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -138,19 +139,30 @@ class Server:
         except FileNotFoundError:
             pass
         else:
-            # a stale socket left by a crash goes; anything else is not ours to delete
+            # a stale socket left by a crash is replaced; anything else is not ours to delete
             if not stat.S_ISSOCK(st.st_mode):
                 raise UblkError(f"{path} exists and is not a socket: refusing to replace it "
                                 "(choose another --socket)")
-            os.unlink(path)
+        # bound under a fresh name and renamed into place once it listens: a client that
+        # sees the path can connect. The umask makes it 0600 from the start (a chmod by
+        # path could be sent elsewhere by whoever else can write to the directory).
+        tmp = f"{path}.{secrets.token_hex(8)}"
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            await sock.bind(path)
+            await sock.bind(tmp)
+        except OSError as e:
+            sock.close()
+            raise UblkError(f"cannot create the socket {path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(socket.SOMAXCONN)
+        try:
+            sock.listen(socket.SOMAXCONN)
+            os.rename(tmp, path)
+        except BaseException:
+            sock.close()
+            files.unlink_quiet(tmp)
+            raise
         return sock
 
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
@@ -214,6 +226,8 @@ class Server:
             else:
                 reply = {"id": rid, "ok": True, "result": result}
             await conn.send(reply)
+            if cmd == "shutdown" and reply["ok"]:
+                self.stop.set()
         finally:
             conn.pending -= 1
 
@@ -227,8 +241,8 @@ class Server:
             if cmd == "events":
                 return self.events[-a["last"]:]
             if cmd == "shutdown":
+                # the stop itself waits for this reply to go out (_request)
                 self.delete_devices = self.delete_devices or a["delete"]
-                self.stop.set()
                 return {}
             if cmd == "trace":
                 return await self._trace(conn, rid, a)

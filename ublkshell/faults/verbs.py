@@ -136,7 +136,7 @@ def _rule_verb(action: str):
     return (lambda a: run_rule(action, a)), render_rule, RULE_ARGS
 
 
-RULE_ARGS = {**ID, "words": Arg("WORD", words()), **JSON}
+RULE_ARGS = {**ID, "words": Arg("WORD", words(), ()), **JSON}
 VERBS = {action: _rule_verb(action) for action in grammar.ACTIONS}
 VERBS.update({
     "faults": (run_faults, render_faults, {**ID, **JSON}),
