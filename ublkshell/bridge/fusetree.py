@@ -652,7 +652,7 @@ class StatsTree(pyfuse3.Operations):
                 await trio.to_thread.run_sync(apply_fault_line, dev, line)
             except UblkError as e:
                 # the writer only sees EINVAL: the reason goes to the log and the listing
-                msg = f"{line.strip()[:120]!r}: {e}"
+                msg = f"{line.strip()[:120]!r}: {str(e)[:300]}"
                 self.fault_errors[dev] = msg
                 log.warning("stats tree: %s/faults: %s", stem(dev), msg)
                 raise _err(errno.EINVAL) from None
