@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -459,6 +460,31 @@ def test_a_line_that_ends_with_the_file_is_checked_like_any_other(mnt, source, m
     os.write(fd, b"fail op=read")
     assert errno_of(os.close, fd) == errno.EIO
     assert "ublkb3" in os.listdir(mnt) and b"no fault rules" in read(path)
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux)")
+def test_a_user_who_is_not_root_cannot_enter_the_tree(source, trees):
+    # on a path everyone may traverse, so that only the mount itself can say no: it is mounted
+    # without allow_other, and the kernel refuses everyone but root before we see a request
+    top = f"/dev/shm/ublkshell-tree-test-{os.getpid()}"
+    os.makedirs(top, mode=0o755)
+    os.chmod(top, 0o755)
+    mp = os.path.join(top, "mnt")
+    t = TreeThread(mp, source)
+    try:
+        t.start_and_wait()
+        assert "ublkb3" in os.listdir(mp)
+        for argv in (["ls", mp], ["cat", f"{mp}/ublkb3/stats"], ["sh", "-c", f"echo clear > {mp}/ublkb3/faults"]):
+            p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+                               capture_output=True, text=True, timeout=30)
+            assert p.returncode != 0 and "Permission denied" in p.stderr, (argv, p.stderr)
+        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", top],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0 and "mnt" in p.stdout, p.stderr  # the path itself was open to them
+        t.stop()
+    finally:
+        _force_unmount(mp)
+        subprocess.run(["rm", "-rf", top])
 
 
 def test_every_request_handler_is_guarded():

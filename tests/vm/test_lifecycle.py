@@ -28,7 +28,7 @@ def test_del_idle_removes_device_and_daemon(devices):
     assert _gone(dev["id"])
     assert _wait(lambda: not os.path.exists(f"/proc/{dev['pid']}"), 10), "daemon still running"
     assert not os.path.exists(f"/run/ublkshell/devices/{dev['id']}.json")
-    assert not os.path.exists(f"/dev/shm/ublkshell/ublkb{dev['id']}.mem"), "mem data left behind"
+    assert dev["mem_path"] and not os.path.exists(dev["mem_path"]), "mem data left behind"
 
 
 def test_del_unknown_device_is_one_line_error(devices):

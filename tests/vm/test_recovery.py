@@ -238,7 +238,30 @@ def test_del_of_a_waiting_device_fails_its_io(devices):
     finally:
         io.close()
     assert not os.path.exists(f"/dev/ublkc{dev['id']}")
-    assert not os.path.exists(f"/dev/shm/ublkshell/ublkb{dev['id']}.mem")
+    assert dev["mem_path"] and not os.path.exists(dev["mem_path"])
+
+
+def test_a_pid_reused_after_the_daemon_died_is_never_signalled(devices):
+    """The registry names the dead daemon's pid; another process has it now:
+    kill, powercut and del act on the device and leave that process alone."""
+    from ublkshell import procs
+    from ublkshell.bridge import registry
+
+    dev = devices.add("-t", "mem", "--size", "16M", "--recovery", "--powercut")
+    jcli("kill", str(dev["id"]))
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        entry = registry.read(dev["id"])
+        registry.write(dev["id"], dict(entry, pid=bystander.pid, pid_start=procs.start_time(bystander.pid)))
+        for verb, words in (("kill", "has no live daemon"), ("powercut", "is not running")):
+            p = cli(verb, str(dev["id"]), check=False)
+            assert p.returncode == 1 and words in p.stderr, p.stderr
+        cli("del", str(dev["id"]), timeout=60)
+        assert not os.path.exists(f"/dev/ublkc{dev['id']}")
+        assert bystander.poll() is None, "a process that reused a daemon's pid was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_kill_and_recover_errors_are_one_line(devices):

@@ -83,4 +83,54 @@ def test_tree_and_shell_show_real_io_and_survive_a_killed_daemon(server):
     proc.terminate()
     assert proc.wait(timeout=60) == 0
     assert not os.path.ismount(mnt)
-    assert not os.path.exists(f"/dev/ublkc{dev['id']}"), "the server deletes its devices on SIGTERM"
+    # crash-only: the device belongs to its daemon, not to the server
+    assert os.path.exists(f"/dev/ublkc{dev['id']}"), "a stopped server must leave its devices alone"
+    run([sys.executable, "-m", "ublkshell", "del", str(dev["id"])])
+    assert not os.path.exists(f"/dev/ublkc{dev['id']}")
+
+
+def test_a_killed_server_leaves_io_running_and_the_next_one_serves_the_device(scratch):
+    """SIGKILL the server while fio runs: the IO never notices, and a new server's
+    tree and shell show the same device with its counters still growing."""
+    sock, mnt = os.path.join(scratch, "s.sock"), os.path.join(scratch, "stats")
+
+    def start():
+        p = subprocess.Popen([sys.executable, "-m", "ublkshell", "serve", "--socket", sock, "--mount", mnt],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(sock) and os.path.ismount(mnt)):
+            assert p.poll() is None, p.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        return p
+
+    srv = start()
+    dev = json.loads(shell(sock, "add -t mem --size 32M --json"))
+    fio = subprocess.Popen(["fio", "--name=v", f"--filename=/dev/ublkb{dev['id']}", "--rw=randwrite", "--bs=4k",
+                            "--size=32M", "--time_based", "--runtime=20", "--ioengine=io_uring", "--direct=1",
+                            "--iodepth=8", "--verify=crc32c", "--verify_backlog=64", "--output-format=json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        srv.kill()
+        srv.wait(timeout=30)
+        srv = start()
+        stats = os.path.join(mnt, f"ublkb{dev['id']}", "stats.json")
+        with open(stats) as f:
+            before = json.load(f)["ops"]["write"]["ios"]
+        time.sleep(3)
+        with open(stats) as f:
+            after = json.load(f)["ops"]["write"]["ios"]
+        assert after > before > 0, (before, after)
+        assert json.loads(shell(sock, f"stats {dev['id']} --json"))["ops"]["write"]["ios"] >= after
+        out, err = fio.communicate(timeout=120)
+        assert fio.returncode == 0 and "verify" not in err, err
+        assert json.loads(out[out.index("{"):])["jobs"][0]["error"] == 0
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.communicate()
+        srv.terminate()
+        srv.wait(timeout=60)
+        run([sys.executable, "-m", "ublkshell", "del", str(dev["id"])], check=False)
+    assert not os.path.ismount(mnt)

@@ -117,7 +117,9 @@ class Server:
     def event(self, kind: str, **fields) -> None:
         ev = {"t": time.time(), "kind": kind, **fields}
         self.events = (self.events + [ev])[-MAX_EVENTS:]
-        log(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+        # people read device names (fuse0), the events keep the protocol's numeric ids
+        shown = {k: devids.name(v) if k == "id" else v for k, v in fields.items()}
+        log(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
     # -- socket ------------------------------------------------------------
     async def _bind(self) -> trio.socket.SocketType:
@@ -322,16 +324,16 @@ class Server:
                 alive = procs.entry_daemon_alive(e)
                 was = self.alive.get(dev_id)
                 if was is None:
-                    self.event("device-added" if alive else "device-found-dead", id=devids.name(dev_id), pid=pid)
+                    self.event("device-added" if alive else "device-found-dead", id=dev_id, pid=pid)
                 elif pid != was[0] and alive:
-                    self.event("daemon-recovered", id=devids.name(dev_id), pid=pid, old_pid=was[0],
+                    self.event("daemon-recovered", id=dev_id, pid=pid, old_pid=was[0],
                                recoveries=e.get("recoveries"), abandoned=e.get("abandoned"))
                 elif was[1] and not alive:
                     # asking the kernel may take a moment: the watch goes on meanwhile
                     nursery.start_soon(self._keep, "death report", self._died, nursery, dev_id, e)
                 self.alive[dev_id] = (pid, alive)
             for dev_id in set(self.alive) - set(entries):
-                self.event("device-deleted", id=devids.name(dev_id))
+                self.event("device-deleted", id=dev_id)
                 del self.alive[dev_id]
             await trio.sleep(WATCH_S)
 
@@ -342,7 +344,7 @@ class Server:
         s = self.source.shm(dev_id)
         inflight = sum(int(s.queue(q).inflight) for q in range(s.nr_queues)) if s else None
         kind = "daemon-killed" if entry.get("killed_pid") == pid else "daemon-died"
-        self.event(kind, id=devids.name(dev_id), pid=pid, state=state, recovery=entry.get("recovery"),
+        self.event(kind, id=dev_id, pid=pid, state=state, recovery=entry.get("recovery"),
                    inflight=inflight)
         if self.auto_recover and entry.get("recovery") and state not in ("DEAD", "GONE") \
                 and dev_id not in self.recovering:
@@ -356,13 +358,13 @@ class Server:
             dev = await trio.to_thread.run_sync(recover, dev_id)
             # the watcher would report it too, but it knows neither the time nor that we did it
             self.alive[dev_id] = (dev["pid"], True)
-            self.event("auto-recovered", id=devids.name(dev_id), pid=dev["pid"], old_pid=dev.get("old_pid"),
+            self.event("auto-recovered", id=dev_id, pid=dev["pid"], old_pid=dev.get("old_pid"),
                        recoveries=dev.get("recoveries"), abandoned=dev.get("abandoned"),
                        seconds=dev.get("seconds"))
         except UblkError as e:
-            self.event("auto-recover-failed", id=devids.name(dev_id), error=str(e))
+            self.event("auto-recover-failed", id=dev_id, error=str(e))
         except Exception as e:  # a bug must not take the server down
-            self.event("auto-recover-failed", id=devids.name(dev_id),
+            self.event("auto-recover-failed", id=dev_id,
                        error=f"internal error: {type(e).__name__}: {e}")
         finally:
             self.recovering.discard(dev_id)
