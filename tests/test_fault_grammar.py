@@ -188,6 +188,10 @@ def test_badblocks_ranges_are_bounded_before_any_rule_is_made():
     assert e.value.col == line.rindex(" ") + 2 and "at most 256 ranges" in str(e.value)
 
 
+def test_flags_match_the_native_header():
+    assert (grammar.FM_FUA, grammar.FM_LBA) == (lib.US_FM_FUA, lib.US_FM_LBA)
+
+
 @pytest.fixture
 def dev(tmp_path, monkeypatch):
     # a private directory: a real device (or another run of this suite) may be number 11
@@ -214,6 +218,25 @@ def test_matcher_fields(dev):
     assert ev(dev, READ, 108) == "" and ev(dev, WRITE, 100) == ""
     assert ev(dev, WRITE, 0, flags=lib.UBLK_IO_F_FUA) == "drop#3" and ev(dev, WRITE, 0) == ""
     assert ev(dev, FLUSH, 0) == ""  # drop fua: a flush carries no FUA
+
+
+def test_flush_never_matches_a_rule_with_a_range(dev):
+    """A FLUSH comes as sector 0, length 0: an LBA range that starts at 0 must not take it."""
+    table.add(11, "fail lba 0..7")
+    assert ev(dev, FLUSH, 0, sectors=0) == ""
+    assert ev(dev, READ, 0, sectors=1) == "fail#1" and ev(dev, WRITE, 7, sectors=1) == "fail#1"
+    table.add(11, "fail lba=0..9223372036854775807 op=read,write,flush")
+    assert ev(dev, FLUSH, 0, sectors=0) == ""
+    table.add(11, "delay 1ms op=flush")
+    assert ev(dev, FLUSH, 0, sectors=0) == "delay#3"
+    assert table.clear(11) == 3
+    # no range at all: every IO, flushes too
+    table.add(11, "fail")
+    assert ev(dev, FLUSH, 0, sectors=0) == "fail#4"
+    # the flag, not the numbers, comes back from shared memory
+    assert [r["lba"] for r in table.rules(11)["rules"]] == [None]
+    table.add(11, "fail lba=0..9223372036854775807")
+    assert table.rules(11)["rules"][1]["lba"] == (0, (1 << 63) - 1)
 
 
 def test_count_and_hits(dev):

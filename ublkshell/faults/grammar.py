@@ -49,6 +49,7 @@ MAX_RULES = 256
 BAD_SPAN = 64
 # rule->flags (US_FM_*)
 FM_FUA = 1
+FM_LBA = 2
 # which words each action takes besides the IO match words
 MATCH_WORDS = ("q", "tag", "op", "lba", "size", "fua", "p", "count")
 ACTION_WORDS = {
@@ -325,7 +326,9 @@ def to_struct(rule: dict, r) -> None:
     r.q = rule["q"]
     r.tag = rule["tag"]
     r.op_mask = sum(1 << OPS[o] for o in set(rule["ops"]))
-    r.flags = FM_FUA if rule["fua"] else 0
+    # FM_LBA, not the numbers, says whether the rule has a range: `lba=0..2^63-1`
+    # is a range (it never matches a FLUSH), no `lba` is none
+    r.flags = (FM_FUA if rule["fua"] else 0) | (FM_LBA if rule["lba"] is not None else 0)
     r.lba_lo, r.lba_hi = rule["lba"] if rule["lba"] is not None else (0, U64)
     r.size_lo, r.size_hi = rule["size"] if rule["size"] is not None else (0, U64)
     r.prob = ALWAYS if rule["p"] is None else min(ALWAYS, int(round(rule["p"] * ALWAYS)))
@@ -345,7 +348,7 @@ def from_struct(r) -> dict:
     action = ACTION_OF_CODE.get(int(r.action), "?")
     rule = {"action": action, "q": int(r.q), "tag": int(r.tag),
             "ops": [n for code, n in sorted(OP_NAMES.items()) if r.op_mask & (1 << code)],
-            "lba": None if (r.lba_lo, r.lba_hi) == (0, U64) else (int(r.lba_lo), int(r.lba_hi)),
+            "lba": (int(r.lba_lo), int(r.lba_hi)) if r.flags & FM_LBA else None,
             "size": None if (r.size_lo, r.size_hi) == (0, U64) else (int(r.size_lo), int(r.size_hi)),
             "fua": bool(r.flags & FM_FUA), "p": None if r.prob >= ALWAYS else round(r.prob / ALWAYS, 6),
             "count": int(r.count), "errno": int(r.err), "byte": int(r.byte), "sectors": 0,

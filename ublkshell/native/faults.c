@@ -273,8 +273,10 @@ static const struct us_fault_rule *match(struct us_queue *q, unsigned tag, struc
 			continue;
 		if ((r->flags & US_FM_FUA) && !(io->op_flags & UBLK_IO_F_FUA))
 			continue;
-		/* FLUSH carries no range: LBA rules leave it alone */
-		if (hi < r->lba_lo || lo > r->lba_hi || (op == UBLK_IO_OP_FLUSH && r->lba_lo))
+		if (hi < r->lba_lo || lo > r->lba_hi)
+			continue;
+		/* a FLUSH carries no range (its sector 0 is no sector): LBA rules leave it alone */
+		if (op == UBLK_IO_OP_FLUSH && (r->flags & US_FM_LBA))
 			continue;
 		if (bytes < r->size_lo || bytes > r->size_hi)
 			continue;
@@ -495,10 +497,14 @@ uint32_t us_fault_eval(void *shm_base, int q_id, unsigned tag, uint32_t op_flags
 		       uint64_t sector, uint32_t nr_sectors)
 {
 	static __thread struct us_queue q;
+	static __thread uint64_t created;
 	struct us_io io;
 	const struct us_fault_rule *r;
+	uint64_t born = ((struct us_shm_hdr *)shm_base)->created_mono_ns;
 
-	if (q.fa != us_fault_area_of(shm_base) || q.q_id != q_id) {
+	/* a new file may be mapped where the last one was: its creation time tells them apart */
+	if (q.fa != us_fault_area_of(shm_base) || q.q_id != q_id || created != born) {
+		created = born;
 		us_fault_detach(&q);
 		memset(&q, 0, sizeof(q));
 		q.q_id = q_id;

@@ -29,8 +29,9 @@
 #define US_FA_FLAKEY		7
 #define US_FA_BAD		8
 
-/* rule->flags: what the IO must carry */
-#define US_FM_FUA		1
+/* rule->flags */
+#define US_FM_FUA		1	/* the IO must carry FUA */
+#define US_FM_LBA		2	/* lba_lo..lba_hi is a range the IO must overlap (never a FLUSH) */
 
 /* rule->arg for flakey: what the down phase does */
 #define US_FLAKEY_ERROR		0
@@ -44,8 +45,8 @@ struct us_fault_rule {
 	int32_t		tag;
 	uint32_t	op_mask;	/* bit (1 << UBLK_IO_OP_*) */
 	uint32_t	flags;		/* US_FM_* */
-	uint64_t	lba_lo;		/* sectors, inclusive; an IO overlapping the range matches */
-	uint64_t	lba_hi;
+	uint64_t	lba_lo;		/* US_FM_LBA: sectors, inclusive; an IO overlapping them matches */
+	uint64_t	lba_hi;		/* without US_FM_LBA: 0 and UINT64_MAX */
 	uint64_t	size_lo;	/* bytes, inclusive */
 	uint64_t	size_hi;
 	uint64_t	prob;		/* chance in 2^-32 units; >= 2^32 always */
