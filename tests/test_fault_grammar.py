@@ -50,10 +50,14 @@ def test_parse_and_describe(line, text):
     assert grammar.describe(grammar.from_struct(r)) == text
 
 
-def test_badblocks_split_into_spans():
-    rules = grammar.parse("badblocks 100 2048..2200")
-    assert [r["lba"] for r in rules] == [(100, 100), (2048, 2111), (2112, 2175), (2176, 2200)]
-    assert [grammar.describe(r) for r in rules][0] == "badblocks 100"
+def test_badblocks_one_rule_per_range_of_any_length():
+    rules = grammar.parse("badblocks 100 2048..2200 0..0x10000000000 0..9223372036854775807")
+    assert [r["lba"] for r in rules] == [(100, 100), (2048, 2200), (0, 1 << 40), (0, (1 << 63) - 1)]
+    assert [grammar.describe(r) for r in rules] == [
+        "badblocks 100", "badblocks 2048..2200", "badblocks 0..1099511627776",
+        "badblocks 0..9223372036854775807"]
+    for r in rules:
+        assert grammar.parse(grammar.describe(r)) == [r]
 
 
 @pytest.mark.parametrize("line, col, words", [
@@ -282,6 +286,9 @@ def test_first_match_wins_and_clear(dev):
 def test_slots_all_or_nothing(dev):
     for i in range(250):
         table.add(11, f"fail lba {i}")
-    with pytest.raises(Exception, match="do not fit, 6 of 256 slots free"):
-        table.add(11, "badblocks 0..511")
+    with pytest.raises(Exception, match="7 rule\\(s\\) do not fit, 6 of 256 slots free"):
+        table.add(11, "badblocks 0 10..20 30 40 50 60..1000000000000 70")
     assert len(table.rules(11)["rules"]) == 250
+    # a range of any length is one rule
+    assert len(table.add(11, "badblocks 0..1000000000000 5 7 9 11 13")) == 6
+    assert len(table.rules(11)["rules"]) == 256

@@ -46,7 +46,6 @@ MAX_DEPTH = 4096  # UBLK_MAX_QUEUE_DEPTH
 MAX_SECTOR_BYTES = 4096
 # one rule per listed range, and a device has this many rule slots (US_FAULT_SLOTS)
 MAX_RULES = 256
-BAD_SPAN = 64
 # rule->flags (US_FM_*)
 FM_FUA = 1
 FM_LBA = 2
@@ -190,7 +189,7 @@ def parse(line: str) -> list[dict]:
                 if action == "badblocks":
                     if len(bad) >= MAX_RULES:
                         raise ValueError(f"at most {MAX_RULES} ranges in one line (one rule each, "
-                                         f"{MAX_RULES} rule slots)")
+                                         f"{MAX_RULES} rule slots); a range may be as long as you like")
                     bad.append(_range(w, _uint, "sector"))
                     i += 1
                     continue
@@ -253,12 +252,8 @@ def parse(line: str) -> list[dict]:
     if action == "torn" and set(rule["ops"]) - {"write"}:
         raise RuleError(1, "torn applies to writes only")
     if action == "badblocks":
-        out = []
-        for lo, hi in bad:
-            # one rule per 64 sectors: each keeps one bit per sector for rewrites
-            for start in range(lo, hi + 1, BAD_SPAN):
-                out.append(dict(rule, lba=(start, min(hi, start + BAD_SPAN - 1)), ops=list(BAD_OPS)))
-        return out
+        # one rule per range, of any length: what was rewritten lives in the heal log
+        return [dict(rule, lba=r, ops=list(BAD_OPS)) for r in bad]
     if action == "drop" and not rule["ops"]:
         rule["ops"] = list(WRITE_LIKE)
     if action == "corrupt":

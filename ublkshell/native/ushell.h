@@ -117,6 +117,7 @@ struct us_queue {
 	/* fault rules: the shared area and this queue's copy (NULL: none) */
 	struct us_fault_area *fa;
 	struct us_fault_view *fv;
+	struct us_fault_view *fv_next;	/* where the next copy is taken: fv stays whole if it fails */
 	uint64_t	rng;
 	uint32_t	rng_seed_gen;	/* the area's seed_gen + 1 this rng started from, 0 none */
 	unsigned	nr_hung;

@@ -76,12 +76,26 @@ int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint
  * writers (flock on the file); the queues see each change whole.
  */
 struct us_fault_area *us_fault_area_of(void *shm_base);
-/* the rule's new id, or -ENOSPC (every slot taken), -EINVAL (bad rule) */
+/*
+ * Install n rules at once, in order, under one publication: the queues see
+ * none of them or all. Every rule is checked first (-EINVAL), then the free
+ * slots (-ENOSPC) and ids (-ERANGE: ids are never reused and a record holds
+ * 24 bits of one); nothing is installed on error. n, with their ids in
+ * ids_out (may be NULL).
+ */
+int us_fault_add_set(void *shm_base, const struct us_fault_rule *rules, int n, uint32_t *ids_out);
+/* one rule: its new id, or the errors of us_fault_add_set */
 int us_fault_add(void *shm_base, const struct us_fault_rule *r);
-/* 0, or -ENOENT; id 0 removes every rule */
+/*
+ * 0, or -ENOENT; id 0 removes every rule. Once no badblocks rule is left the
+ * heal log is emptied (after the queue threads have left it, waiting up to 1 s).
+ */
 int us_fault_del(void *shm_base, uint32_t id);
 void us_fault_set_seed(void *shm_base, uint64_t seed);
-/* a consistent copy of the first max rules in match order with their counters: how many there are */
+/*
+ * A consistent copy of the first max rules in match order with their
+ * counters (badblocks: healed = distinct sectors rewritten): how many there are.
+ */
 int us_fault_list(void *shm_base, struct us_fault_rule *rules, struct us_fault_ctr *ctrs, int max);
 /*
  * Match one IO as queue q_id would, without a device (tests of the matcher):
