@@ -607,15 +607,19 @@ static void tag_fault(struct us_queue *q, unsigned tag, struct us_io *io)
 		__atomic_store_n(&q->shm_tags[tag].fault, io->fault, __ATOMIC_RELAXED);
 }
 
-static void arm_timeout(struct us_queue *q, struct __kernel_timespec *ts, uint64_t ns,
-			uint64_t user_data)
+/* 0, or -EBUSY when the ring has no SQE even after submitting what it holds */
+static int arm_timeout(struct us_queue *q, struct __kernel_timespec *ts, uint64_t ns,
+		       uint64_t user_data)
 {
 	struct io_uring_sqe *sqe = us_get_sqe(q);
 
+	if (!sqe)
+		return -EBUSY;
 	ts->tv_sec = ns / 1000000000ULL;
 	ts->tv_nsec = ns % 1000000000ULL;
 	io_uring_prep_timeout(sqe, ts, 0, 0);
 	sqe->user_data = user_data;
+	return 0;
 }
 
 static int write_like(unsigned op)
@@ -651,6 +655,21 @@ static void corrupt(struct us_queue *q, struct us_io *io, unsigned len)
 		io->dirty = len;
 }
 
+/* the rule could not be carried out after all: the record and inflight must not name it */
+static void unmark(struct us_queue *q, unsigned tag, struct us_io *io)
+{
+	io->fault = 0;
+	memset(&io->fh, 0, sizeof(io->fh));
+	tag_fault(q, tag, io);
+}
+
+static void unhang(struct us_queue *q, struct us_io *io)
+{
+	io->fh.hung = 0;
+	q->nr_hung--;
+	__atomic_fetch_sub(&q->fa->hung, 1, __ATOMIC_RELAXED);
+}
+
 int us_fault_start(struct us_queue *q, unsigned tag, struct us_io *io)
 {
 	const struct us_fault_rule *r;
@@ -676,7 +695,14 @@ int us_fault_start(struct us_queue *q, unsigned tag, struct us_io *io)
 		ns = r->t_lo_ns;
 		if (r->t_hi_ns > r->t_lo_ns)
 			ns += rng(q) % (r->t_hi_ns - r->t_lo_ns + 1);
-		arm_timeout(q, &io->ts, ns, us_ud(tag, UD_DELAY));
+		/*
+		 * No SQE even after a submit (the kernel refused the submit): waiting
+		 * for a timeout never queued would lose the tag, so serve it undelayed.
+		 */
+		if (arm_timeout(q, &io->ts, ns, us_ud(tag, UD_DELAY))) {
+			unmark(q, tag, io);
+			return US_FAULT_PASS;
+		}
 		q->tgt_inflight++;
 		return US_QUEUED;
 	case US_FA_FAIL:
@@ -711,7 +737,12 @@ int us_fault_start(struct us_queue *q, unsigned tag, struct us_io *io)
 		q->nr_hung++;
 		__atomic_fetch_add(&q->fa->hung, 1, __ATOMIC_RELAXED);
 		if (!q->tick_armed) {
-			arm_timeout(q, &q->tick_ts, TICK_NS, us_ud(0, UD_TICK));
+			/* without the timer nothing would ever let this IO go: serve it */
+			if (arm_timeout(q, &q->tick_ts, TICK_NS, us_ud(0, UD_TICK))) {
+				unhang(q, io);
+				unmark(q, tag, io);
+				return US_FAULT_PASS;
+			}
 			q->tick_armed = 1;
 		}
 		return US_QUEUED;
@@ -749,28 +780,34 @@ static int rule_present(struct us_queue *q, uint32_t id)
 	return 0;
 }
 
-void us_fault_tick(struct us_queue *q)
+static void release_hung(struct us_queue *q, int all)
 {
 	int tag;
 
+	for (tag = 0; tag < q->dev->cfg.depth && q->nr_hung; tag++) {
+		struct us_io *io = &q->ios[tag];
+
+		if (!io->fh.hung || (!all && rule_present(q, io->fh.rule_id)))
+			continue;
+		unhang(q, io);
+		us_start_target(q, tag);
+	}
+}
+
+void us_fault_tick(struct us_queue *q)
+{
 	q->tick_armed = 0;
 	if (!q->fa)
 		return;
 	if (__atomic_load_n(&q->fa->gen, __ATOMIC_RELAXED) != q->fv->gen)
 		refresh(q);
-	for (tag = 0; tag < q->dev->cfg.depth && q->nr_hung; tag++) {
-		struct us_io *io = &q->ios[tag];
-
-		if (!io->fh.hung || rule_present(q, io->fh.rule_id))
-			continue;
-		io->fh.hung = 0;
-		q->nr_hung--;
-		__atomic_fetch_sub(&q->fa->hung, 1, __ATOMIC_RELAXED);
-		us_start_target(q, tag);
-	}
+	release_hung(q, 0);
 	if (q->nr_hung && !q->stopping) {
-		arm_timeout(q, &q->tick_ts, TICK_NS, us_ud(0, UD_TICK));
-		q->tick_armed = 1;
+		if (!arm_timeout(q, &q->tick_ts, TICK_NS, us_ud(0, UD_TICK)))
+			q->tick_armed = 1;
+		else
+			/* no timer, so no later look: let the withheld IO go rather than keep it forever */
+			release_hung(q, 1);
 	}
 }
 
