@@ -55,6 +55,29 @@ void us_dev_free(struct us_dev *d);
  */
 int us_dev_powercut(struct us_dev *d, uint32_t keep_ppm, uint64_t seed, struct us_fault_area *report);
 
+/*
+ * The write log behind us_dev_powercut, on its own: what writes overwrote
+ * in fd (read through fd, put back through fd), up to limit bytes of it.
+ */
+struct us_wlog;
+struct us_wlog *us_wlog_new(int fd, uint64_t limit);
+void us_wlog_free(struct us_wlog *w);
+/*
+ * Undo what is not durable (as us_dev_powercut). report: pc_dropped (undone),
+ * pc_kept, pc_failed (an undo's write or the final fsync failed: old, new or
+ * mixed data), pc_errno (the first such error), pc_dropped_bytes, pc_done.
+ * Returns pc_dropped or -errno.
+ */
+int us_wlog_powercut(struct us_wlog *w, uint32_t keep_ppm, uint64_t seed, struct us_fault_area *report);
+/*
+ * Tests: an IO as the ring loop hands it to the log, without a device. begin
+ * before the target runs it (a write's old data is read from fd now), end
+ * when its result goes back (completed 0: it was still in flight at the cut;
+ * the handle is only freed). NULL: out of memory.
+ */
+void *us_wlog_test_begin(struct us_wlog *w, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors);
+void us_wlog_test_end(struct us_wlog *w, void *io, int completed);
+
 /* the device's shared memory (records.h): layout, initialisation, readers */
 uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries);
 int us_shm_init(void *base, uint64_t len, uint32_t nr_queues, uint32_t depth,
