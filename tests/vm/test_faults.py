@@ -283,6 +283,49 @@ def test_badblocks_until_rewritten(devices, backing, target):
     assert faults(dev)["rules"][0]["healed"] == 4
 
 
+def test_badblocks_huge_range_is_one_rule_that_heals_exactly(devices, backing):
+    """2^40 sectors listed bad: one rule, at once (it used to be one rule per 64
+    sectors, built in Python), and exactly the rewritten sectors read again."""
+    dev = _dev(devices, backing, "mem")
+    p = dev["path"]
+    last = (1 << 40) - 1
+    t = time.monotonic()
+    added = json.loads(cli("badblocks", str(dev["id"]), f"0..{last}", "--json").stdout)["added"]
+    assert len(added) == 1 and added[0]["text"] == f"badblocks 0..{last}"
+    assert time.monotonic() - t < 20  # a CLI start in the VM; millions of rules took minutes
+    for off in (0, 32 << 20, (64 << 20) - 4 * KB):
+        assert errno_of(pread_direct, p, 4 * KB, off) == errno.EIO
+    a, b = pattern(8 * KB, 10), pattern(4 * KB, 11)
+    pwrite_direct(p, a, 2048 * 512)                 # sectors 2048..2063
+    pwrite_direct(p, b, 4096 * 512)                 # sectors 4096..4103
+    assert pread_direct(p, 8 * KB, 2048 * 512) == a and pread_direct(p, 4 * KB, 4096 * 512) == b
+    # one sector short of either side still fails
+    assert errno_of(pread_direct, p, 4 * KB, 2044 * 512) == errno.EIO
+    assert errno_of(pread_direct, p, 4 * KB, 2060 * 512) == errno.EIO
+    assert errno_of(pread_direct, p, 8 * KB, 4096 * 512) == errno.EIO
+    (r,) = faults(dev)["rules"]
+    assert r["healed"] == 16 + 8 and r["heal_lost"] == 0 and r["hits"] >= 6
+    assert "(24 rewritten)" in cli("faults", str(dev["id"])).stdout
+
+
+def test_flush_passes_a_rule_with_an_lba_range(devices, backing):
+    """fsync on the block device sends a FLUSH (the device has a volatile
+    cache): `fail lba 0..7` must not fail it, `fail op=flush` must."""
+    dev = _dev(devices, backing, "mem")
+    rule(dev, "fail", "lba", "0..7")
+    fd = os.open(dev["path"], os.O_RDWR)
+    try:
+        os.pwrite(fd, pattern(4 * KB, 12), 1 << 20)
+        os.fsync(fd)
+        assert errno_of(pread_direct, dev["path"], 4 * KB, 0) == errno.EIO
+        rid = rule(dev, "fail", "op=flush")
+        os.pwrite(fd, pattern(4 * KB, 13), 1 << 20)
+        assert errno_of(os.fsync, fd) == errno.EIO
+        assert [r["hits"] >= 1 for r in faults(dev)["rules"] if r["id"] == rid] == [True]
+    finally:
+        os.close(fd)
+
+
 def test_probability_replays_with_seed(devices, backing):
     dev = _dev(devices, backing, "mem")
     rule(dev, "fail", "op=read", "p=0.5")

@@ -10,10 +10,11 @@ mode=). LBAs are 512-byte sectors, as in `trace`; ranges A..B include both
 ends. A bad line raises RuleError naming the column of the offending word.
 """
 import errno as _errno
+import math
 import re
 
 from ..errors import UsageError
-from ..units import parse_size
+from ..units import MAX_DURATION_NS, fmt_duration, parse_duration, parse_size
 
 ACTIONS = {
     "delay": "add latency: `delay 5ms` or uniform `delay 1ms..50ms`",
@@ -30,9 +31,24 @@ OP_NAMES = {v: k for k, v in OPS.items()}
 WRITE_LIKE = ("write", "flush", "discard", "write_zeroes")
 BAD_OPS = ("read", "write", "write_zeroes")  # reads fail, writes heal
 MAX_DELAY_NS = 60 * 10**9
+MIN_PHASE_NS = 10**6  # flakey up=/down=: shorter phases are below what the timer resolves
 ALWAYS = 1 << 32
 U64 = (1 << 64) - 1
-BAD_SPAN = 64
+# The bounds of the C fields each word fills (native/faults.h), checked before
+# anything is computed from a number. LBAs stop at 2^63-1 so that the C side's
+# `hi + 1` and sector arithmetic never wrap.
+MAX_LBA = (1 << 63) - 1
+MAX_COUNT = (1 << 63) - 1
+MAX_SECTORS = (1 << 32) - 1
+MAX_ERRNO = 4095
+MAX_QUEUES = 4096  # UBLK_MAX_NR_QUEUES
+MAX_DEPTH = 4096  # UBLK_MAX_QUEUE_DEPTH
+MAX_SECTOR_BYTES = 4096
+# one rule per listed range, and a device has this many rule slots (US_FAULT_SLOTS)
+MAX_RULES = 256
+# rule->flags (US_FM_*)
+FM_FUA = 1
+FM_LBA = 2
 # which words each action takes besides the IO match words
 MATCH_WORDS = ("q", "tag", "op", "lba", "size", "fua", "p", "count")
 ACTION_WORDS = {
@@ -45,7 +61,11 @@ ACTION_WORDS = {
     "flakey": ("up", "down", "mode", "errno"),
     "badblocks": ("errno", "q"),
 }
-_UNITS = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
+# ASCII only: int() and float() also take other scripts' digits, which no one means here.
+# 20 decimal digits hold every u64; more is a mistake, never a number to convert.
+_UINT = re.compile(r"0[xX][0-9a-fA-F]{1,16}|[0-9]{1,20}")
+_PROB = re.compile(r"(?:[0-9]{1,24}(?:\.[0-9]{0,24})?|\.[0-9]{1,24})(?:[eE][-+]?[0-9]{1,3})?")
+_ERRNO_NUM = re.compile(r"[0-9]{1,4}")
 
 
 class RuleError(UsageError):
@@ -55,55 +75,76 @@ class RuleError(UsageError):
         self.reason = msg
 
 
-def _duration(text: str) -> int:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m)", text)
-    if not m:
-        raise ValueError(f"{text!r} is not a duration (e.g. 500us, 5ms, 2s)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+def _show(text: str) -> str:
+    """A value as the message quotes it: whole unless it is absurdly long."""
+    return repr(text) if len(text) <= 24 else f"{text[:20]!r}... ({len(text)} characters)"
 
 
-def _fmt_duration(ns: int) -> str:
-    for unit, scale in (("s", 10**9), ("ms", 10**6), ("us", 10**3)):
-        if ns >= scale and ns % scale == 0:
-            return f"{ns // scale}{unit}"
-    return f"{ns}ns" if ns < 1000 else f"{ns / 1e6:g}ms"
+def _bound(n: int) -> str:
+    return f"2^{n.bit_length()}-1" if n > 0xffff and (n + 1) & n == 0 else str(n)
 
 
-def _uint(text: str, what: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise ValueError(f"{what} must be a whole number, not {text!r}") from None
-    if v < 0:
-        raise ValueError(f"{what} must not be negative")
+def _uint(text: str, what: str, lo: int = 0, hi: int = MAX_LBA, zero: str = "") -> int:
+    """A bounded whole number; `zero` is what to say when 0 is typed where lo is 1."""
+    if not _UINT.fullmatch(text):
+        raise ValueError(f"{what} {_show(text)} is not a whole number (decimal or 0x hex)")
+    v = int(text, 16 if text[:2] in ("0x", "0X") else 10)
+    if v == 0 and zero:
+        raise ValueError(zero)
+    if not lo <= v <= hi:
+        raise ValueError(f"{what} {_show(text)} is out of range {lo}..{_bound(hi)}")
     return v
 
 
 def _range(text: str, parse, what: str) -> tuple[int, int]:
     lo, sep, hi = text.partition("..")
+    if sep and not hi:
+        raise ValueError(f"{what} range {_show(text)} has nothing after '..'")
     a = parse(lo, what)
     b = parse(hi, what) if sep else a
     if b < a:
-        raise ValueError(f"{what} range {text!r} ends before it starts")
+        raise ValueError(f"{what} range {_show(text)} ends before it starts")
     return a, b
 
 
 def _size(text: str, what: str) -> int:
+    if not text.isascii():
+        raise ValueError(f"{what} {_show(text)} is not a size (e.g. 4k, 64k, 1M)")
     try:
         return parse_size(text, what)
     except UsageError as e:
-        raise ValueError(f"{what}: {e}") from None
+        raise ValueError(str(e)) from None
+
+
+def _duration(text: str, what: str) -> int:
+    """ns, exact; anything up to units' day-long bound (callers narrow it)."""
+    if not text.isascii():
+        raise ValueError(f"{what} {_show(text)} is not a duration (e.g. 500us, 5ms, 2s)")
+    try:
+        return parse_duration(text, what, hi=MAX_DURATION_NS)
+    except UsageError as e:
+        raise ValueError(str(e)) from None
+
+
+def _prob(text: str) -> float:
+    if not _PROB.fullmatch(text):
+        raise ValueError(f"p must be a number in 0..1, not {_show(text)}")
+    p = float(text)
+    if not (math.isfinite(p) and 0 <= p <= 1):
+        raise ValueError(f"p={text} is outside 0..1")
+    return p
 
 
 def _errno_value(text: str) -> int:
-    if text.isdigit():
+    if _ERRNO_NUM.fullmatch(text):
         v = int(text)
-        if not 1 <= v <= 4095:
-            raise ValueError(f"errno {v} is out of range 1..4095")
+        if not 1 <= v <= MAX_ERRNO:
+            raise ValueError(f"errno {v} is out of range 1..{MAX_ERRNO}")
         return v
-    v = getattr(_errno, text.upper(), None)
-    if not isinstance(v, int) or text.upper() not in _errno.errorcode.values():
-        raise ValueError(f"unknown errno {text!r} (e.g. EIO, ENOSPC, ETIMEDOUT, ENODATA, or a number)")
+    name = text.upper() if text.isascii() else ""
+    v = getattr(_errno, name, None) if name.startswith("E") else None
+    if not isinstance(v, int) or name not in _errno.errorcode.values() or not 1 <= v <= MAX_ERRNO:
+        raise ValueError(f"unknown errno {_show(text)} (e.g. EIO, ENOSPC, ETIMEDOUT, ENODATA, or a number)")
     return v
 
 
@@ -112,13 +153,13 @@ def _words(line: str):
 
 
 def parse(line: str) -> list[dict]:
-    """One rule line -> the rules it makes (badblocks may make several)."""
+    """One rule line -> the rules it makes (badblocks makes one per listed range)."""
     words = _words(line)
     if not words:
         raise RuleError(1, "empty rule: give an action (" + ", ".join(ACTIONS) + ")")
     col, action = words[0]
     if action not in ACTIONS:
-        raise RuleError(col, f"unknown action {action!r} (" + ", ".join(ACTIONS) + ")")
+        raise RuleError(col, f"unknown action {_show(action)} (" + ", ".join(ACTIONS) + ")")
     rule = {"action": action, "q": -1, "tag": -1, "ops": [], "lba": None, "size": None,
             "fua": False, "p": None, "count": -1, "errno": 0, "byte": -1, "sectors": 0,
             "delay": None, "up": None, "down": None, "mode": "error"}
@@ -139,71 +180,61 @@ def parse(line: str) -> list[dict]:
                 key = "fua"
             elif not eq:
                 if action == "delay" and rule["delay"] is None:
-                    lo, _, hi = w.partition("..")
-                    a = _duration(lo)
-                    b = _duration(hi) if hi else a
-                    if b < a:
-                        raise ValueError(f"delay range {w!r} ends before it starts")
+                    a, b = _range(w, _duration, "delay")
                     if b > MAX_DELAY_NS:
                         raise ValueError("a delay longer than 60s would stall `del` for as long")
                     rule["delay"] = (a, b)
                     i += 1
                     continue
                 if action == "badblocks":
+                    if len(bad) >= MAX_RULES:
+                        raise ValueError(f"at most {MAX_RULES} ranges in one line (one rule each, "
+                                         f"{MAX_RULES} rule slots); a range may be as long as you like")
                     bad.append(_range(w, _uint, "sector"))
                     i += 1
                     continue
-                raise ValueError(f"unexpected word {w!r}")
+                raise ValueError(f"unexpected word {_show(w)}")
             if key not in allowed:
                 if key in MATCH_WORDS or any(key in v for v in ACTION_WORDS.values()):
                     raise ValueError(f"{action} takes no {key}=")
-                raise ValueError(f"unknown word {w!r}")
+                raise ValueError(f"unknown word {_show(w)}")
             if key == "q":
-                rule["q"] = _uint(val, "q")
+                rule["q"] = _uint(val, "q", 0, MAX_QUEUES - 1)
             elif key == "tag":
-                rule["tag"] = _uint(val, "tag")
-                if rule["tag"] >= 4096:
-                    raise ValueError("tag must be below 4096 (the largest queue depth)")
+                rule["tag"] = _uint(val, "tag", 0, MAX_DEPTH - 1)
             elif key == "op":
                 for o in val.split(","):
                     if o not in OPS:
-                        raise ValueError(f"unknown op {o!r} (" + ", ".join(OPS) + ")")
-                    rule["ops"].append(o)
+                        raise ValueError(f"unknown op {_show(o)} (" + ", ".join(OPS) + ")")
+                    if o not in rule["ops"]:
+                        rule["ops"].append(o)
             elif key == "lba":
                 rule["lba"] = _range(val, _uint, "lba")
             elif key == "size":
                 rule["size"] = _range(val, _size, "size")
             elif key == "fua":
+                if eq:
+                    raise ValueError(f"fua takes no value: write `fua`, not {_show(w)}")
                 rule["fua"] = True
             elif key == "p":
-                try:
-                    p = float(val)
-                except ValueError:
-                    raise ValueError(f"p must be a number in 0..1, not {val!r}") from None
-                if not 0 <= p <= 1:
-                    raise ValueError(f"p={val} is outside 0..1")
-                rule["p"] = p
+                rule["p"] = _prob(val)
             elif key == "count":
-                rule["count"] = _uint(val, "count")
-                if rule["count"] == 0:
-                    raise ValueError("count=0 would never apply; clear the rule instead")
+                rule["count"] = _uint(val, "count", 1, MAX_COUNT,
+                                      zero="count=0 would never apply; clear the rule instead")
             elif key == "errno":
                 rule["errno"] = _errno_value(val)
             elif key == "byte":
-                rule["byte"] = _uint(val, "byte")
-                if rule["byte"] >= 4096:
-                    raise ValueError("byte is an offset into a sector (of up to 4096 bytes)")
+                rule["byte"] = _uint(val, "byte", 0, MAX_SECTOR_BYTES - 1)
             elif key == "sectors":
-                rule["sectors"] = _uint(val, "sectors")
-                if not rule["sectors"]:
-                    raise ValueError("sectors=0 keeps nothing: use drop")
+                rule["sectors"] = _uint(val, "sectors", 1, MAX_SECTORS,
+                                        zero="sectors=0 keeps nothing: use drop")
             elif key in ("up", "down"):
-                rule[key] = _duration(val)
-                if rule[key] < 10**6:
+                rule[key] = _duration(val, key)
+                if rule[key] < MIN_PHASE_NS:
                     raise ValueError(f"{key}= must be at least 1ms")
             elif key == "mode":
                 if val not in ("error", "drop"):
-                    raise ValueError(f"mode is error or drop, not {val!r}")
+                    raise ValueError(f"mode is error or drop, not {_show(val)}")
                 rule["mode"] = val
         except ValueError as e:
             raise RuleError(col, str(e)) from None
@@ -221,12 +252,8 @@ def parse(line: str) -> list[dict]:
     if action == "torn" and set(rule["ops"]) - {"write"}:
         raise RuleError(1, "torn applies to writes only")
     if action == "badblocks":
-        out = []
-        for lo, hi in bad:
-            # one rule per 64 sectors: each keeps one bit per sector for rewrites
-            for start in range(lo, hi + 1, BAD_SPAN):
-                out.append(dict(rule, lba=(start, min(hi, start + BAD_SPAN - 1)), ops=list(BAD_OPS)))
-        return out
+        # one rule per range, of any length: what was rewritten lives in the heal log
+        return [dict(rule, lba=r, ops=list(BAD_OPS)) for r in bad]
     if action == "drop" and not rule["ops"]:
         rule["ops"] = list(WRITE_LIKE)
     if action == "corrupt":
@@ -245,7 +272,7 @@ def describe(rule: dict) -> str:
     words = [a]
     if a == "delay":
         lo, hi = rule["delay"]
-        words.append(_fmt_duration(lo) + (f"..{_fmt_duration(hi)}" if hi != lo else ""))
+        words.append(fmt_duration(lo) + (f"..{fmt_duration(hi)}" if hi != lo else ""))
     if a == "badblocks":
         lo, hi = rule["lba"]
         words.append(f"{lo}..{hi}" if hi != lo else str(lo))
@@ -266,7 +293,7 @@ def describe(rule: dict) -> str:
     if rule["fua"]:
         words.append("fua")
     if a == "flakey":
-        words += [f"up={_fmt_duration(rule['up'])}", f"down={_fmt_duration(rule['down'])}",
+        words += [f"up={fmt_duration(rule['up'])}", f"down={fmt_duration(rule['down'])}",
                   f"mode={rule['mode']}"]
     if rule["byte"] >= 0:
         words.append(f"byte={rule['byte']}")
@@ -275,7 +302,8 @@ def describe(rule: dict) -> str:
     if rule["errno"]:
         words.append(f"errno={_errno.errorcode.get(rule['errno'], rule['errno'])}")
     if rule["p"] is not None:
-        words.append(f"p={rule['p']:g}")
+        # repr: the shortest text that reads back as the same float
+        words.append(f"p={rule['p']!r}")
     if rule["count"] >= 0:
         words.append(f"count={rule['count']}")
     return " ".join(words)
@@ -293,7 +321,9 @@ def to_struct(rule: dict, r) -> None:
     r.q = rule["q"]
     r.tag = rule["tag"]
     r.op_mask = sum(1 << OPS[o] for o in set(rule["ops"]))
-    r.flags = 1 if rule["fua"] else 0
+    # FM_LBA, not the numbers, says whether the rule has a range: `lba=0..2^63-1`
+    # is a range (it never matches a FLUSH), no `lba` is none
+    r.flags = (FM_FUA if rule["fua"] else 0) | (FM_LBA if rule["lba"] is not None else 0)
     r.lba_lo, r.lba_hi = rule["lba"] if rule["lba"] is not None else (0, U64)
     r.size_lo, r.size_hi = rule["size"] if rule["size"] is not None else (0, U64)
     r.prob = ALWAYS if rule["p"] is None else min(ALWAYS, int(round(rule["p"] * ALWAYS)))
@@ -313,9 +343,9 @@ def from_struct(r) -> dict:
     action = ACTION_OF_CODE.get(int(r.action), "?")
     rule = {"action": action, "q": int(r.q), "tag": int(r.tag),
             "ops": [n for code, n in sorted(OP_NAMES.items()) if r.op_mask & (1 << code)],
-            "lba": None if (r.lba_lo, r.lba_hi) == (0, U64) else (int(r.lba_lo), int(r.lba_hi)),
+            "lba": (int(r.lba_lo), int(r.lba_hi)) if r.flags & FM_LBA else None,
             "size": None if (r.size_lo, r.size_hi) == (0, U64) else (int(r.size_lo), int(r.size_hi)),
-            "fua": bool(r.flags & 1), "p": None if r.prob >= ALWAYS else round(r.prob / ALWAYS, 6),
+            "fua": bool(r.flags & FM_FUA), "p": None if r.prob >= ALWAYS else round(r.prob / ALWAYS, 6),
             "count": int(r.count), "errno": int(r.err), "byte": int(r.byte), "sectors": 0,
             "delay": None, "up": None, "down": None, "mode": "error"}
     if action == "delay":

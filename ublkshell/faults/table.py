@@ -4,6 +4,7 @@ Every change takes an flock on the file, so the CLI, the server, the FUSE tree
 and the daemon can all change rules; the native side publishes each change
 whole, and the queue threads pick it up on their next IO.
 """
+import errno
 import fcntl
 import os
 from contextlib import contextmanager
@@ -31,7 +32,8 @@ def locked(dev_id: int):
         s = Shm(path, writable=True).check()
         try:
             if s.fault_area() == ffi.NULL:
-                raise UblkError(f"device {dev_id}: its daemon predates fault injection; re-add it")
+                raise UblkError(f"device {dev_id}: its daemon keeps fault rules in another layout "
+                                "(an older ublkshell); re-add it")
             yield s
         finally:
             s.close()
@@ -40,27 +42,31 @@ def locked(dev_id: int):
 
 
 def add(dev_id: int, line: str) -> list[dict]:
-    """Parse one rule line and install what it makes; returns them with their ids."""
+    """Parse one rule line and install what it makes, all or nothing; returns them with their ids."""
     rules = grammar.parse(line)
-    out = []
+    n = len(rules)
+    structs = ffi.new("struct us_fault_rule[]", n)
+    for i, rule in enumerate(rules):
+        grammar.to_struct(rule, structs[i])
+    ids = ffi.new("uint32_t[]", n)
     with locked(dev_id) as s:
-        left = lib.US_FAULT_SLOTS - lib.us_fault_list(s.base, ffi.NULL, ffi.NULL, 0)
-        # all or nothing: a badblocks list must not land half
-        if len(rules) > left:
-            raise UblkError(f"device {dev_id}: {len(rules)} rule(s) do not fit, "
+        rc = lib.us_fault_add_set(s.base, structs, n, ids)
+        if rc == -errno.ENOSPC:
+            left = lib.US_FAULT_SLOTS - lib.us_fault_list(s.base, ffi.NULL, ffi.NULL, 0)
+            raise UblkError(f"device {dev_id}: {n} rule(s) do not fit, "
                             f"{left} of {lib.US_FAULT_SLOTS} slots free (`clear` some)")
-        for rule in rules:
-            r = ffi.new("struct us_fault_rule *")
-            grammar.to_struct(rule, r)
-            rid = lib.us_fault_add(s.base, r)
-            if rid < 0:
-                raise UblkError(f"device {dev_id}: the rule was refused: {os.strerror(-rid)}")
-            out.append(dict(rule, id=rid, text=grammar.describe(rule)))
-    return out
+        if rc == -errno.ERANGE:
+            raise UblkError(f"device {dev_id}: its {lib.US_FAULT_MAX_ID} rule ids are used up "
+                            "(ids are never reused): re-add the device")
+        if rc < 0:
+            raise UblkError(f"device {dev_id}: the rule was refused: {os.strerror(-rc)}")
+    return [dict(rule, id=int(ids[i]), text=grammar.describe(rule)) for i, rule in enumerate(rules)]
 
 
 def rules(dev_id: int) -> dict:
-    """{"seed": N, "hung": N, "rules": [{id, text, hits, left, ...}]} in match order."""
+    """{"seed": N, "hung": N, "heal_log": {"used": N, "size": N}, "rules": [{id, text, hits,
+    left, healed, heal_lost, ...}]} in match order. A badblocks rule's `heal_lost` counts
+    rewrites the full heal log could not remember (their sectors still fail reads)."""
     with locked(dev_id) as s:
         return _read(s)
 
@@ -81,18 +87,18 @@ def _read(s: Shm) -> dict:
         if rule["count"] >= 0:
             entry["left"] = int(cs[i].left)
         if rule["action"] == "badblocks":
-            lo, hi = rule["lba"]
-            span = hi - lo + 1
-            healed = int(cs[i].healed) & ((1 << span) - 1)
-            entry["healed"] = bin(healed).count("1")
+            entry["healed"] = int(cs[i].healed)
+            entry["heal_lost"] = int(cs[i].heal_lost)
         out.append(entry)
-    return {"seed": int(area.seed), "hung": int(area.hung), "rules": out}
+    size = lib.US_HEAL_ENTRIES
+    return {"seed": int(area.seed), "hung": int(area.hung),
+            "heal_log": {"used": min(int(area.heal_used), size), "size": size}, "rules": out}
 
 
 def read_shm(s: Shm) -> dict:
     """The rules of an already mapped statistics file (the server's and the tree's view)."""
     if lib.us_fault_area_of(s.base) == ffi.NULL:
-        return {"seed": 0, "hung": 0, "rules": []}
+        return {"seed": 0, "hung": 0, "heal_log": {"used": 0, "size": 0}, "rules": []}
     return _read(s)
 
 

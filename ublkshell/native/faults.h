@@ -7,17 +7,30 @@
  * publish with a sequence count: odd while a change is being written. Each
  * queue thread keeps a private copy of the rules and refreshes it when the
  * count moves, so matching never reads a half-written rule and a device
- * without rules pays one load per IO. Hit counters, remaining counts and
- * healed bad sectors are shared by every queue and updated atomically.
+ * without rules pays one load per IO. Hit counters and remaining counts are
+ * shared by every queue and updated atomically.
+ *
+ * badblocks: which listed sectors were rewritten lives in the heal log, a
+ * fixed array of runs {rule id, lo, hi} that the queue threads claim and
+ * grow lock-free (any thread of any process may die at any instruction, so
+ * nothing here is a lock). A run only ever grows and only ever covers
+ * sectors that were written, so a reader that sees a run mid-change sees
+ * less than the truth, never more. When the log is full a rewrite is counted
+ * in the rule's heal_lost instead: its sectors keep failing reads.
  */
 #ifndef USHELL_FAULTS_H
 #define USHELL_FAULTS_H
 
 #include <stdint.h>
 
-#define US_FAULT_MAGIC		0x31746c7561666b75ULL	/* "ukfault1" */
+#define US_FAULT_MAGIC		0x32746c7561666b75ULL	/* "ukfault2": LBA flag, heal log, pc_failed */
 #define US_FAULT_SLOTS		256
-#define US_FAULT_BAD_SPAN	64	/* sectors one badblocks rule can cover (one bit each) */
+/* a record's fault field holds action | id << 8 in 32 bits */
+#define US_FAULT_MAX_ID		0xffffff
+/* sectors are below 2^63: `hi + 1` and byte offsets never wrap */
+#define US_FAULT_MAX_LBA	0x7fffffffffffffffULL
+#define US_HEAL_ENTRIES		8192	/* runs of rewritten bad sectors, every rule together */
+#define US_FAULT_BUSY		64	/* heal log users, counted per queue id modulo this */
 
 /* actions; a record's and a tag's fault field is action | rule id << 8 */
 #define US_FA_DELAY		1
@@ -29,8 +42,9 @@
 #define US_FA_FLAKEY		7
 #define US_FA_BAD		8
 
-/* rule->flags: what the IO must carry */
-#define US_FM_FUA		1
+/* rule->flags */
+#define US_FM_FUA		1	/* the IO must carry FUA */
+#define US_FM_LBA		2	/* lba_lo..lba_hi is a range the IO must overlap (never a FLUSH) */
 
 /* rule->arg for flakey: what the down phase does */
 #define US_FLAKEY_ERROR		0
@@ -44,8 +58,8 @@ struct us_fault_rule {
 	int32_t		tag;
 	uint32_t	op_mask;	/* bit (1 << UBLK_IO_OP_*) */
 	uint32_t	flags;		/* US_FM_* */
-	uint64_t	lba_lo;		/* sectors, inclusive; an IO overlapping the range matches */
-	uint64_t	lba_hi;
+	uint64_t	lba_lo;		/* US_FM_LBA: sectors, inclusive; an IO overlapping them matches */
+	uint64_t	lba_hi;		/* without US_FM_LBA: 0 and UINT64_MAX */
 	uint64_t	size_lo;	/* bytes, inclusive */
 	uint64_t	size_hi;
 	uint64_t	prob;		/* chance in 2^-32 units; >= 2^32 always */
@@ -62,8 +76,23 @@ struct us_fault_rule {
 struct us_fault_ctr {
 	uint64_t	hits;
 	int64_t		left;		/* applications left (count rules) */
-	uint64_t	healed;		/* badblocks: bit i set = sector lba_lo + i rewritten */
-	uint64_t	pad;
+	/* badblocks, from us_fault_list: distinct sectors rewritten (the union of the rule's runs) */
+	uint64_t	healed;
+	uint64_t	heal_lost;	/* badblocks: rewrites the full heal log could not remember */
+};
+
+/* a run of rewritten sectors of one badblocks rule */
+struct us_heal_entry {
+	uint32_t	rule_id;	/* 0 until lo and hi are written: published last */
+	uint32_t	pad;
+	uint64_t	lo;		/* only ever decreases */
+	uint64_t	hi;		/* only ever increases */
+};
+
+/* queue threads inside the heal log; one cache line each, they change every IO */
+struct us_fault_busy {
+	uint32_t	n;
+	uint32_t	pad[15];
 };
 
 struct us_fault_area {
@@ -80,9 +109,16 @@ struct us_fault_area {
 	uint32_t	pc_kept;	/* unflushed writes left in place */
 	uint64_t	pc_dropped_bytes;
 	uint64_t	pc_done;	/* 1 + the outcome fields are final */
+	uint32_t	pc_failed;	/* unflushed writes whose undo failed: old, new or mixed data */
+	int32_t		pc_errno;	/* the first error of those undos (positive), 0 none */
+	uint32_t	heal_used;	/* heal[] entries claimed; may run ahead of those published */
+	uint32_t	pad0;
+	uint64_t	reserved[6];	/* the arrays below start on a cache line */
 	uint16_t	order[US_FAULT_SLOTS];
 	struct us_fault_rule rules[US_FAULT_SLOTS];
 	struct us_fault_ctr ctr[US_FAULT_SLOTS];
+	struct us_fault_busy busy[US_FAULT_BUSY];
+	struct us_heal_entry heal[US_HEAL_ENTRIES];
 };
 
 #endif

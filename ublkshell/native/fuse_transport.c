@@ -585,10 +585,22 @@ struct us_fuse *us_fuse_start(const struct us_fuse_cfg *cfg, const char *mountpo
 	pthread_mutex_init(&f->rec_lock, NULL);
 	pthread_cond_init(&f->tag_freed, NULL);
 	pthread_mutex_init(&f->done_lock, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&f->done_cond, &ca);
-	pthread_condattr_destroy(&ca);
+	/* us_fuse_wait's deadline is on CLOCK_MONOTONIC: a cond on another clock would misread it */
+	rc = pthread_condattr_init(&ca);
+	if (!rc) {
+		rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		if (!rc)
+			rc = pthread_cond_init(&f->done_cond, &ca);
+		pthread_condattr_destroy(&ca);
+	}
+	if (rc) {
+		snprintf(err, errlen, "cannot set up the FUSE transport's wait: %s", strerror(rc));
+		pthread_mutex_destroy(&f->rec_lock);
+		pthread_cond_destroy(&f->tag_freed);
+		pthread_mutex_destroy(&f->done_lock);
+		free(f);
+		return NULL;
+	}
 	f->mountpoint = strdup(mountpoint);
 	f->ios = calloc(cfg->depth, sizeof(*f->ios));
 	f->tag_busy = calloc(cfg->depth, 1);

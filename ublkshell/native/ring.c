@@ -41,18 +41,11 @@ struct io_uring_sqe *us_get_sqe(struct us_queue *q)
 	return sqe;
 }
 
-static void queue_uring_cmd_kind(struct us_queue *q, unsigned tag, unsigned op, int result,
-				 unsigned kind)
+static void prep_uring_cmd(struct us_queue *q, struct io_uring_sqe *sqe, unsigned tag, unsigned op,
+			   int result, unsigned kind)
 {
-	struct io_uring_sqe *sqe = us_get_sqe(q);
 	struct ublksrv_io_cmd *cmd;
 
-	if (!sqe) {
-		/* cannot happen with the ring sized for depth; stop rather than lose a tag */
-		q->error = -EBUSY;
-		q->stopping = 1;
-		return;
-	}
 	sqe->opcode = IORING_OP_URING_CMD;
 	us_sqe_set_fd(q, sqe, US_FIXED_CDEV);
 	sqe->cmd_op = op;
@@ -67,17 +60,35 @@ static void queue_uring_cmd_kind(struct us_queue *q, unsigned tag, unsigned op, 
 
 static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int result)
 {
-	queue_uring_cmd_kind(q, tag, op, result, UD_CMD);
+	struct io_uring_sqe *sqe = us_get_sqe(q);
+
+	if (!sqe) {
+		/* cannot happen with the ring sized for depth; stop rather than lose a tag */
+		q->error = -EBUSY;
+		q->stopping = 1;
+		return;
+	}
+	prep_uring_cmd(q, sqe, tag, op, result, UD_CMD);
 }
 
 void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result)
 {
 	struct us_io *io = &q->ios[tag];
+	/*
+	 * No us_get_sqe here: its submit when the SQ is full would send the head
+	 * alone, and a commit arriving later would run whatever the head's result.
+	 * Without room the head stays unlinked and its completion commits as
+	 * every unlinked IO does.
+	 */
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
 
+	if (!sqe)
+		return;
+	us_sqe128_zero(sqe);
 	head->flags |= IOSQE_IO_LINK;
 	io->linked = 1;
 	io->link_expect = result;
-	queue_uring_cmd_kind(q, tag, q->dev->op_commit, result, UD_LINKED);
+	prep_uring_cmd(q, sqe, tag, q->dev->op_commit, result, UD_LINKED);
 }
 
 static void commit(struct us_queue *q, unsigned tag, int result)
@@ -251,12 +262,15 @@ static int queue_setup(struct us_queue *q)
 	return c->shm ? us_fault_attach(q, c->shm) : 0;
 }
 
-static void queue_stop_poll(struct us_queue *q)
+static int queue_stop_poll(struct us_queue *q)
 {
 	struct io_uring_sqe *sqe = us_get_sqe(q);
 
+	if (!sqe)
+		return -EBUSY;
 	io_uring_prep_poll_add(sqe, q->dev->stop_efd, POLLIN);
 	sqe->user_data = us_ud(0, UD_STOP);
+	return 0;
 }
 
 static void queue_loop(struct us_queue *q)
@@ -264,7 +278,10 @@ static void queue_loop(struct us_queue *q)
 	const struct us_dev_cfg *c = &q->dev->cfg;
 	int i;
 
-	queue_stop_poll(q);
+	/* an empty ring has room; without the poll us_dev_abort could not reach this queue */
+	q->error = queue_stop_poll(q);
+	if (q->error)
+		return;
 	for (i = 0; i < c->depth; i++)
 		queue_uring_cmd(q, i, q->dev->op_fetch, 0);
 
@@ -349,6 +366,30 @@ static const struct us_target_ops *target_ops(int kind)
 	return NULL;
 }
 
+/*
+ * The device's lock and condition variable; us_dev_wait's deadline is on
+ * CLOCK_MONOTONIC, so a clock step (NTP, date -s) neither ends nor stretches it.
+ */
+static int sync_init(struct us_dev *d)
+{
+	pthread_condattr_t ca;
+	int rc;
+
+	rc = pthread_condattr_init(&ca);
+	if (rc)
+		return rc;
+	rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	if (!rc)
+		rc = pthread_cond_init(&d->cond, &ca);
+	pthread_condattr_destroy(&ca);
+	if (rc)
+		return rc;
+	rc = pthread_mutex_init(&d->lock, NULL);
+	if (rc)
+		pthread_cond_destroy(&d->cond);
+	return rc;
+}
+
 struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 {
 	struct us_dev *d;
@@ -376,13 +417,19 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 		free(d);
 		return NULL;
 	}
-	pthread_mutex_init(&d->lock, NULL);
-	pthread_cond_init(&d->cond, NULL);
+	*err = -sync_init(d);
+	if (*err) {
+		close(d->stop_efd);
+		free(d);
+		return NULL;
+	}
 	if (cfg->write_log_bytes) {
 		d->wlog = us_wlog_new(cfg->write_log_fd, cfg->write_log_bytes);
 		if (!d->wlog) {
 			*err = -ENOMEM;
 			close(d->stop_efd);
+			pthread_mutex_destroy(&d->lock);
+			pthread_cond_destroy(&d->cond);
 			free(d);
 			return NULL;
 		}
@@ -420,6 +467,8 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 			pthread_join(d->q[i].thr, NULL);
 		close(d->stop_efd);
 		us_wlog_free(d->wlog);
+		pthread_mutex_destroy(&d->lock);
+		pthread_cond_destroy(&d->cond);
 		free(d);
 		return NULL;
 	}
@@ -431,7 +480,7 @@ int us_dev_wait(struct us_dev *d, int timeout_ms)
 	struct timespec ts;
 	int done;
 
-	us_deadline(&ts, CLOCK_REALTIME, timeout_ms);
+	us_deadline(&ts, CLOCK_MONOTONIC, timeout_ms);
 	pthread_mutex_lock(&d->lock);
 	while (d->nr_exited < d->cfg.nr_queues)
 		if (pthread_cond_timedwait(&d->cond, &d->lock, &ts) == ETIMEDOUT)

@@ -117,6 +117,7 @@ struct us_queue {
 	/* fault rules: the shared area and this queue's copy (NULL: none) */
 	struct us_fault_area *fa;
 	struct us_fault_view *fv;
+	struct us_fault_view *fv_next;	/* where the next copy is taken: fv stays whole if it fails */
 	uint64_t	rng;
 	uint32_t	rng_seed_gen;	/* the area's seed_gen + 1 this rng started from, 0 none */
 	unsigned	nr_hung;
@@ -155,9 +156,7 @@ int us_fault_finish(struct us_queue *q, unsigned tag, struct us_io *io, int r);
 /* the hung-IO timer fired */
 void us_fault_tick(struct us_queue *q);
 void us_fault_area_init(struct us_fault_area *a);
-/* writelog.c: powercut's memory of unflushed writes */
-struct us_wlog *us_wlog_new(int fd, uint64_t limit);
-void us_wlog_free(struct us_wlog *w);
+/* writelog.c: powercut's memory of unflushed writes (us_wlog_new/free: ushell_api.h) */
 void us_wlog_begin(struct us_queue *q, struct us_io *io);
 void us_wlog_end(struct us_queue *q, struct us_io *io, int result);
 

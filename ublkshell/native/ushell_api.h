@@ -55,6 +55,29 @@ void us_dev_free(struct us_dev *d);
  */
 int us_dev_powercut(struct us_dev *d, uint32_t keep_ppm, uint64_t seed, struct us_fault_area *report);
 
+/*
+ * The write log behind us_dev_powercut, on its own: what writes overwrote
+ * in fd (read through fd, put back through fd), up to limit bytes of it.
+ */
+struct us_wlog;
+struct us_wlog *us_wlog_new(int fd, uint64_t limit);
+void us_wlog_free(struct us_wlog *w);
+/*
+ * Undo what is not durable (as us_dev_powercut). report: pc_dropped (undone),
+ * pc_kept, pc_failed (an undo's write or the final fsync failed: old, new or
+ * mixed data), pc_errno (the first such error), pc_dropped_bytes, pc_done.
+ * Returns pc_dropped or -errno.
+ */
+int us_wlog_powercut(struct us_wlog *w, uint32_t keep_ppm, uint64_t seed, struct us_fault_area *report);
+/*
+ * Tests: an IO as the ring loop hands it to the log, without a device. begin
+ * before the target runs it (a write's old data is read from fd now), end
+ * when its result goes back (completed 0: it was still in flight at the cut;
+ * the handle is only freed). NULL: out of memory.
+ */
+void *us_wlog_test_begin(struct us_wlog *w, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors);
+void us_wlog_test_end(struct us_wlog *w, void *io, int completed);
+
 /* the device's shared memory (records.h): layout, initialisation, readers */
 uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries);
 int us_shm_init(void *base, uint64_t len, uint32_t nr_queues, uint32_t depth,
@@ -76,12 +99,26 @@ int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint
  * writers (flock on the file); the queues see each change whole.
  */
 struct us_fault_area *us_fault_area_of(void *shm_base);
-/* the rule's new id, or -ENOSPC (every slot taken), -EINVAL (bad rule) */
+/*
+ * Install n rules at once, in order, under one publication: the queues see
+ * none of them or all. Every rule is checked first (-EINVAL), then the free
+ * slots (-ENOSPC) and ids (-ERANGE: ids are never reused and a record holds
+ * 24 bits of one); nothing is installed on error. n, with their ids in
+ * ids_out (may be NULL).
+ */
+int us_fault_add_set(void *shm_base, const struct us_fault_rule *rules, int n, uint32_t *ids_out);
+/* one rule: its new id, or the errors of us_fault_add_set */
 int us_fault_add(void *shm_base, const struct us_fault_rule *r);
-/* 0, or -ENOENT; id 0 removes every rule */
+/*
+ * 0, or -ENOENT; id 0 removes every rule. Once no badblocks rule is left the
+ * heal log is emptied (after the queue threads have left it, waiting up to 1 s).
+ */
 int us_fault_del(void *shm_base, uint32_t id);
 void us_fault_set_seed(void *shm_base, uint64_t seed);
-/* a consistent copy of the first max rules in match order with their counters: how many there are */
+/*
+ * A consistent copy of the first max rules in match order with their
+ * counters (badblocks: healed = distinct sectors rewritten): how many there are.
+ */
 int us_fault_list(void *shm_base, struct us_fault_rule *rules, struct us_fault_ctr *ctrs, int max);
 /*
  * Match one IO as queue q_id would, without a device (tests of the matcher):

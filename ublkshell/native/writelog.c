@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -46,7 +47,10 @@ struct us_wlog *us_wlog_new(int fd, uint64_t limit)
 
 	if (!w)
 		return NULL;
-	pthread_mutex_init(&w->lock, NULL);
+	if (pthread_mutex_init(&w->lock, NULL)) {
+		free(w);
+		return NULL;
+	}
 	w->fd = fd;
 	w->limit = limit;
 	return w;
@@ -77,9 +81,8 @@ void us_wlog_free(struct us_wlog *w)
 }
 
 /* the target is about to run io: remember what it overwrites, or where a FLUSH stands */
-void us_wlog_begin(struct us_queue *q, struct us_io *io)
+static void wlog_begin(struct us_wlog *w, struct us_io *io)
 {
-	struct us_wlog *w = q->dev->wlog;
 	unsigned op = io->op_flags & 0xff;
 	struct us_wlog_entry *e, *n;
 	size_t len = (size_t)io->nr_sectors << 9;
@@ -134,12 +137,10 @@ void us_wlog_begin(struct us_queue *q, struct us_io *io)
 }
 
 /* the result goes back to the driver now */
-void us_wlog_end(struct us_queue *q, struct us_io *io, int result)
+static void wlog_end(struct us_wlog *w, struct us_io *io)
 {
-	struct us_wlog *w = q->dev->wlog;
 	struct us_wlog_entry *e, *next;
 
-	(void)result;
 	pthread_mutex_lock(&w->lock);
 	if (io->wlog) {
 		((struct us_wlog_entry *)io->wlog)->done = 1;
@@ -157,89 +158,171 @@ void us_wlog_end(struct us_queue *q, struct us_io *io, int result)
 	pthread_mutex_unlock(&w->lock);
 }
 
-static void put_back(int fd, const struct us_wlog_entry *e, uint64_t s, uint64_t n)
+void us_wlog_begin(struct us_queue *q, struct us_io *io)
 {
-	const char *p = e->data + ((s - e->sector) << 9);
-	size_t len = n << 9, done = 0;
-	ssize_t r;
-
-	while (done < len) {
-		r = pwrite(fd, p + done, len - done, (off_t)(s << 9) + done);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return;
-		done += r;
-	}
+	wlog_begin(q->dev->wlog, io);
 }
 
-int us_dev_powercut(struct us_dev *d, uint32_t keep_ppm, uint64_t seed,
-		    struct us_fault_area *report)
+void us_wlog_end(struct us_queue *q, struct us_io *io, int result)
 {
-	struct us_wlog *w = d->wlog;
-	struct us_wlog_entry *e;
-	uint64_t lo = UINT64_MAX, hi = 0, rng = seed ^ 0x5bd1e9955bd1e995ULL, s, nbits;
-	uint64_t *owned;
-	uint32_t dropped = 0, kept = 0;
-	uint64_t dropped_bytes = 0;
+	(void)result;
+	wlog_end(q->dev->wlog, io);
+}
 
-	if (!w)
-		return -EOPNOTSUPP;
-	pthread_mutex_lock(&w->lock);
-	for (e = w->head; e; e = e->next) {
-		if (e->sector < lo)
-			lo = e->sector;
-		if (e->sector + e->sectors > hi)
-			hi = e->sector + e->sectors;
+static int cmp_u64(const void *x, const void *y)
+{
+	uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+
+	return a < b ? -1 : a > b;
+}
+
+/* the index of sector s in the sorted bounds b[0..m) (s is one of them) */
+static size_t bound_at(const uint64_t *b, size_t m, uint64_t s)
+{
+	size_t lo = 0, hi = m;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (b[mid] < s)
+			lo = mid + 1;
+		else
+			hi = mid;
 	}
-	nbits = hi > lo ? hi - lo : 0;
-	/* one bit per sector the log touches: set = a kept newer write owns it */
-	owned = calloc(nbits / 64 + 1, sizeof(uint64_t));
-	if (!owned) {
+	return lo;
+}
+
+/*
+ * After the queues have stopped: undo, newest first, every write that is not
+ * durable (unless drawn to be kept). Which sectors a kept newer write owns is
+ * kept per segment between the entries' own start and end sectors, so memory
+ * goes with the number of logged writes, never with how far apart they lie.
+ */
+int us_wlog_powercut(struct us_wlog *w, uint32_t keep_ppm, uint64_t seed,
+		     struct us_fault_area *report)
+{
+	struct us_wlog_entry *e;
+	uint64_t rng = seed ^ 0x5bd1e9955bd1e995ULL, *b;
+	uint8_t *owned;
+	size_t n = 0, m = 0, i;
+	uint32_t dropped = 0, kept = 0, failed = 0;
+	uint64_t dropped_bytes = 0;
+	int first_err = 0, rc;
+
+	pthread_mutex_lock(&w->lock);
+	for (e = w->head; e; e = e->next)
+		n++;
+	b = malloc((2 * n + 1) * sizeof(*b));
+	owned = calloc(2 * n + 1, 1);
+	if (!b || !owned) {
 		pthread_mutex_unlock(&w->lock);
+		free(b);
+		free(owned);
 		return -ENOMEM;
 	}
+	for (e = w->head; e; e = e->next) {
+		b[m++] = e->sector;
+		b[m++] = e->sector + e->sectors;
+	}
+	qsort(b, m, sizeof(*b), cmp_u64);
+	for (i = n = 0; i < m; i++)
+		if (!n || b[i] != b[n - 1])
+			b[n++] = b[i];
+	m = n;	/* segment k is [b[k], b[k + 1]): owned[k] = a kept newer write has it */
+
 	for (e = w->tail; e; e = e->prev) {
+		size_t k0 = bound_at(b, m, e->sector), k1 = bound_at(b, m, e->sector + e->sectors), k, j;
 		uint64_t r = 0;
-		int keep;
+		int keep, bad = 0;
 
 		if (keep_ppm)
 			r = (uint64_t)(((__uint128_t)(rng = rng * 6364136223846793005ULL +
 				1442695040888963407ULL) >> 32) % 1000000);
 		keep = (e->fua && e->done) || (keep_ppm && r < keep_ppm);
 		if (keep) {
-			for (s = e->sector; s < e->sector + e->sectors; s++)
-				owned[(s - lo) / 64] |= 1ULL << ((s - lo) % 64);
+			memset(owned + k0, 1, k1 - k0);
 			kept++;
 			continue;
 		}
-		/* restore runs of sectors no kept newer write owns */
-		for (s = e->sector; s < e->sector + e->sectors; ) {
-			uint64_t run = 0;
-
-			while (s + run < e->sector + e->sectors &&
-			       !(owned[(s + run - lo) / 64] & (1ULL << ((s + run - lo) % 64))))
-				run++;
-			if (run) {
-				put_back(w->fd, e, s, run);
-				s += run;
-			} else {
-				s++;
+		/* put back each run of segments no kept newer write owns */
+		for (k = k0; k < k1; k = j) {
+			if (owned[k]) {
+				j = k + 1;
+				continue;
+			}
+			for (j = k; j < k1 && !owned[j]; j++)
+				;
+			rc = us_pwrite_full(w->fd, e->data + ((b[k] - e->sector) << 9),
+					    (size_t)(b[j] - b[k]) << 9, (off_t)(b[k] << 9));
+			if (rc && !bad) {
+				bad = 1;
+				if (!first_err)
+					first_err = -rc;
 			}
 		}
-		dropped++;
-		dropped_bytes += (uint64_t)e->sectors << 9;
+		/* a failed undo leaves old, new or mixed data: never count it as dropped */
+		if (bad) {
+			failed++;
+		} else {
+			dropped++;
+			dropped_bytes += (uint64_t)e->sectors << 9;
+		}
 	}
 	free(owned);
+	free(b);
 	while (w->head)
 		unlink_entry(w, w->head);
 	pthread_mutex_unlock(&w->lock);
-	fsync(w->fd);
+	/*
+	 * Undos that never reached the media are not undone. EINVAL and EROFS
+	 * say the file has no syncing at all (nothing to wait for), not that
+	 * data was lost.
+	 */
+	if (fsync(w->fd) < 0 && errno != EINVAL && errno != EROFS) {
+		if (!first_err)
+			first_err = errno;
+		failed += dropped;
+		dropped = 0;
+		dropped_bytes = 0;
+	}
+	if (failed)
+		fprintf(stderr, "ublkshell: powercut: %u unflushed write%s could not be undone: %s\n",
+			failed, failed == 1 ? "" : "s", strerror(first_err));
 	if (report) {
 		report->pc_dropped = dropped;
 		report->pc_kept = kept;
+		report->pc_failed = failed;
+		report->pc_errno = first_err;
 		report->pc_dropped_bytes = dropped_bytes;
 		__atomic_store_n(&report->pc_done, 1, __ATOMIC_RELEASE);
 	}
 	return (int)dropped;
+}
+
+int us_dev_powercut(struct us_dev *d, uint32_t keep_ppm, uint64_t seed,
+		    struct us_fault_area *report)
+{
+	return d->wlog ? us_wlog_powercut(d->wlog, keep_ppm, seed, report) : -EOPNOTSUPP;
+}
+
+/* ---- tests -------------------------------------------------------------- */
+
+void *us_wlog_test_begin(struct us_wlog *w, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors)
+{
+	struct us_io *io = calloc(1, sizeof(*io));
+
+	if (!io)
+		return NULL;
+	io->op_flags = op_flags;
+	io->start_sector = sector;
+	io->nr_sectors = nr_sectors;
+	wlog_begin(w, io);
+	return io;
+}
+
+void us_wlog_test_end(struct us_wlog *w, void *io, int completed)
+{
+	if (completed)
+		wlog_end(w, io);
+	free(io);
 }
