@@ -20,7 +20,7 @@ TIB = 1 << 31  # sectors in a TiB
 
 @pytest.fixture
 def dev(tmp_path, monkeypatch):
-    monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path))
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path))
     s = shm_mod.create(DEV, nr_queues=2, depth=16, records=16, pid=os.getpid())
     yield s
     s.close()

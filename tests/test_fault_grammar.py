@@ -199,7 +199,7 @@ def test_flags_match_the_native_header():
 @pytest.fixture
 def dev(tmp_path, monkeypatch):
     # a private directory: a real device (or another run of this suite) may be number 11
-    monkeypatch.setattr(shm_mod, "SHM_DIR", str(tmp_path))
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path))
     s = shm_mod.create(11, nr_queues=2, depth=16, records=16, pid=os.getpid())
     yield s
     s.close()

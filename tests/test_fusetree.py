@@ -446,7 +446,7 @@ def test_a_line_that_ends_with_the_file_is_checked_like_any_other(mnt, source, m
     for line, reason in [(b"fail size=1.5e400k", "'1.5e400k' is not a size"),
                          (b"fail lba=" + b"9" * 30, "lba"),
                          (b"delay " + b"9" * 40 + b"s", "is not a duration"),
-                         (b"seed 99999999999999999999999", "seed: 99999999999999999999999 is out of range")]:
+                         (b"seed 99999999999999999999999", "seed: '99999999999999999999999' is out of range")]:
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.write(fd, line)
         assert errno_of(os.close, fd) == errno.EINVAL, line

@@ -17,7 +17,7 @@ DURATION_UNITS = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9
 # longer than any timer the tool arms (a day); up/down phases and durations stay below this
 MAX_DURATION_NS = 24 * 3600 * 10**9
 # digits a person types: more is a mistake (or an attack on int())
-_NUMBER = r"(\d{1,24})(?:\.(\d{1,24}))?"
+_NUMBER = r"([0-9]{1,24})(?:\.([0-9]{1,24}))?"  # ASCII digits only: \d takes any script's
 _SIZE_RE = re.compile(_NUMBER + r"([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
 _DURATION_RE = re.compile(_NUMBER + r"(ns|us|ms|s|m|h)?")
 
@@ -51,7 +51,10 @@ def parse_duration(text, option: str, *, lo: int = 0, hi: int = MAX_DURATION_NS,
     unit = (m.group(3) if m else None) or default_unit
     if not m or unit is None:
         raise UsageError(f"{option}: {str(text)[:40]!r} is not a duration (e.g. 500us, 5ms, 2s, 1m)")
-    ns = int(_exact(m.group(1), m.group(2)) * DURATION_UNITS[unit])
+    value = _exact(m.group(1), m.group(2)) * DURATION_UNITS[unit]
+    if value.denominator != 1:
+        raise UsageError(f"{option}: {text} is not a whole number of nanoseconds")
+    ns = int(value)
     if not lo <= ns <= hi:
         raise UsageError(f"{option}: {text} is out of range ({fmt_duration(lo)}..{fmt_duration(hi)})")
     return ns

@@ -47,9 +47,11 @@ def whole(lo: int, hi: int):
         if isinstance(value, str):
             t = value.strip()
             digits = t[1:] if t[:1] == "-" else t
-            # ASCII only (int() takes other scripts' digits), and few enough to be a number
-            if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+            # ASCII only (int() takes other scripts' digits)
+            if not (digits.isascii() and digits.isdigit()):
                 raise UsageError(f"{label}: {_show(value)} is not a whole number")
+            if len(digits) > 20:  # more than any bound here, and int() of it would cost
+                raise UsageError(f"{label}: {_show(value)} is out of range ({lo}..{hi})")
             value = int(t)
         elif isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             value = int(value)

@@ -107,8 +107,9 @@ def test_a_killed_server_leaves_io_running_and_the_next_one_serves_the_device(sc
     srv = start()
     dev = json.loads(shell(sock, "add -t mem --size 32M --json"))
     fio = subprocess.Popen(["fio", "--name=v", f"--filename=/dev/ublkb{dev['id']}", "--rw=randwrite", "--bs=4k",
-                            "--size=32M", "--time_based", "--runtime=20", "--ioengine=io_uring", "--direct=1",
-                            "--iodepth=8", "--verify=crc32c", "--verify_backlog=64", "--output-format=json"],
+                            "--size=32M", "--time_based", "--runtime=60", "--ioengine=io_uring", "--direct=1",
+                            "--iodepth=8", "--verify=crc32c", "--verify_backlog=64", "--verify_state_save=0",
+                            "--output-format=json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(4)
@@ -118,12 +119,16 @@ def test_a_killed_server_leaves_io_running_and_the_next_one_serves_the_device(sc
         stats = os.path.join(mnt, f"ublkb{dev['id']}", "stats.json")
         with open(stats) as f:
             before = json.load(f)["ops"]["write"]["ios"]
-        time.sleep(3)
-        with open(stats) as f:
-            after = json.load(f)["ops"]["write"]["ios"]
-        assert after > before > 0, (before, after)
+        deadline = time.monotonic() + 20
+        while True:
+            with open(stats) as f:
+                after = json.load(f)["ops"]["write"]["ios"]
+            if after > before > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert fio.poll() is None and after > before > 0, (before, after, fio.poll())
         assert json.loads(shell(sock, f"stats {dev['id']} --json"))["ops"]["write"]["ios"] >= after
-        out, err = fio.communicate(timeout=120)
+        out, err = fio.communicate(timeout=180)
         assert fio.returncode == 0 and "verify" not in err, err
         assert json.loads(out[out.index("{"):])["jobs"][0]["error"] == 0
     finally:

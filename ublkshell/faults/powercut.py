@@ -3,6 +3,7 @@ FLUSH (or FUA) is undone in the backing store, all of them or a random subset
 (`--keep P`, `--partial` = 0.5, replayable with `seed`), and the IO daemon dies
 without telling the kernel, as in a crash. Needs a device added with --powercut.
 """
+import os
 import signal
 import time
 
@@ -45,6 +46,8 @@ def run_powercut(a: dict) -> dict:
                             f"(see {entry.get('log') or 'its log'})")
         return {"device": dev_id, "dropped": int(area.pc_dropped), "kept": int(area.pc_kept),
                 "dropped_bytes": int(area.pc_dropped_bytes), "keep": keep, "seed": seed,
+                "failed": int(area.pc_failed),
+                "failed_error": os.strerror(int(area.pc_errno)) if area.pc_errno else None,
                 "recovery": bool(entry.get("spec", {}).get("recovery"))}
 
 
@@ -55,6 +58,10 @@ def render_powercut(r: dict) -> str:
             f"({human(r['dropped_bytes'])}) lost, {r['kept']} kept")
     if r["keep"]:
         what += f" (keep {r['keep']:g}, seed {r['seed']})"
+    if r.get("failed"):
+        # those writes may read back old, new or mixed data: not a state a real power cut leaves
+        what += (f"; {r['failed']} could not be undone ({r['failed_error']}): "
+                 "the backing store may hold their new data")
     after = (f"`recover {r['device']}` brings it back" if r["recovery"] else
              f"IO fails until `del {r['device']}`; the backing store holds the post-crash state")
     return f"dev {r['device']}: power cut: {what}; the daemon is gone: {after}"

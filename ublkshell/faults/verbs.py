@@ -58,6 +58,9 @@ def rules_table(r: dict) -> str:
             extra.append(f"{x['left']} left")
         if "healed" in x:
             extra.append(f"{x['healed']} rewritten")
+        if x.get("heal_lost"):
+            # the tool cannot do exactly what it was told: say so where the rule is shown
+            extra.append(f"{x['heal_lost']} rewrites not remembered: heal log full")
         lines.append(f"{x['id']:>4} {x['hits']:>8}  {x['text']}" + (f"  ({', '.join(extra)})" if extra else ""))
     return "\n".join(lines)
 
