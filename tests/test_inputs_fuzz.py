@@ -138,3 +138,80 @@ def test_durations(text):
         return
     assert isinstance(ns, int) and 0 <= ns <= units.MAX_DURATION_NS
     assert units.parse_duration(units.fmt_duration(ns), "x") == ns
+
+
+# -- the fault rule grammar ------------------------------------------------------
+RULE_WORDS = st.sampled_from(
+    ["q=0", "q=4095", "q=4096", "tag", "tag=3", "tag 7", "op=read", "op=write,flush", "op=", "op=read,read",
+     "lba", "lba=0", "lba=0..7", "lba 100..200", "lba=5..3", "lba=0..9223372036854775807", "lba=..7",
+     "size=4k..64k", "size=0", "size=1.5e400k", "fua", "fua=1", "p=0.5", "p=nan", "p=1e-400", "p=2",
+     "count=1", "count=0", "count=9223372036854775807", "count=9223372036854775808", "errno=EIO",
+     "errno=4095", "errno=0", "errno=EFOO", "byte=17", "byte=4096", "sectors=8", "sectors=0",
+     "sectors=4294967296", "up=1ms", "up=999us", "down=24h", "down=25h", "mode=drop", "mode=x",
+     "5ms", "1ms..50ms", "61s", "0s", "100", "2048..2055", "0..1099511627775", "7..", "..", "=", "a=b",
+     "١٢", "0x10", "1_000", "9" * 30])
+NUMBERS = st.integers(min_value=-2**70, max_value=2**70).map(str)
+
+
+@st.composite
+def rule_lines(draw):
+    action = draw(st.sampled_from(["delay", "fail", "drop", "corrupt", "torn", "hang", "flakey", "badblocks",
+                                   "frob", ""]))
+    keyed = st.tuples(st.sampled_from(["q=", "tag=", "lba=", "count=", "byte=", "sectors=", "errno=", ""]),
+                      NUMBERS).map("".join)
+    words = draw(st.lists(RULE_WORDS | keyed, max_size=8))
+    return " ".join([action, *words])
+
+
+@pytest.fixture(scope="module")
+def rule_shm(tmp_path_factory):
+    from ublkshell.bridge import shm as shm_mod
+
+    d = tmp_path_factory.mktemp("rules")
+    os.environ["UBLKSHELL_DATA_DIR"] = str(d / "data")
+    try:
+        s = shm_mod.create(21, nr_queues=1, depth=8, records=16, pid=os.getpid())
+        yield s
+    finally:
+        del os.environ["UBLKSHELL_DATA_DIR"]
+    s.close()
+
+
+def _grammar_property(line: str, s) -> None:
+    from ublkshell._native import ffi, lib
+    from ublkshell.faults import grammar
+
+    try:
+        rules = grammar.parse(line)
+    except grammar.RuleError as e:
+        _one_line(e)
+        assert 1 <= e.col <= len(line) + 1, (line, e.col)
+        return
+    assert rules
+    for rule in rules:
+        r = ffi.new("struct us_fault_rule *")
+        grammar.to_struct(rule, r)  # every value fits its C field
+        text = grammar.describe(rule)
+        assert grammar.parse(text) == [rule], (line, text)
+        assert grammar.describe(grammar.from_struct(r)) == text
+    # what Python accepts, the C side accepts too, as one set
+    n = len(rules)
+    arr = ffi.new("struct us_fault_rule[]", n)
+    for i, rule in enumerate(rules):
+        grammar.to_struct(rule, arr[i])
+    ids = ffi.new("uint32_t[]", n)
+    lib.us_fault_del(s.base, 0)
+    assert lib.us_fault_add_set(s.base, arr, n, ids) == n, line
+    lib.us_fault_del(s.base, 0)
+
+
+@FAST
+@given(rule_lines())
+def test_rule_lines_parse_to_rules_that_fit_and_round_trip(rule_shm, line):
+    _grammar_property(line, rule_shm)
+
+
+@FAST
+@given(st.text(max_size=60))
+def test_any_text_is_a_rule_or_a_column_error(rule_shm, line):
+    _grammar_property(line, rule_shm)
