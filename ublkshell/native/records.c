@@ -5,10 +5,15 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
 #include "ushell.h"
+
+/* relaxed single-writer updates: readers only need each word untorn */
+#define WR(p, v)	__atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
+#define RD(p)		__atomic_load_n(&(p), __ATOMIC_RELAXED)
 
 static inline uint64_t round8(uint64_t n) { return (n + 63) & ~63ULL; }
 
@@ -33,10 +38,91 @@ static uint64_t fault_off(uint32_t nr_queues, uint32_t depth, uint32_t rec_entri
 	return round8(sizeof(struct us_shm_hdr)) + nr_queues * queue_stride(depth, rec_entries);
 }
 
+/*
+ * The only geometries a file may have. Inside these bounds the largest layout
+ * is about 4.4e12 bytes, so none of the offset arithmetic can overflow 64 bits,
+ * and a file that claims anything else is refused before any offset is formed.
+ */
+static int geometry_ok(uint64_t nr_queues, uint64_t depth, uint64_t rec_entries)
+{
+	return nr_queues >= 1 && nr_queues <= UBLK_MAX_NR_QUEUES &&
+		depth >= 1 && depth <= UBLK_MAX_QUEUE_DEPTH &&
+		rec_entries >= US_REC_MIN && rec_entries <= US_REC_MAX &&
+		!(rec_entries & (rec_entries - 1));
+}
+
 uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries)
 {
+	if (!geometry_ok(nr_queues, depth, rec_entries))
+		return 0;
 	return fault_off(nr_queues, depth, rec_entries) + round8(sizeof(struct us_fault_area));
 }
+
+int us_shm_fault_off_ok(const struct us_shm_hdr *h)
+{
+	/* each field read once: the arithmetic must use the values that were bounded */
+	uint32_t nr_queues = RD(h->nr_queues), depth = RD(h->depth), rec_entries = RD(h->rec_entries);
+
+	return geometry_ok(nr_queues, depth, rec_entries) &&
+		RD(h->fault_off) == fault_off(nr_queues, depth, rec_entries);
+}
+
+/* first failed test wins: the user hears about one field, the one to look at */
+#define BAD(field, fmt, ...) do {						\
+		if (bad)							\
+			snprintf(bad->why, sizeof(bad->why), field " " fmt, __VA_ARGS__); \
+		return -EBADMSG;						\
+	} while (0)
+
+int us_shm_check(const void *base, uint64_t len, struct us_shm_bad *bad)
+{
+	struct us_shm_hdr copy, *h = &copy;
+	uint64_t want;
+
+	if (bad)
+		bad->why[0] = 0;
+	if (!base || len < sizeof(*h))
+		BAD("file size", "%llu, expected at least %zu", (unsigned long long)len, sizeof(*h));
+	/* the magic is published last (us_shm_init); the rest is judged as one private copy,
+	 * so a field rewritten meanwhile cannot pass one test and then feed another unchecked */
+	copy.magic = __atomic_load_n(&((const struct us_shm_hdr *)base)->magic, __ATOMIC_ACQUIRE);
+	if (h->magic != US_SHM_MAGIC)
+		BAD("magic", "0x%llx, expected 0x%llx", (unsigned long long)h->magic, US_SHM_MAGIC);
+	memcpy((char *)&copy + sizeof(copy.magic), (const char *)base + sizeof(copy.magic),
+	       sizeof(copy) - sizeof(copy.magic));
+	if (h->version != US_SHM_VERSION)
+		BAD("version", "%u, expected %u", h->version, US_SHM_VERSION);
+	if (h->hdr_size != sizeof(*h))
+		BAD("hdr_size", "%u, expected %zu", h->hdr_size, sizeof(*h));
+	if (h->hist_buckets != US_HIST_BUCKETS)
+		BAD("hist_buckets", "%u, expected %u", h->hist_buckets, US_HIST_BUCKETS);
+	if (h->nr_queues < 1 || h->nr_queues > UBLK_MAX_NR_QUEUES)
+		BAD("nr_queues", "%u, expected 1..%u", h->nr_queues, UBLK_MAX_NR_QUEUES);
+	if (h->depth < 1 || h->depth > UBLK_MAX_QUEUE_DEPTH)
+		BAD("depth", "%u, expected 1..%u", h->depth, UBLK_MAX_QUEUE_DEPTH);
+	if (!geometry_ok(h->nr_queues, h->depth, h->rec_entries))
+		BAD("rec_entries", "%u, expected a power of two in %u..%u", h->rec_entries,
+		    US_REC_MIN, US_REC_MAX);
+	/* the geometry is sane: from here on every expected value fits in 64 bits */
+	want = round8(sizeof(*h));
+	if (h->queue_off != want)
+		BAD("queue_off", "%llu, expected %llu", (unsigned long long)h->queue_off,
+		    (unsigned long long)want);
+	want = queue_stride(h->depth, h->rec_entries);
+	if (h->queue_stride != want)
+		BAD("queue_stride", "%llu, expected %llu", (unsigned long long)h->queue_stride,
+		    (unsigned long long)want);
+	want = fault_off(h->nr_queues, h->depth, h->rec_entries);
+	if (h->fault_off != want)
+		BAD("fault_off", "%llu, expected %llu", (unsigned long long)h->fault_off,
+		    (unsigned long long)want);
+	want = us_shm_size(h->nr_queues, h->depth, h->rec_entries);
+	if (len < want)
+		BAD("file size", "%llu, expected at least %llu", (unsigned long long)len,
+		    (unsigned long long)want);
+	return 0;
+}
+#undef BAD
 
 uint64_t us_now_ns(void)
 {
@@ -52,7 +138,8 @@ int us_shm_init(void *base, uint64_t len, uint32_t nr_queues, uint32_t depth,
 	struct us_shm_hdr *h = base;
 	struct timespec rt;
 
-	if (!rec_entries || (rec_entries & (rec_entries - 1)))
+	/* never publish a file that us_shm_check would refuse */
+	if (!us_shm_size(nr_queues, depth, rec_entries))
 		return -EINVAL;
 	if (len < us_shm_size(nr_queues, depth, rec_entries))
 		return -ENOSPC;
@@ -135,9 +222,6 @@ static int op_index(uint32_t op_flags)
 	return US_OP_OTHER;
 }
 
-/* relaxed single-writer updates: readers only need each word untorn */
-#define WR(p, v)	__atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
-#define RD(p)		__atomic_load_n(&(p), __ATOMIC_RELAXED)
 
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io)
 {

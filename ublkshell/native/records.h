@@ -20,6 +20,13 @@
 #define US_OP_OTHER		5
 #define US_HIST_SUB_BITS	5	/* 32 sub-buckets per power of two: ~3% precision */
 #define US_HIST_BUCKETS		1088	/* exact below 32 ns, log-linear up to 2^37 ns (~137 s) */
+/*
+ * Record ring sizes a file may have. The bounds (with ublk's own limits on
+ * queues and depth) keep every offset of the layout far below 2^64, so a
+ * reader can compute it from a file's header without overflowing.
+ */
+#define US_REC_MIN		16
+#define US_REC_MAX		16777216	/* 2^24: 1 GiB of records per queue */
 
 struct us_op_stats {
 	uint64_t	ios;

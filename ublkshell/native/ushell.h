@@ -143,6 +143,8 @@ struct us_dev {
 /* queue the tag's COMMIT_AND_FETCH(result) linked behind the SQE just prepared */
 void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result);
 void us_shm_attach(struct us_queue *q, void *base);
+/* 1 if h->fault_off is where this geometry puts the fault area (faults.c) */
+int us_shm_fault_off_ok(const struct us_shm_hdr *h);
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io);
 void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result);
 

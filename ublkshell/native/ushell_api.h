@@ -78,10 +78,27 @@ int us_wlog_powercut(struct us_wlog *w, uint32_t keep_ppm, uint64_t seed, struct
 void *us_wlog_test_begin(struct us_wlog *w, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors);
 void us_wlog_test_end(struct us_wlog *w, void *io, int completed);
 
-/* the device's shared memory (records.h): layout, initialisation, readers */
+/*
+ * The device's shared memory (records.h): layout, initialisation, readers.
+ * The file is input from whoever could write it, so no reader below may be
+ * given a mapping that us_shm_check has not accepted for the mapped length:
+ * they take the header's offsets as they are.
+ */
+/* 0 for a geometry outside the limits us_shm_check enforces */
 uint64_t us_shm_size(uint32_t nr_queues, uint32_t depth, uint32_t rec_entries);
 int us_shm_init(void *base, uint64_t len, uint32_t nr_queues, uint32_t depth,
 		uint32_t rec_entries, uint32_t dev_id, int32_t pid);
+/* why us_shm_check refused a file, in words for the user */
+struct us_shm_bad {
+	char		why[96];	/* "queue_off 1099511627776, expected 192" */
+};
+/*
+ * 0 if base[0..len) is a statistics file the readers can use: magic, version,
+ * header and histogram sizes, geometry within ublk's limits, and every offset
+ * exactly what us_shm_init lays out for that geometry, within len. Otherwise
+ * -EBADMSG and, if bad is not NULL, the first field that is wrong.
+ */
+int us_shm_check(const void *base, uint64_t len, struct us_shm_bad *bad);
 struct us_shm_queue *us_shm_queue(void *base, int q_id);
 struct us_tag_state *us_shm_tags(void *base, int q_id);
 uint64_t us_rec_head(void *base, int q_id);
