@@ -64,7 +64,8 @@ struct us_fault_area *us_fault_area_of(void *shm_base)
 	struct us_shm_hdr *h = shm_base;
 	struct us_fault_area *a;
 
-	if (!h || h->version < 2 || !h->fault_off)
+	/* not merely non-zero: an offset the geometry does not give could point anywhere */
+	if (!h || h->version < 2 || !us_shm_fault_off_ok(h))
 		return NULL;
 	a = (struct us_fault_area *)((char *)shm_base + h->fault_off);
 	return __atomic_load_n(&a->magic, __ATOMIC_ACQUIRE) == US_FAULT_MAGIC ? a : NULL;
