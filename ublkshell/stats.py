@@ -73,7 +73,7 @@ def inflight(s: Shm) -> list[dict]:
     now = lib.us_now_ns()
     out = []
     for q in range(s.nr_queues):
-        tags = lib.us_shm_tags(s.base, q)
+        tags = s.tags(q)
         for t in range(s.depth):
             ts = tags[t]
             if ts.state:
@@ -165,13 +165,13 @@ class Tail:
         self.cursor = []
         for q in range(s.nr_queues):
             head = lib.us_rec_head(s.base, q)
-            start = max(0, head - s.hdr.rec_entries) if from_start else head
+            start = max(0, head - s.rec_entries) if from_start else head
             self.cursor.append(start)
         self.lost = 0
 
     def poll(self) -> list[dict]:
         out = []
-        entries = self.s.hdr.rec_entries
+        entries = self.s.rec_entries
         for q in range(self.s.nr_queues):
             head = lib.us_rec_head(self.s.base, q)
             seq = self.cursor[q]
@@ -181,7 +181,7 @@ class Tail:
             while seq < head:
                 rc = lib.us_rec_read(self.s.base, q, seq, self.rec)
                 if rc == 1:
-                    out.append(self._to_dict(self.rec))
+                    out.append(self._to_dict(self.rec, q))
                 elif rc < 0:
                     self.lost += 1
                 else:
@@ -191,9 +191,11 @@ class Tail:
         out.sort(key=lambda r: r["t_ns"] + r["lat_ns"])
         return out
 
-    def _to_dict(self, r) -> dict:
+    def _to_dict(self, r, q: int) -> dict:
+        """Every field is the file's word, shown as data; only where it was found is ours."""
         base = self.s.hdr.created_mono_ns
-        return {"t_ns": int(r.t_start_ns) - base, "queue": int(r.q_id), "tag": int(r.tag),
+        # the ring it came from, not the record's q_id: a filter on q= must not be lied to
+        return {"t_ns": int(r.t_start_ns) - base, "queue": q, "tag": int(r.tag),
                 "op": op_name(r.op_flags), "flags": flag_names(r.op_flags),
                 "sector": int(r.start_sector), "sectors": int(r.nr_sectors),
                 "lat_ns": int(r.lat_ns), "result": int(r.result), "fault": int(r.fault)}

@@ -1,8 +1,10 @@
 """A device's shared memory (native/records.h): created by its daemon, read by
 everyone else. Counters, latency histograms, per-tag state and the IO record
 rings, all in a file on tmpfs so a killed daemon's numbers stay readable."""
+import errno
 import mmap
 import os
+import stat
 
 from .. import devids, files
 from .._native import ffi, lib
@@ -21,36 +23,104 @@ def path_for(dev_id: int, create: bool = False) -> str:
 
 
 class Shm:
-    def __init__(self, path: str, writable: bool = False):
+    """One mapping of a statistics file, checked before anything reads it.
+
+    The file is input: whoever can write it decides every header field, and
+    the C readers take the header's offsets as they are. So the mapping is
+    exactly as long as the checked layout (never the file's st_size), and it
+    exists only once us_shm_check has accepted it for that length.
+
+    A file that shrank under its mapping would SIGBUS the reader; the daemon
+    never does that: it publishes a fresh inode, sized before it is renamed
+    into place (create), and afterwards only unlinks it (remove).
+    """
+
+    def __init__(self, path: str, writable: bool = False, _unpublished: bool = False):
         self.path = path
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        self.map = self.buf = self.base = self.hdr = None
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+        flags = ((os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+                 | os.O_NONBLOCK)
         try:
-            size = os.fstat(fd).st_size
-            if size < ffi.sizeof("struct us_shm_hdr"):
-                raise UblkError(f"{path}: too small to hold device statistics")
+            # opening a device node or a FIFO can itself do something: look before opening
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise UblkError(f"{path}: not ublkshell statistics (a symbolic link)")
+            if not stat.S_ISREG(mode):
+                raise UblkError(f"{path}: not ublkshell statistics (not a regular file)")
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise  # callers tell "no statistics yet" from a bad file
+        except OSError as e:
+            # the lstat above is only a courtesy: these are the races it cannot close
+            if e.errno == errno.ELOOP:
+                raise UblkError(f"{path}: not ublkshell statistics (a symbolic link)") from None
+            if e.errno in (errno.EISDIR, errno.ENXIO):
+                raise UblkError(f"{path}: not ublkshell statistics (not a regular file)") from None
+            raise UblkError(f"{path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UblkError(f"{path}: not ublkshell statistics (not a regular file)")
+            # the creator maps its own fresh, still unlaid-out file; everyone else maps
+            # what a header read by pread says the layout needs, and no more
+            size = st.st_size if _unpublished else self._checked_size(fd, st.st_size)
+            if size == 0:
+                raise UblkError(f"{path}: not ublkshell statistics (file size 0)")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
+        self.size = size
         self.buf = ffi.from_buffer("char[]", self.map, require_writable=writable)
         self.base = ffi.cast("void *", self.buf)
         self.hdr = ffi.cast("struct us_shm_hdr *", self.base)
+        if not _unpublished:
+            try:
+                # again on the mapping itself: the header may have changed since the pread
+                self.check()
+            except UblkError:
+                self.close()
+                raise
+
+    def _checked_size(self, fd: int, file_size: int) -> int:
+        """The layout's size, from a private copy of the header checked against the file's size."""
+        hdr_size = ffi.sizeof("struct us_shm_hdr")
+        head = ffi.new("char[]", hdr_size)
+        got = os.pread(fd, hdr_size, 0)
+        ffi.memmove(head, got, len(got))
+        # us_shm_check reads only the header when the length covers it, and the copy holds it
+        self._raise_if_bad(head, file_size if len(got) == hdr_size else len(got))
+        h = ffi.cast("struct us_shm_hdr *", head)
+        return lib.us_shm_size(h.nr_queues, h.depth, h.rec_entries)
+
+    def _raise_if_bad(self, base, length: int) -> None:
+        bad = ffi.new("struct us_shm_bad *")
+        if lib.us_shm_check(base, length, bad):
+            raise UblkError(f"{self.path}: not ublkshell statistics ({ffi.string(bad.why).decode()})")
 
     def check(self) -> "Shm":
-        if self.hdr.magic != lib.US_SHM_MAGIC or self.hdr.version != lib.US_SHM_VERSION:
-            raise UblkError(f"{self.path}: not ublkshell statistics (or another version)")
+        """Refuse the mapping unless the C readers can trust it; fixes the geometry Python loops over."""
+        if self.base is None:
+            raise UblkError(f"{self.path}: statistics already closed")
+        self._raise_if_bad(self.base, self.size)
+        # Python iterates over these copies, never over fields someone may rewrite later
+        self.nr_queues = int(self.hdr.nr_queues)
+        self.depth = int(self.hdr.depth)
+        self.rec_entries = int(self.hdr.rec_entries)
         return self
 
-    @property
-    def nr_queues(self) -> int:
-        return int(self.hdr.nr_queues)
-
-    @property
-    def depth(self) -> int:
-        return int(self.hdr.depth)
-
     def queue(self, q: int):
-        return lib.us_shm_queue(self.base, q)
+        sq = lib.us_shm_queue(self.base, q)
+        if sq == ffi.NULL:
+            # a NULL struct pointer dereferenced in Python is a segfault, not an exception
+            raise UblkError(f"{self.path}: no queue {q} (the file has {self.nr_queues})")
+        return sq
+
+    def tags(self, q: int):
+        """Queue q's per-tag states, self.depth of them."""
+        self.queue(q)
+        return lib.us_shm_tags(self.base, q)
 
     def op_stats(self, q: int, op: int):
         return self.queue(q).ops[op]
@@ -61,6 +131,8 @@ class Shm:
 
     def close(self) -> None:
         self.buf = self.base = self.hdr = None
+        if self.map is None:
+            return
         try:
             self.map.close()
         except BufferError:
@@ -68,24 +140,33 @@ class Shm:
 
 
 def create(dev_id: int, nr_queues: int, depth: int, records: int, pid: int) -> Shm:
-    if records < 16 or records & (records - 1) or records > 1 << 24:
-        raise UblkError(f"--records: {records} must be a power of two in 16..16M")
-    path = path_for(dev_id, create=True)
+    if records < lib.US_REC_MIN or records > lib.US_REC_MAX or records & (records - 1):
+        raise UblkError(f"--records: {records} must be a power of two in {lib.US_REC_MIN}..{lib.US_REC_MAX}")
     size = lib.us_shm_size(nr_queues, depth, records)
+    if not size:
+        raise UblkError(f"statistics for {nr_queues} queues x {depth} tags: outside "
+                        f"1..{lib.UBLK_MAX_NR_QUEUES} x 1..{lib.UBLK_MAX_QUEUE_DEPTH}")
+    path = path_for(dev_id, create=True)
     # a fresh inode every time (a private temporary file, renamed into place):
     # readers that still map an earlier device's file keep that file
     fd, tmp = files.make_temp(path)
+    s = None
     try:
         try:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        s = Shm(tmp, writable=True)
+        s = Shm(tmp, writable=True, _unpublished=True)
         rc = lib.us_shm_init(s.base, size, nr_queues, depth, records, dev_id, pid)
         if rc:
             raise UblkError(f"{path}: cannot lay out statistics: {os.strerror(-rc)}")
+        # the daemon's own queue threads get this mapping: it passes the readers' check too
+        s.check()
+        # published whole and never truncated afterwards, so no reader's mapping outgrows the file
         os.replace(tmp, path)
     except BaseException:
+        if s is not None:
+            s.close()
         files.unlink_quiet(tmp)
         raise
     s.path = path
@@ -107,7 +188,7 @@ def adopt(dev_id: int, nr_queues: int, depth: int, pid: int):
     # no queue thread runs yet: these words have no other writer now
     abandoned = 0
     for q in range(nr_queues):
-        tags = lib.us_shm_tags(s.base, q)
+        tags = s.tags(q)
         for t in range(depth):
             if tags[t].state:
                 abandoned += 1
