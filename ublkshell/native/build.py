@@ -50,6 +50,20 @@ def _pkg_config(pkg, fallback_include, fallback_lib):
     return incs, names or [fallback_lib]
 
 
+def _sanitize_flags():
+    """(compile, link) flags: ASan and UBSan when UBLKSHELL_SANITIZE=1 (scripts/sanitize.sh).
+
+    Such a build only loads into a process whose first library is gcc's libasan
+    (LD_PRELOAD), since Python itself is not instrumented. Every report is fatal.
+    Python's own CFLAGS carry -fwrapv, which defines signed overflow and so turns
+    UBSan's check for it off: -fno-wrapv turns it back on for our code.
+    """
+    if os.environ.get("UBLKSHELL_SANITIZE") != "1":
+        return ["-O2"], []
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    return san + ["-fno-omit-frame-pointer", "-g", "-O1", "-fno-wrapv"], san
+
+
 def make_ffi():
     uapi = _read("uapi.h")
     records = _read("records.h")
@@ -68,13 +82,15 @@ typedef uint64_t __u64; typedef int32_t __s32;
     ffi.cdef(_strip_preprocessor(_read("ushell_api.h")))
     ffi.cdef(_strip_preprocessor(_read("fuse_api.h")))
     fuse_incs, fuse_libs = _pkg_config("fuse3", "/usr/include/fuse3", "fuse3")
+    cflags, ldflags = _sanitize_flags()
     ffi.set_source(
         "ublkshell._native",
         '#include "ushell.h"\n#include "fuse_api.h"\n',
         sources=[os.path.join("ublkshell", "native", s) for s in SOURCES],
         include_dirs=[os.path.join("ublkshell", "native")] + fuse_incs,
         libraries=["uring", "pthread"] + [l for l in fuse_libs if l != "pthread"],
-        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-std=gnu11"],
+        extra_compile_args=cflags + ["-Wall", "-Wno-unused-function", "-std=gnu11"],
+        extra_link_args=ldflags,
     )
     return ffi
 
