@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project's one test command (README and CI run exactly this).
-#   scripts/test.sh [PYTEST ARGS...]      extra args go to both pytest runs
-# Phase 1 runs the host tests; phase 2 boots one VM with a real ublk_drv and runs tests/vm
-# there. UBLKSHELL_SKIP_VM=1 skips phase 2 (quick local loops only; never a full pass).
+#   scripts/test.sh [PYTEST ARGS...]      extra args go to every pytest run
+# Phase 1 runs the host tests; phase 2 runs the host tests that reach the C code again, against
+# a copy built with ASan and UBSan (scripts/sanitize.sh); phase 3 boots one VM with a real
+# ublk_drv and runs tests/vm there. UBLKSHELL_SKIP_VM=1 skips phase 3 (quick local loops only;
+# never a full pass).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -22,6 +24,14 @@ if [ "$host_rc" -eq 5 ]; then
   host_rc=0
 fi
 
+header "sanitizer tests: scripts/sanitize.sh (ASan + UBSan build of the native code)"
+san_rc=0
+scripts/sanitize.sh "$@" || san_rc=$?
+if [ "$san_rc" -eq 5 ]; then
+  echo "test: no sanitizer tests selected"
+  san_rc=0
+fi
+
 vm_status=skipped
 vm_rc=0
 if [ "${UBLKSHELL_SKIP_VM:-}" = 1 ]; then
@@ -37,8 +47,9 @@ fi
 
 header "summary"
 if [ "$host_rc" -eq 0 ]; then echo "host tests: passed"; else echo "host tests: FAILED (exit $host_rc)"; fi
+if [ "$san_rc" -eq 0 ]; then echo "sanitizer tests: passed"; else echo "sanitizer tests: FAILED (exit $san_rc)"; fi
 echo "VM tests: $vm_status"
 if [ "$vm_status" = skipped ]; then
   echo "WARNING: VM tests were skipped (UBLKSHELL_SKIP_VM=1)" >&2
 fi
-[ "$host_rc" -eq 0 ] && [ "$vm_rc" -eq 0 ]
+[ "$host_rc" -eq 0 ] && [ "$san_rc" -eq 0 ] && [ "$vm_rc" -eq 0 ]
