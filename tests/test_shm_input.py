@@ -132,6 +132,22 @@ def test_a_file_that_is_not_a_regular_file_is_refused_without_opening_it(tmp_pat
     assert refusal("/dev/null").endswith("(not a regular file)")
 
 
+def test_fault_rules_are_never_changed_through_a_symlink(tmp_path, monkeypatch):
+    """The rule writers (faults, clear, seed, powercut) open the file for writing under a lock:
+    that open must not follow a symlink planted where the statistics file should be."""
+    from ublkshell.bridge import shm as shm_mod
+    from ublkshell.faults import table
+
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path / "data"))
+    elsewhere = tmp_path / "elsewhere.stats"
+    elsewhere.write_bytes(bytes(VALID))
+    os.symlink(elsewhere, shm_mod.path_for(3, create=True))
+    for change in (lambda: table.add(3, "fail op=write"), lambda: table.clear(3), lambda: table.rules(3)):
+        with pytest.raises(UblkError, match=r"not ublkshell statistics \(a symbolic link\)$"):
+            change()
+    assert elsewhere.read_bytes() == bytes(VALID)
+
+
 @pytest.mark.parametrize("writable", [False, True])
 def test_only_the_checked_layout_is_mapped(tmp_path, writable):
     # a longer file is fine, but nothing past the layout is ever in reach of a reader

@@ -35,9 +35,13 @@ class Shm:
     into place (create), and afterwards only unlinks it (remove).
     """
 
-    def __init__(self, path: str, writable: bool = False, _unpublished: bool = False):
+    def __init__(self, path: str, writable: bool = False, _unpublished: bool = False,
+                 keep_fd: bool = False):
+        """keep_fd: keep the checked file open as self.fd (closed by close()), for an flock on
+        the very inode that is mapped rather than on whatever a second open of path finds."""
         self.path = path
         self.map = self.buf = self.base = self.hdr = None
+        self.fd = -1
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
         flags = ((os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
                  | os.O_NONBLOCK)
@@ -69,7 +73,12 @@ class Shm:
                 raise UblkError(f"{path}: not ublkshell statistics (file size 0)")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        if keep_fd:
+            self.fd = fd
+        else:
             os.close(fd)
         self.size = size
         self.buf = ffi.from_buffer("char[]", self.map, require_writable=writable)
@@ -131,6 +140,9 @@ class Shm:
 
     def close(self) -> None:
         self.buf = self.base = self.hdr = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         if self.map is None:
             return
         try:

@@ -24,21 +24,19 @@ def locked(dev_id: int):
                         "the FUSE transport has none")
     path = path_for(dev_id)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # Shm opens and checks the file (no symlink, no device node, the exact layout) before
+        # anything else touches it; the lock goes on the very inode that is mapped
+        s = Shm(path, writable=True, keep_fd=True)
     except FileNotFoundError:
         raise UblkError(f"device {dev_id} is not served by ublkshell (no {path})") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        s = Shm(path, writable=True).check()
-        try:
-            if s.fault_area() == ffi.NULL:
-                raise UblkError(f"device {dev_id}: its daemon keeps fault rules in another layout "
-                                "(an older ublkshell); re-add it")
-            yield s
-        finally:
-            s.close()
+        fcntl.flock(s.fd, fcntl.LOCK_EX)
+        if s.fault_area() == ffi.NULL:
+            raise UblkError(f"device {dev_id}: its daemon keeps fault rules in another layout "
+                            "(an older ublkshell); re-add it")
+        yield s
     finally:
-        os.close(fd)
+        s.close()
 
 
 def add(dev_id: int, line: str) -> list[dict]:
