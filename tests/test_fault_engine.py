@@ -275,3 +275,20 @@ def test_queues_healing_at_once_remember_exactly_what_was_written(dev):
     assert not every & never
     assert [s for s in range(n) if bad(dev, s) == (s in every)] == []
     assert listing(1)["healed"] == len(every) and listing(1)["heal_lost"] == 0
+
+
+def test_rules_crafted_in_the_file_are_listed_not_crashed_on(dev):
+    """The rule table is part of a file readers treat as input: whatever a slot holds,
+    `faults` lists it (the server and the stats tree call the same code)."""
+    area = dev.fault_area()
+    crafted = [(lib.US_FA_BAD, 0), (99, 0), (lib.US_FA_DELAY, 0xFF), (0xFFFFFFFF, 0xFFFFFFFF)]
+    for slot, (action, flags) in enumerate(crafted):
+        r = area.rules[slot]
+        r.id, r.action, r.flags, r.q, r.tag = 100 + slot, action, flags, -1, -1
+        r.lba_lo, r.lba_hi, r.t_lo_ns, r.t_hi_ns = 5, 3, 7, 1
+        area.order[slot] = slot
+    area.nr = len(crafted)
+    listed = table.rules(DEV)["rules"]
+    assert [x["id"] for x in listed] == [100, 101, 102, 103]
+    assert listed[0]["text"].startswith("badblocks 5..3") and listed[1]["text"].startswith("?")
+    assert all(isinstance(x["text"], str) and "\n" not in x["text"] for x in listed)

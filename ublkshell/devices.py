@@ -166,7 +166,7 @@ def list_devices() -> list[dict]:
 def _wait_gone(pid: int, start, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not procs.is_daemon(pid, start):
+        if not procs.same_process(pid, start):
             return True
         time.sleep(0.05)
     return False
@@ -175,6 +175,8 @@ def _wait_gone(pid: int, start, timeout: float) -> bool:
 def stop_daemon(pid: int, start, timeout: float) -> bool:
     """SIGTERM our daemon (it releases what it withholds, stops and deletes its device),
     SIGKILL it if it does not finish in time. False if pid is not our daemon."""
+    if start is None and procs.is_daemon(pid):
+        start = procs.start_time(pid)  # from here on, this process and no successor
     if not procs.signal_daemon(pid, signal.SIGTERM, start):
         return False
     if not _wait_gone(pid, start, timeout):

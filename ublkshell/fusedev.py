@@ -207,7 +207,7 @@ def ids() -> list[int]:
 def _wait_gone(entry: dict, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not daemon_alive(entry):
+        if not procs.same_process(entry.get("pid"), entry.get("pid_start")):
             return True
         time.sleep(0.05)
     return False

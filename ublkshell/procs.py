@@ -43,6 +43,11 @@ def alive(pid) -> bool:
     return bool(f) and f[0] not in (b"Z", b"X")
 
 
+def same_process(pid, start) -> bool:
+    """The process that had this pid and start time still exists (exiting counts, a zombie not)."""
+    return alive(pid) and (start is None or start_time(pid) == start)
+
+
 def me() -> dict:
     """What a daemon records about itself so that others can tell it from a successor."""
     return {"pid": os.getpid(), "pid_start": start_time(os.getpid())}
@@ -57,13 +62,22 @@ def _cmdline(pid: int) -> list[bytes]:
 
 
 def is_daemon(pid, start=None, modules=DAEMON_MODULES) -> bool:
-    """pid is one of our device daemons (started at `start`, when known)."""
+    """pid is one of our device daemons (started at `start`, when known). A daemon
+    that is exiting has no command line left: it no longer counts as one."""
     if not alive(pid):
         return False
     if isinstance(start, int) and start_time(pid) != start:
         return False
     args = _cmdline(pid)
     return any(m.encode() in args for m in modules)
+
+
+def is_foreign(pid, modules=DAEMON_MODULES) -> bool:
+    """pid runs a program (it has a command line) that is not one of our daemons."""
+    if not alive(pid):
+        return False
+    args = _cmdline(pid)
+    return args != [b""] and bool(args) and not any(m.encode() in args for m in modules)
 
 
 def entry_daemon_alive(entry: dict, modules=DAEMON_MODULES) -> bool:

@@ -95,7 +95,7 @@ def _serving(info, entry: dict):
 def _foreign_server(info) -> int:
     """The kernel's ublk server for the device if it runs and is not ours."""
     pid = int(info.ublksrv_pid)
-    return pid if procs.alive(pid) and not procs.is_daemon(pid, None, (DAEMON_MODULE,)) else 0
+    return pid if procs.is_foreign(pid, (DAEMON_MODULE,)) else 0
 
 
 def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
@@ -118,7 +118,9 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
         t0 = time.monotonic()
         procs.signal_daemon(pid, signal.SIGKILL, start, (DAEMON_MODULE,))
         deadline = t0 + timeout
-        while procs.is_daemon(pid, start, (DAEMON_MODULE,)) and time.monotonic() < deadline:
+        # until it is gone, not only until it stops looking like a daemon (an exiting
+        # process has no command line left, but still holds its rings)
+        while procs.same_process(pid, start) and time.monotonic() < deadline:
             time.sleep(0.02)
         # the kernel reacts once the dead daemon's rings let go of /dev/ublkcN
         state = None
@@ -133,7 +135,7 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
             if state != lib.UBLK_S_DEV_LIVE:
                 break
             time.sleep(0.02)
-        return {"id": dev_id, "pid": pid, "daemon_gone": not procs.is_daemon(pid, start, (DAEMON_MODULE,)),
+        return {"id": dev_id, "pid": pid, "daemon_gone": not procs.same_process(pid, start),
                 "state": STATES.get(state, "GONE" if state is None else str(state)),
                 "recovery": recovery_mode(int(info.flags)),
                 "seconds": round(time.monotonic() - t0, 3)}

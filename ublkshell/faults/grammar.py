@@ -343,7 +343,8 @@ def from_struct(r) -> dict:
     action = ACTION_OF_CODE.get(int(r.action), "?")
     rule = {"action": action, "q": int(r.q), "tag": int(r.tag),
             "ops": [n for code, n in sorted(OP_NAMES.items()) if r.op_mask & (1 << code)],
-            "lba": (int(r.lba_lo), int(r.lba_hi)) if r.flags & FM_LBA else None,
+            # a badblocks rule is its range, whatever its flags say (the file is input)
+            "lba": (int(r.lba_lo), int(r.lba_hi)) if r.flags & FM_LBA or action == "badblocks" else None,
             "size": None if (r.size_lo, r.size_hi) == (0, U64) else (int(r.size_lo), int(r.size_hi)),
             "fua": bool(r.flags & FM_FUA), "p": None if r.prob >= ALWAYS else round(r.prob / ALWAYS, 6),
             "count": int(r.count), "errno": int(r.err), "byte": int(r.byte), "sectors": 0,

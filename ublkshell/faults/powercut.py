@@ -35,7 +35,7 @@ def run_powercut(a: dict) -> dict:
         if not procs.signal_entry(entry, signal.SIGUSR1):
             raise UblkError(f"device {dev_id}: its daemon (pid {pid}) is gone")
     deadline = time.monotonic() + 60
-    while procs.entry_daemon_alive(entry):
+    while procs.same_process(pid, entry.get("pid_start")):
         if time.monotonic() > deadline:
             raise UblkError(f"device {dev_id}: the daemon (pid {pid}) did not cut power within 60 s")
         time.sleep(0.05)
