@@ -69,7 +69,7 @@ def _check_types(verb: str, schema: dict, out: dict) -> None:
         conv = schema[name].conv
         if conv is validate.flag:
             assert isinstance(value, bool)
-        elif conv is validate.dev_id_in_range:
+        elif conv is validate.dev_id:
             assert isinstance(value, int) and 0 <= value < 2 << 20
         elif value is not None and not isinstance(value, (str, int, float, bool, list, tuple)):
             raise AssertionError((verb, name, value))

@@ -1,5 +1,6 @@
 """The C recording code (counters, histograms, record rings) through cffi, on a
 real shared-memory file: what every reader of a device's statistics relies on."""
+import os
 import random
 
 import pytest
@@ -104,3 +105,17 @@ def test_shm_survives_reopen_by_a_reader(shm, tmp_path):
     assert reader.nr_queues == 2 and reader.depth == 32
     assert snapshot(reader)["ops"]["write"]["ios"] == 1
     reader.close()
+
+
+def test_a_failed_create_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The statistics file is made under a private temporary name and renamed into place:
+    whatever fails on the way, nothing is left beside it."""
+    from ublkshell.errors import UblkError
+
+    d = tmp_path / "data"
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(d))
+    for bad in (dict(records=3), dict(records=1 << 30), dict(nr_queues=0), dict(depth=5000)):
+        args = dict(nr_queues=1, depth=8, records=16, pid=1) | bad
+        with pytest.raises(UblkError):
+            shm_mod.create(9, **args)
+        assert not d.exists() or os.listdir(d) == [], (bad, os.listdir(d))

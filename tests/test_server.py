@@ -169,8 +169,8 @@ def test_hostile_requests_get_one_line_and_the_server_stays_up(server, tmp_path,
     with Client(sock) as c:
         assert c.call("ping")["pid"] == proc.pid
     # a refused add leaves no statistics, temporary files or entries behind
-    state = tmp_path / "state"
-    assert not (state / "devices").exists() or os.listdir(state / "devices") == []
+    for d in (tmp_path / "state" / "devices", tmp_path / "data"):
+        assert not d.exists() or os.listdir(d) == [], os.listdir(d)
 
 
 def test_300_clients_at_once_all_get_an_answer(server):

@@ -79,8 +79,6 @@ def fraction(lo: float, hi: float):
 
 
 def flag(value, label):
-    if value is None:
-        return False
     if isinstance(value, bool):
         return value
     if _plain_int(value) and value in (0, 1):
@@ -112,17 +110,9 @@ def text_or_flag(max_len: int = 64):
     return conv
 
 
-def optional(inner):
-    def conv(value, label):
-        return None if value is None else inner(value, label)
-    return conv
-
-
 def words(max_n: int = MAX_WORDS, max_len: int = MAX_TEXT):
     """A list of words (a string is split on white space)."""
     def conv(value, label):
-        if value is None:
-            return []
         if isinstance(value, str):
             value = value.split()
         if not isinstance(value, list):
@@ -134,33 +124,28 @@ def words(max_n: int = MAX_WORDS, max_len: int = MAX_TEXT):
 
 
 def dev_id(value, label):
+    """A device id: a number (0, 1, ...) or a name (`3`, `fuse0`)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise UsageError(f"{label}: {_show(value)} is not a device id (a number like 0, or fuseN)")
     try:
-        return devids.parse(value if isinstance(value, int) else text(64)(value, label))
+        d = devids.parse(value if isinstance(value, int) else text(64)(value, label))
     except ValueError:
         raise UsageError(f"{label}: {_show(value)} is not a device id (a number like 0, or fuseN)") from None
-
-
-def dev_id_in_range(value, label):
-    d = dev_id(value, label)
     if not 0 <= d < 2 * devids.FUSE_BASE:
         raise UsageError(f"{label}: {d} is not a device id")
     return d
 
 
 def dev_ids(value, label):
-    if value is None:
-        return []
     if not isinstance(value, list):
         value = [value]
     if len(value) > MAX_IDS:
         raise UsageError(f"{label}: more than {MAX_IDS} devices")
-    return [dev_id_in_range(v, label) for v in value]
+    return [dev_id(v, label) for v in value]
 
 
 # the arguments most verbs take
-ID = {"id": Arg("ID", dev_id_in_range, required=True)}
+ID = {"id": Arg("ID", dev_id, required=True)}
 JSON = {"json": Arg("--json", flag, False)}
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, NamedTuple
 from . import devids
 from .errors import UsageError
 from .units import human
-from .validate import ID, JSON, Arg, check, dev_ids, flag, optional, text, text_or_flag, whole, words
+from .validate import ID, JSON, Arg, check, dev_ids, flag, text, text_or_flag, whole, words
 
 
 # -- devices --------------------------------------------------------------
@@ -24,12 +24,12 @@ def run_add(a: dict) -> dict:
 
 ADD_ARGS = {
     "target": Arg("-t/--type", text(64), required=True),
-    "file": Arg("-f/--file", optional(text())),
-    "size": Arg("--size", optional(text(64))),
+    "file": Arg("-f/--file", text()),
+    "size": Arg("--size", text(64)),
     "queues": Arg("-q/--queues", whole(1, 64), 1),
     "depth": Arg("-d/--depth", whole(1, 4096), 128),
     "dev_id": Arg("-n/--number", whole(-1, devids.FUSE_BASE - 1), -1),
-    "block_size": Arg("--block-size", optional(text(64))),
+    "block_size": Arg("--block-size", text(64)),
     "max_io": Arg("--max-io", text(64), "512k"),
     "transport": Arg("--transport", text(64), "ublk"),
     "loop": Arg("--loop", flag, False),
@@ -256,7 +256,7 @@ def render_inflight(r: dict) -> str:
 
 
 TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--from-start", flag, False),
-              "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", optional(text(64))),
+              "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", text(64)),
               **JSON}
 TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"
 

@@ -3,7 +3,7 @@
 ublkshell/verbs.py: run_X(args) -> JSON-able result, render_X(result) -> text."""
 from .. import devids
 from ..errors import UsageError
-from ..validate import ID, JSON, U32, U64, Arg, flag, fraction, optional, whole, words
+from ..validate import ID, JSON, U32, U64, Arg, flag, fraction, whole, words
 from . import grammar, table
 from .powercut import render_powercut, run_powercut
 
@@ -143,9 +143,9 @@ RULE_ARGS = {**ID, "words": Arg("WORD", words(), ()), **JSON}
 VERBS = {action: _rule_verb(action) for action in grammar.ACTIONS}
 VERBS.update({
     "faults": (run_faults, render_faults, {**ID, **JSON}),
-    "clear": (run_clear, render_clear, {**ID, "rule": Arg("RULE", optional(whole(1, U32))), **JSON}),
-    "seed": (run_seed, render_seed, {**ID, "seed": Arg("seed", optional(whole(0, U64))), **JSON}),
+    "clear": (run_clear, render_clear, {**ID, "rule": Arg("RULE", whole(1, U32)), **JSON}),
+    "seed": (run_seed, render_seed, {**ID, "seed": Arg("seed", whole(0, U64)), **JSON}),
     "powercut": (run_powercut, render_powercut,
                  {**ID, "partial": Arg("--partial", flag, False),
-                  "keep": Arg("--keep", optional(fraction(0.0, 1.0))), **JSON}),
+                  "keep": Arg("--keep", fraction(0.0, 1.0)), **JSON}),
 })
