@@ -168,10 +168,41 @@ class Stats:
                 self.bad.append(what[:300])
 
 
+def well_formed(h: Hostile, real_ids: list) -> dict:
+    """A request of the right shape for a real device, so that it gets past the argument
+    checks into the verb itself (one field may still be hostile)."""
+    r = h.r
+    dev = r.choice(real_ids)
+    cmd = r.choice(["stats", "lat", "inflight", "faults", "list", "features", "events", "ping", "trace",
+                    "seed", "clear", "delay", "fail", "drop", "corrupt", "torn", "hang", "flakey", "badblocks"])
+    args = {"id": dev}
+    if cmd in ("list", "features", "events", "ping"):
+        args = {"last": r.randrange(1, 201)} if cmd == "events" else {}
+    elif cmd == "lat":
+        args["op"] = r.choice(["read", "write", "flush", "discard", "write_zeroes", "other", "bogus"])
+    elif cmd == "trace":
+        args.update(filters=r.choice([[], ["op=write"], ["q=0", "errors"], ["lba=0..99", "min_lat=1us"]]),
+                    count=r.randrange(0, 3), from_start=r.random() < 0.5)
+    elif cmd == "seed":
+        args["seed"] = r.choice([None, r.randrange(0, 2**64)])
+    elif cmd == "clear":
+        args["rule"] = r.choice([None, r.randrange(1, 50)])
+    elif cmd not in ("stats", "inflight", "faults"):
+        args["words"] = h.rule_words()
+    if r.random() < 0.2:
+        args[r.choice(list(args) or ["id"])] = h.value()
+    return {"id": r.randrange(1, 1 << 30), "cmd": cmd, "args": args}
+
+
 def one_message(h: Hostile, real_ids: list) -> tuple[bytes, int]:
     """(bytes to send, replies expected). Destructive commands never name a real device."""
     r = h.r
     k = r.randrange(100)
+    if k >= 60:
+        msg = well_formed(h, real_ids)
+        if msg["cmd"] == "trace":
+            msg["args"]["duration"] = "0.2s"
+        return json.dumps(msg).encode() + b"\n", 1
     if k < 3:
         junk = bytes(r.randrange(256) for _ in range(r.randrange(1, 200))).replace(b"\n", b" ")
         return junk + b"\n", 1 if junk.strip() else 0
