@@ -44,24 +44,26 @@ def test_a_checkout_in_the_working_directory_does_not_shadow_the_package(tmp_pat
     assert p.returncode == 0, p.stderr
 
 
-def test_a_daemon_that_never_answers_is_killed_and_reaped(tmp_path, monkeypatch):
+@pytest.fixture
+def daemon_module(tmp_path, monkeypatch):
+    """Write a stand-in daemon module where spawned daemons will import it from."""
     mods = tmp_path / "mods"
     mods.mkdir()
-    (mods / "hangs_forever.py").write_text("import time\nwhile True:\n    time.sleep(1)\n")
     monkeypatch.setenv("PYTHONPATH", str(mods))
     monkeypatch.setenv("UBLKSHELL_STATE_DIR", str(tmp_path / "state"))
+    return lambda name, code: (mods / f"{name}.py").write_text(code)
+
+
+def test_a_daemon_that_never_answers_is_killed_and_reaped(daemon_module):
+    daemon_module("hangs_forever", "import time\nwhile True:\n    time.sleep(1)\n")
     before = set(_children())
     with pytest.raises(UblkError, match=r"^the device daemon did not start within 2 s \(log: .*daemon-.*\.log\)$"):
         devices.spawn_daemon({"target": "null"}, timeout=2, module="hangs_forever")
     assert set(_children()) == before  # neither running nor a zombie
 
 
-def test_a_daemon_that_dies_at_once_is_reaped_with_its_last_words(tmp_path, monkeypatch):
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    (mods / "dies.py").write_text("import sys\nprint('cannot do it', file=sys.stderr)\nsys.exit(3)\n")
-    monkeypatch.setenv("PYTHONPATH", str(mods))
-    monkeypatch.setenv("UBLKSHELL_STATE_DIR", str(tmp_path / "state"))
+def test_a_daemon_that_dies_at_once_is_reaped_with_its_last_words(tmp_path, daemon_module):
+    daemon_module("dies", "import sys\nprint('cannot do it', file=sys.stderr)\nsys.exit(3)\n")
     before = set(_children())
     with pytest.raises(UblkError, match=r"^the device daemon exited \(3\) before serving: cannot do it$"):
         devices.spawn_daemon({"target": "null"}, timeout=20, module="dies")

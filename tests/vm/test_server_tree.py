@@ -12,10 +12,7 @@ import pytest
 from .conftest import run
 
 
-@pytest.fixture
-def server(scratch):
-    sock = os.path.join(scratch, "s.sock")
-    mnt = os.path.join(scratch, "stats")
+def start_server(sock, mnt):
     p = subprocess.Popen([sys.executable, "-m", "ublkshell", "serve", "--socket", sock, "--mount", mnt],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
@@ -23,6 +20,14 @@ def server(scratch):
         assert p.poll() is None, p.stdout.read()
         assert time.monotonic() < deadline, "server did not come up"
         time.sleep(0.1)
+    return p
+
+
+@pytest.fixture
+def server(scratch):
+    sock = os.path.join(scratch, "s.sock")
+    mnt = os.path.join(scratch, "stats")
+    p = start_server(sock, mnt)
     yield sock, mnt, p
     if p.poll() is None:
         p.terminate()
@@ -93,18 +98,7 @@ def test_a_killed_server_leaves_io_running_and_the_next_one_serves_the_device(sc
     """SIGKILL the server while fio runs: the IO never notices, and a new server's
     tree and shell show the same device with its counters still growing."""
     sock, mnt = os.path.join(scratch, "s.sock"), os.path.join(scratch, "stats")
-
-    def start():
-        p = subprocess.Popen([sys.executable, "-m", "ublkshell", "serve", "--socket", sock, "--mount", mnt],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 60
-        while not (os.path.exists(sock) and os.path.ismount(mnt)):
-            assert p.poll() is None, p.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
-        return p
-
-    srv = start()
+    srv = start_server(sock, mnt)
     dev = json.loads(shell(sock, "add -t mem --size 32M --json"))
     fio = subprocess.Popen(["fio", "--name=v", f"--filename=/dev/ublkb{dev['id']}", "--rw=randwrite", "--bs=4k",
                             "--size=32M", "--time_based", "--runtime=60", "--ioengine=io_uring", "--direct=1",
@@ -115,7 +109,7 @@ def test_a_killed_server_leaves_io_running_and_the_next_one_serves_the_device(sc
         time.sleep(4)
         srv.kill()
         srv.wait(timeout=30)
-        srv = start()
+        srv = start_server(sock, mnt)
         stats = os.path.join(mnt, f"ublkb{dev['id']}", "stats.json")
         with open(stats) as f:
             before = json.load(f)["ops"]["write"]["ios"]
