@@ -263,3 +263,24 @@ def test_shutdown_keeps_devices_unless_asked(server, tmp_path):
     assert proc.wait(timeout=20) == 0
     out = proc.stdout.read()
     assert "stopped" in out and "deleted dev" not in out
+
+
+def test_a_megabyte_of_tiny_lines_is_answered_line_by_line(server):
+    """30,000 requests in one write: each gets its reply (or its refusal), at the pace the
+    client reads them, and the server answers others meanwhile."""
+    sock, proc = server
+    n = 30_000
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(sock)
+    import threading
+
+    t = threading.Thread(target=lambda: s.sendall(b"[]\n" * n), daemon=True)
+    t.start()
+    f = s.makefile("rb")
+    for _ in range(n):
+        assert json.loads(f.readline())["error"] == "a request is a JSON object"
+    t.join(10)
+    s.close()
+    with Client(sock) as c:
+        assert c.call("ping")["pid"] == proc.pid

@@ -90,7 +90,11 @@ class Conn:
     async def send(self, msg: dict) -> bool:
         if not self.open:
             return False
-        data = encode(msg)
+        try:
+            data = encode(msg)
+        except (TypeError, ValueError) as e:  # a bug in what a verb returned: still one reply
+            log(f"cannot encode a reply: {type(e).__name__}: {e}")
+            data = encode({"id": msg.get("id"), "ok": False, "error": f"internal error: {type(e).__name__}: {e}"})
         try:
             async with self.lock:
                 await self.stream.send_all(data)
@@ -192,25 +196,26 @@ class Server:
                 return
             if not data:
                 return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
+            # one split per chunk: splitting off a line at a time copies the rest each time
+            *lines, buf = (buf + data).split(b"\n")
+            for line in lines:
                 if line.strip():
-                    self._start_request(conn, line, requests, streams)
+                    await self._take_request(conn, line, requests, streams)
             if len(buf) > MAX_LINE:
                 await conn.send({"id": None, "ok": False, "error": f"request longer than {MAX_LINE} bytes"})
                 return
 
-    def _start_request(self, conn: Conn, line: bytes, requests, streams) -> None:
+    async def _take_request(self, conn: Conn, line: bytes, requests, streams) -> None:
+        # refusals are sent before the next line is read: a flood of bad lines costs the
+        # client its own reading speed, not a task per line in the server
         try:
             rid, cmd, args = decode_request(line)
         except ProtocolError as e:
-            requests.start_soon(conn.send, {"id": None, "ok": False, "error": str(e)})
+            await conn.send({"id": None, "ok": False, "error": str(e)})
             return
         if conn.pending >= MAX_PENDING:
-            requests.start_soon(conn.send, {"id": rid, "ok": False,
-                                            "error": f"too many requests in flight on this connection "
-                                                     f"({MAX_PENDING}): wait for replies"})
+            await conn.send({"id": rid, "ok": False, "error": f"too many requests in flight on this "
+                                                               f"connection ({MAX_PENDING}): wait for replies"})
             return
         conn.pending += 1
         (streams if cmd in STREAMS else requests).start_soon(self._request, conn, rid, cmd, args)
