@@ -240,6 +240,8 @@ def parse(line: str) -> list[dict]:
             raise RuleError(col, str(e)) from None
         i += 1
 
+    # one spelling per rule: ops in the order of their codes, each once (as the C mask reads back)
+    rule["ops"] = [o for o in OPS if o in rule["ops"]]
     end = len(line) + 1
     if action == "delay" and rule["delay"] is None:
         raise RuleError(end, "delay needs a duration: delay 5ms, or delay 1ms..50ms")
