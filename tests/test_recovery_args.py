@@ -125,3 +125,35 @@ def test_adopt_refuses_another_layout_or_no_file(shm_dir):
     with open(shm_mod.path_for(7), "wb") as f:
         f.write(b"\0" * 4096)  # not statistics at all
     assert shm_mod.adopt(7, 1, 16, pid=2) == (None, 0)
+
+
+def test_a_killed_daemon_is_ours_until_it_has_exited(monkeypatch):
+    """A SIGKILLed daemon releases its memory first (its /proc cmdline then reads empty) and
+    tears down its rings and /dev/ublkcN after that: until it has exited, `kill` waits for it
+    and `recover` must not take it for some other program serving the device (the soak run
+    hit this at its eleventh kill)."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from ublkshell import procs, recovery
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "ublkshell.bridge.daemon"])
+    try:
+        deadline = time.monotonic() + 10
+        while not procs.is_daemon(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it has exec'd
+        start = procs.start_time(p.pid)
+        info = SimpleNamespace(ublksrv_pid=p.pid)
+        assert procs.is_daemon(p.pid, start) and recovery._foreign_server(info) == 0
+        monkeypatch.setattr(procs, "_cmdline", lambda pid: [b""])  # what /proc shows while it exits
+        assert not procs.is_daemon(p.pid, start)
+        assert procs.same_process(p.pid, start)  # kill keeps waiting for it
+        assert recovery._foreign_server(info) == 0  # and recover does not call it someone else's
+        monkeypatch.setattr(procs, "_cmdline", lambda pid: [b"/usr/bin/other-ublk-server", b""])
+        assert recovery._foreign_server(info) == p.pid
+    finally:
+        p.kill()
+        p.wait()
+    assert not procs.same_process(p.pid, start)
