@@ -264,7 +264,7 @@ DEVICES = Devices()
 
 
 def listed(dev_id: int):
-    from ublkshell.devices import list_devices
+    from ublkshell.devices.lifecycle import list_devices
 
     return next((d for d in bounded("list", 60, list_devices) if d["id"] == dev_id), None)
 
@@ -278,7 +278,7 @@ class WriteCounter:
         self.ino = None
 
     def __call__(self) -> int:
-        from ublkshell.bridge import shm as shm_mod
+        from ublkshell.observe import shm as shm_mod
 
         path = shm_mod.path_for(self.dev_id)
         try:
@@ -299,7 +299,7 @@ class WriteCounter:
 def leftovers(dev: dict) -> list:
     """What a deleted device left behind (empty: nothing)."""
     from ublkshell import procs
-    from ublkshell.bridge import registry
+    from ublkshell.devices import registry
 
     i = dev["id"]
     left = [p for p in (f"/dev/ublkc{i}", f"/dev/ublkb{i}") if os.path.exists(p)]
@@ -481,7 +481,7 @@ def kill_recover(a, res: Results, root: str) -> None:
 
 
 def kill_recover_mode(a, res: Results, root: str, mode: str, fig: dict) -> None:
-    from ublkshell.recovery import kill, recover
+    from ublkshell.devices.recovery import kill, recover
 
     sc = f"kill-recover/{mode}"
     dev = DEVICES.add("-t", "mem", "--size", a.size, "-q", a.queues, f"--recovery={mode}")
@@ -723,7 +723,7 @@ class DelWatch(threading.Thread):
 
     def __init__(self, dev_id: int):
         super().__init__(daemon=True, name="delwatch")
-        from ublkshell.bridge import shm as shm_mod
+        from ublkshell.observe import shm as shm_mod
 
         self.dev_id = dev_id
         self.shm = shm_mod.open_device(dev_id)  # the mapping outlives the file's removal
@@ -774,7 +774,7 @@ class Server:
         self.t0 = time.monotonic()
 
     def wait_up(self, timeout: float = 90, tick=None) -> float:
-        from ublkshell.mounts import is_mounted
+        from ublkshell.kernel.mounts import is_mounted
 
         def up():
             if self.proc.poll() is not None:
@@ -785,7 +785,7 @@ class Server:
         return time.monotonic() - self.t0
 
     def call(self, cmd: str, timeout: float = 120, **args):
-        from ublkshell.client import Client
+        from ublkshell.bridge.client import Client
         from ublkshell.errors import UblkError
 
         try:
@@ -862,7 +862,7 @@ class Sampler(threading.Thread):
 
 
 def server_kill(a, res: Results, root: str) -> None:
-    from ublkshell.mounts import is_mounted
+    from ublkshell.kernel.mounts import is_mounted
 
     sc = "server-kill"
     fig = res.figures.setdefault(sc, {})
@@ -1163,7 +1163,7 @@ def main(argv=None) -> int:
         for p in list(PROCS.live):
             PROCS.stop(p, timeout=15)
         tree = os.path.join(root, "tree")
-        from ublkshell.mounts import is_mounted
+        from ublkshell.kernel.mounts import is_mounted
 
         for _ in range(4):
             if not is_mounted(tree):

@@ -7,7 +7,7 @@ import pytest
 
 from ublkshell.errors import UsageError
 from ublkshell.units import human, parse_size
-from ublkshell.targets import build_spec
+from ublkshell.devices.targets import build_spec
 
 
 def cli(*args, env=None):

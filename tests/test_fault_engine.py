@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ublkshell._native import ffi, lib
-from ublkshell.bridge import shm as shm_mod
+from ublkshell.observe import shm as shm_mod
 from ublkshell.errors import UblkError
 from ublkshell.faults import grammar, table
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from ublkshell._native import ffi, lib
-from ublkshell.bridge import shm as shm_mod
+from ublkshell.observe import shm as shm_mod
 from ublkshell.errors import UsageError
 from ublkshell.faults import grammar, table
 

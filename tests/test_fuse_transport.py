@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from ublkshell import devids
+from ublkshell.devices import ids as devids
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control")

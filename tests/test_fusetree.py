@@ -19,8 +19,8 @@ pytest.importorskip("pyfuse3")
 
 from ublkshell import procs  # noqa: E402
 from ublkshell._native import lib  # noqa: E402
-from ublkshell.bridge import fusetree  # noqa: E402
-from ublkshell.bridge import shm as shm_mod  # noqa: E402
+from ublkshell.bridge.tree import fs as fusetree  # noqa: E402
+from ublkshell.observe import shm as shm_mod  # noqa: E402
 
 READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_FLUSH
 DEV_FILES = ["faults", "inflight", "inflight.json", "info", "info.json", "latency", "latency.json",
@@ -613,7 +613,7 @@ def test_ctrl_c_ends_a_blocked_trace_read(mnt, trees, argv):
 # -- mounting ------------------------------------------------------------------
 STANDALONE = """
 import sys, trio
-from ublkshell.bridge.fusetree import run_tree
+from ublkshell.bridge.tree.fs import run_tree
 class Source:
     def devices(self):
         return {}

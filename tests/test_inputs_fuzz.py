@@ -165,7 +165,7 @@ def rule_lines(draw):
 
 @pytest.fixture(scope="module")
 def rule_shm(tmp_path_factory):
-    from ublkshell.bridge import shm as shm_mod
+    from ublkshell.observe import shm as shm_mod
 
     d = tmp_path_factory.mktemp("rules")
     os.environ["UBLKSHELL_DATA_DIR"] = str(d / "data")

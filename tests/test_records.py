@@ -6,8 +6,8 @@ import random
 import pytest
 
 from ublkshell._native import lib
-from ublkshell.bridge import shm as shm_mod
-from ublkshell.stats import Filter, Tail, follow, inflight, percentile, snapshot, summarize
+from ublkshell.observe import shm as shm_mod
+from ublkshell.observe.stats import Filter, Tail, follow, inflight, percentile, snapshot, summarize
 
 READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_FLUSH
 

@@ -5,10 +5,10 @@ import os
 import pytest
 
 from ublkshell._native import lib
-from ublkshell.bridge import shm as shm_mod
+from ublkshell.observe import shm as shm_mod
 from ublkshell.errors import UblkError, UsageError
-from ublkshell.recovery import check_mode, recovery_flags, recovery_mode, render_kill, render_recover
-from ublkshell.targets import build_spec
+from ublkshell.devices.recovery import check_mode, recovery_flags, recovery_mode, render_kill, render_recover
+from ublkshell.devices.targets import build_spec
 from ublkshell.verbs import render_add, render_list
 
 REC, REISSUE, FAIL = lib.UBLK_F_USER_RECOVERY, lib.UBLK_F_USER_RECOVERY_REISSUE, lib.UBLK_F_USER_RECOVERY_FAIL_IO
@@ -137,7 +137,8 @@ def test_a_killed_daemon_is_ours_until_it_has_exited(monkeypatch):
     import time
     from types import SimpleNamespace
 
-    from ublkshell import procs, recovery
+    from ublkshell import procs
+    from ublkshell.devices import recovery
 
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "ublkshell.bridge.daemon"])
     try:

@@ -12,7 +12,7 @@ import pexpect
 import pytest
 
 from ublkshell._native import lib
-from ublkshell.bridge import shm as shm_mod
+from ublkshell.observe import shm as shm_mod
 from ublkshell.repl import views
 from ublkshell.repl.completion import candidates
 from ublkshell.repl.shell import Shell

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ublkshell.client import Client
+from ublkshell.bridge.client import Client
 from ublkshell.errors import UblkError
 
 
@@ -219,7 +219,7 @@ def test_requests_in_flight_on_one_connection_are_bounded(server):
 
 def test_a_request_on_a_trace_connection_is_answered(server, tmp_path, monkeypatch):
     from ublkshell._native import lib
-    from ublkshell.bridge import shm as shm_mod
+    from ublkshell.observe import shm as shm_mod
 
     sock, proc = server
     monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path / "data"))

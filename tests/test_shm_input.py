@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ublkshell._native import ffi, lib
-from ublkshell.bridge.shm import Shm
+from ublkshell.observe.shm import Shm
 from ublkshell.errors import UblkError, UsageError
-from ublkshell.stats import Filter, Tail, format_record, inflight
+from ublkshell.observe.stats import Filter, Tail, format_record, inflight
 from ublkshell.verbs import render_inflight, render_stats, stats_of
 
 HDR = ffi.sizeof("struct us_shm_hdr")
@@ -135,7 +135,7 @@ def test_a_file_that_is_not_a_regular_file_is_refused_without_opening_it(tmp_pat
 def test_fault_rules_are_never_changed_through_a_symlink(tmp_path, monkeypatch):
     """The rule writers (faults, clear, seed, powercut) open the file for writing under a lock:
     that open must not follow a symlink planted where the statistics file should be."""
-    from ublkshell.bridge import shm as shm_mod
+    from ublkshell.observe import shm as shm_mod
     from ublkshell.faults import table
 
     monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path / "data"))
@@ -218,7 +218,7 @@ def _cli_env(tmp_path) -> dict:
 def _stats_path(env) -> str:
     """Where `stats 0` looks, asked of the code itself: the directory is not this test's business."""
     out = subprocess.run([sys.executable, "-c",
-                          "from ublkshell.bridge.shm import path_for; print(path_for(0, create=True))"],
+                          "from ublkshell.observe.shm import path_for; print(path_for(0, create=True))"],
                          env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

@@ -111,7 +111,7 @@ class Device:
         return _verb("inflight")({"id": self.id})["tags"]
 
     def delete(self) -> None:
-        from .devices import delete
+        from .devices.lifecycle import delete
 
         delete(self.id)
 

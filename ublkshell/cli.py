@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from . import devids
+from .devices import ids as devids
 from .errors import UblkError, UsageError
 
 EPILOG = """\
@@ -214,8 +214,8 @@ def _one_shot(args) -> int:
 
 
 def _cmd_trace(args) -> int:
-    from .bridge.shm import open_device
-    from .stats import Filter, follow, format_record
+    from .observe.shm import open_device
+    from .observe.stats import Filter, follow, format_record
     from .units import parse_duration
     from .validate import check
     from .verbs import TRACE_ARGS, TRACE_HEADER

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from .ctrl import CONTROL_PATH, NO_DRIVER_HINT
+from .kernel.ctrl import CONTROL_PATH, NO_DRIVER_HINT
 from .errors import UblkError
 from .units import human
 
@@ -49,8 +49,8 @@ def run_demo(size: str, allow_vm: bool = True) -> int:
     if os.geteuid() != 0:
         raise UblkError("the demo creates a block device and mounts it: run it as root")
 
-    from .devices import add, delete, list_devices
-    from .targets import build_spec
+    from .devices.lifecycle import add, delete, list_devices
+    from .devices.targets import build_spec
 
     t0 = _step(f"adding a {human(nbytes)} mem device")
     dev = add(build_spec("mem", size=size, queues=2, depth=64))

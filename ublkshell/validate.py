@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import devids
+from .devices import ids as devids
 from .errors import UsageError
 
 MAX_TEXT = 4096

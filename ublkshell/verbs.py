@@ -4,7 +4,7 @@ into text for people. `--json` prints the result itself."""
 import json
 from typing import Any, Callable, NamedTuple
 
-from . import devids
+from .devices import ids as devids
 from .errors import UsageError
 from .units import human
 from .validate import ID, JSON, Arg, check, dev_ids, flag, text, text_or_flag, whole, words
@@ -12,8 +12,8 @@ from .validate import ID, JSON, Arg, check, dev_ids, flag, text, text_or_flag, w
 
 # -- devices --------------------------------------------------------------
 def run_add(a: dict) -> dict:
-    from .devices import add
-    from .targets import build_spec
+    from .devices.lifecycle import add
+    from .devices.targets import build_spec
 
     spec = build_spec(a["target"], file=a["file"], size=a["size"], queues=a["queues"], depth=a["depth"],
                       block_size=a["block_size"], max_io=a["max_io"], dev_id=a["dev_id"],
@@ -57,7 +57,7 @@ def render_add_fuse(dev: dict) -> str:
 
 
 def run_del(a: dict) -> dict:
-    from .devices import delete, delete_all
+    from .devices.lifecycle import delete, delete_all
 
     ids = a["ids"]
     if a["all"]:
@@ -79,7 +79,7 @@ def render_del(r: dict) -> str:
 
 
 def run_list(a: dict) -> list:
-    from .devices import list_devices
+    from .devices.lifecycle import list_devices
 
     return list_devices()
 
@@ -130,15 +130,15 @@ def dead_daemon_notes(devs: list) -> list:
 
 
 def run_features(a: dict) -> dict:
-    from .devices import features
-    from .uapi import FEATURES
+    from .devices.lifecycle import features
+    from .kernel.uapi import FEATURES
 
     mask = features()
     return {"mask": mask, "features": {n: bool(mask & b) for n, b in FEATURES.items()}}
 
 
 def render_features(r: dict) -> str:
-    from .uapi import FEATURE_HELP
+    from .kernel.uapi import FEATURE_HELP
 
     lines = [f"ublk_drv features 0x{r['mask']:x}"]
     for name, on in r["features"].items():
@@ -149,7 +149,7 @@ def render_features(r: dict) -> str:
 # -- observation ----------------------------------------------------------
 def stats_of(dev_id: int, shm) -> dict:
     """Summaries per op, for the device and for each queue (the `stats --json` shape)."""
-    from .stats import snapshot, summarize
+    from .observe.stats import snapshot, summarize
 
     snap = snapshot(shm)
     return {"device": dev_id, "inflight": snap["inflight"],
@@ -159,15 +159,15 @@ def stats_of(dev_id: int, shm) -> dict:
 
 
 def run_stats(a: dict) -> dict:
-    from .bridge.shm import open_device
+    from .observe.shm import open_device
 
     return stats_of(a["id"], open_device(a["id"]))
 
 
 def stats_table(title: str, rows: list, all_ops: bool = False) -> str:
     """rows: (label prefix, {op: summary}); ops without IO are left out unless all_ops."""
-    from .bridge.shm import OPS
-    from .stats import fmt_ns
+    from .observe.shm import OPS
+    from .observe.stats import fmt_ns
 
     lines = [title, f"{'OP':<13}{'IOS':>10}{'BYTES':>10}{'ERRORS':>8}{'AVG':>9}{'P50':>9}{'P99':>9}{'MAX':>9}"]
     for prefix, ops in rows:
@@ -189,8 +189,8 @@ def render_stats(r: dict, queues: bool = False) -> str:
 
 def run_lat(a: dict) -> dict:
     from ._native import lib
-    from .bridge.shm import OPS, open_device
-    from .stats import snapshot, summarize
+    from .observe.shm import OPS, open_device
+    from .observe.stats import snapshot, summarize
 
     dev_id, op = a["id"], a["op"]
     if op not in OPS:
@@ -201,7 +201,7 @@ def run_lat(a: dict) -> dict:
 
 
 def render_lat(r: dict) -> str:
-    from .stats import fmt_ns
+    from .observe.stats import fmt_ns
 
     if not r["ios"]:
         return f"dev {devids.name(r['device'])}: no {r['op']} IO yet"
@@ -222,7 +222,7 @@ def pow2_hist(buckets) -> list:
 
 
 def hist_bars(rows: list, width: int, indent: str = "") -> list:
-    from .stats import fmt_ns
+    from .observe.stats import fmt_ns
 
     peak = max((b["count"] for b in rows), default=1)
     return [f"{indent}{fmt_ns(b['low_ns']):>8} .. {fmt_ns(b['high_ns']):<8} {b['count']:>9} "
@@ -230,14 +230,14 @@ def hist_bars(rows: list, width: int, indent: str = "") -> list:
 
 
 def run_inflight(a: dict) -> dict:
-    from .bridge.shm import open_device
-    from .stats import inflight
+    from .observe.shm import open_device
+    from .observe.stats import inflight
 
     return {"device": a["id"], "tags": inflight(open_device(a["id"]))}
 
 
 def tags_table(title: str, tags: list) -> str:
-    from .stats import fmt_ns
+    from .observe.stats import fmt_ns
 
     if not tags:
         return f"{title}: nothing in flight"
@@ -285,25 +285,25 @@ VERBS.update({name: Verb(*v) for name, v in _FAULT_VERBS.items()})
 
 # -- daemon death and recovery (kill, recover) ---------------------------------
 def run_kill(a: dict) -> dict:
-    from .recovery import kill
+    from .devices.recovery import kill
 
     return kill(a["id"])
 
 
 def run_recover(a: dict) -> dict:
-    from .recovery import recover
+    from .devices.recovery import recover
 
     return recover(a["id"])
 
 
 def render_kill(r: dict) -> str:
-    from .recovery import render_kill as render
+    from .devices.recovery import render_kill as render
 
     return render(r)
 
 
 def render_recover(r: dict) -> str:
-    from .recovery import render_recover as render
+    from .devices.recovery import render_recover as render
 
     return render(r)
 

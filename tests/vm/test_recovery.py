@@ -245,7 +245,7 @@ def test_a_pid_reused_after_the_daemon_died_is_never_signalled(devices):
     """The registry names the dead daemon's pid; another process has it now:
     kill, powercut and del act on the device and leave that process alone."""
     from ublkshell import procs
-    from ublkshell.bridge import registry
+    from ublkshell.devices import registry
 
     dev = devices.add("-t", "mem", "--size", "16M", "--recovery", "--powercut")
     jcli("kill", str(dev["id"]))
@@ -332,7 +332,7 @@ WRITES_PER_CYCLE = 300
 def test_kill_and_recover_20_times_under_fio_verify(devices, mode):
     """fio keeps writing and verifying while its device's daemon is killed and
     replaced 20 times: every write it had acknowledged reads back intact."""
-    from ublkshell.recovery import kill, recover
+    from ublkshell.devices.recovery import kill, recover
     from ublkshell.verbs import run_stats
 
     dev = devices.add("-t", "mem", "--size", "16M", f"--recovery={mode}")
@@ -404,7 +404,7 @@ def auto_server(scratch):
 
 
 def wait_event(sock, kind, dev_id, timeout=60) -> dict:
-    from ublkshell.client import Client
+    from ublkshell.bridge.client import Client
 
     deadline = time.monotonic() + timeout
     while True:
@@ -452,7 +452,7 @@ def test_server_reports_kills_and_auto_recovers(auto_server):
     assert "device DEAD" in shell(sock, f"kill {j}")
     assert wait_event(sock, "daemon-killed", j)["state"] == "DEAD"
     time.sleep(2)
-    from ublkshell.client import Client
+    from ublkshell.bridge.client import Client
 
     with Client(sock) as c:
         kinds = [e["kind"] for e in c.call("events", last=200) if e.get("id") == j]

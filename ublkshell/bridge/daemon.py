@@ -24,12 +24,13 @@ import traceback
 
 from .. import procs
 from .._native import ffi, lib
-from ..ctrl import Control, CtrlError
+from ..kernel.ctrl import Control, CtrlError
 from ..errors import UblkError
-from ..devices import forget
-from ..recovery import recovery_flags, recovery_mode
-from ..targets import make_target
-from . import registry, shm
+from ..devices.lifecycle import forget
+from ..devices.recovery import recovery_flags, recovery_mode
+from ..devices.targets import make_target
+from ..devices import registry
+from ..observe import shm
 
 # how long a recovering daemon waits for the kernel to let go of the dead one
 RECOVERY_WAIT = float(os.environ.get("UBLKSHELL_RECOVERY_WAIT", "15"))

@@ -20,11 +20,13 @@ import signal
 import sys
 import time
 
-from .. import devids, files, fusedev, procs
+from ..devices import ids as devids, fuse as fusedev
+from .. import files, procs
 from .._native import ffi, lib
 from ..errors import UblkError
-from ..targets import make_target
-from . import registry, shm
+from ..devices.targets import make_target
+from ..devices import registry
+from ..observe import shm
 
 # FUSE worker threads: the host has few cores and each request is a short copy
 MAX_THREADS = 16

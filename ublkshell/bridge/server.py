@@ -22,12 +22,14 @@ import traceback
 
 import trio
 
-from .. import devids, files, procs
+from ..devices import ids as devids
+from .. import files, procs
 from ..errors import UblkError, UsageError
 from ..units import parse_duration
 from ..validate import Arg, check, flag, whole
 from ..verbs import TRACE_ARGS
-from . import registry, shm as shm_mod
+from ..devices import registry
+from ..observe import shm as shm_mod
 from .protocol import MAX_LINE, SOCKET_PATH, VERSION, ProtocolError, decode_request, encode
 
 DEFAULT_MOUNT = "/mnt/ublkstats"
@@ -258,7 +260,7 @@ class Server:
         raise UsageError(f"unknown command {cmd[:40]!r}")
 
     async def _trace(self, conn: Conn, rid, a: dict) -> dict:
-        from ..stats import Filter, Tail
+        from ..observe.stats import Filter, Tail
 
         dev_id = a["id"]
         flt = Filter.parse(a["filters"])
@@ -357,7 +359,7 @@ class Server:
             nursery.start_soon(self._recover, dev_id)
 
     async def _recover(self, dev_id: int) -> None:
-        from ..recovery import recover
+        from ..devices.recovery import recover
 
         try:
             dev = await trio.to_thread.run_sync(recover, dev_id)
@@ -377,7 +379,7 @@ class Server:
 
     async def _tree(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
-            from .fusetree import run_tree
+            from .tree.fs import run_tree
         except ImportError as e:
             log(f"stats tree disabled: {e}")
             task_status.started()
@@ -437,8 +439,8 @@ class Server:
 
 def _kernel_state(dev_id: int) -> str:
     """LIVE, QUIESCED, FAIL_IO, DEAD; GONE for a deleted device, ? if unknown."""
-    from ..ctrl import Control, CtrlError
-    from ..uapi import STATES
+    from ..kernel.ctrl import Control, CtrlError
+    from ..kernel.uapi import STATES
 
     # the kernel turns a dead daemon's device QUIESCED/FAIL_IO/DEAD once its rings let go
     deadline = time.monotonic() + 5
@@ -459,7 +461,7 @@ def _kernel_state(dev_id: int) -> str:
 
 
 def _delete_ours() -> None:
-    from ..devices import delete
+    from ..devices.lifecycle import delete
 
     for dev_id in registry.all_entries():
         try:

@@ -8,7 +8,7 @@ import signal
 import time
 
 from .. import procs
-from ..bridge import registry
+from ..devices import registry
 from ..errors import UblkError, UsageError
 from .table import locked
 

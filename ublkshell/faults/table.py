@@ -10,8 +10,8 @@ import os
 from contextlib import contextmanager
 
 from .._native import ffi, lib
-from ..bridge.shm import Shm, path_for
-from .. import devids
+from ..observe.shm import Shm, path_for
+from ..devices import ids as devids
 from ..errors import UblkError
 from . import grammar
 

@@ -1,7 +1,7 @@
 """The fault verbs every face shares: one verb per action (`delay ID WORDS...`),
 `faults ID` to list, `clear ID [RULE]`, `seed ID [N]`. Same contract as
 ublkshell/verbs.py: run_X(args) -> JSON-able result, render_X(result) -> text."""
-from .. import devids
+from ..devices import ids as devids
 from ..errors import UsageError
 from ..validate import ID, JSON, U32, U64, Arg, flag, fraction, whole, words
 from . import grammar, table

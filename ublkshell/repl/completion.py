@@ -5,7 +5,7 @@ from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
 from ..faults.grammar import ACTION_WORDS, ACTIONS, MATCH_WORDS
-from .. import devids
+from ..devices import ids as devids
 from .shell import FILTER_KEYS, ID_VERBS, MULTI_ID_VERBS, OPS, RECOVERY_MODES, TARGETS, VERBS
 
 # words that stand alone or take their value as the next word

@@ -11,8 +11,9 @@ import shlex
 import sys
 import time
 
-from .. import cli, devids
-from ..client import Client, ensure_server, server_running
+from .. import cli
+from ..devices import ids as devids
+from ..bridge.client import Client, ensure_server, server_running
 from ..errors import UblkError, UsageError
 from ..faults.grammar import ACTIONS
 from . import views
@@ -228,7 +229,7 @@ class Shell:
         self.print(stats)
 
     def trace(self, args) -> None:
-        from ..stats import Filter, format_record
+        from ..observe.stats import Filter, format_record
         from ..units import parse_duration
         from ..validate import check
         from ..verbs import TRACE_ARGS, TRACE_HEADER

@@ -8,9 +8,9 @@ cannot be recovered from two cumulative percentiles. Rows are per op for the
 same reason: percentiles of different ops do not add up into one."""
 import time
 
-from .. import devids
-from ..bridge.shm import OPS
-from ..stats import fmt_ns
+from ..devices import ids as devids
+from ..observe.shm import OPS
+from ..observe.stats import fmt_ns
 
 CLEAR = "\x1b[H\x1b[2J"
 HEADER = (f"{'DEV':>4} {'Q':<4} {'OP':<13}{'IOPS':>10}{'MB/s':>10}{'AVG':>9}{'P50':>9}"

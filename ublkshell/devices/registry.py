@@ -4,7 +4,8 @@ state directory's devices/ (root-only: ublkshell/files.py)."""
 import json
 import os
 
-from .. import devids, files
+from . import ids as devids
+from .. import files
 from ..errors import UblkError
 
 MAX_ENTRY = 1 << 20  # an entry is a few KB; anything bigger is not one of ours

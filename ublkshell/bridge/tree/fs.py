@@ -5,7 +5,7 @@ file that streams IO records like tracefs' trace_pipe.
     ublkb<N>/info  info.json  params  params.json  stats  stats.json
              latency  latency.json  inflight  inflight.json  trace  faults
              queues/<q>/stats  stats.json  inflight
-    fuse<N>/...  the same, for a FUSE-transport device (ublkshell/devids.py)
+    fuse<N>/...  the same, for a FUSE-transport device (ublkshell/devices/ids.py)
 
 It runs as pyfuse3 handlers on the server's trio loop. Nothing is cached:
 each lookup, readdir and open asks the DeviceSource again, so devices appear
@@ -25,16 +25,16 @@ from typing import NamedTuple, Protocol
 import pyfuse3
 import trio
 
-from .._native import lib
-from ..devids import from_stem, stem
-from ..errors import UblkError, UsageError
-from ..mounts import is_mounted
-from ..units import human
-from ..stats import Tail, fmt_ns, format_record, inflight, percentile, snapshot, summarize
-from ..verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
-from ..uapi import feature_names
-from .. import procs
-from .shm import OPS, Shm
+from ..._native import lib
+from ...devices.ids import from_stem, stem
+from ...errors import UblkError, UsageError
+from ...kernel.mounts import is_mounted
+from ...units import human
+from ...observe.stats import Tail, fmt_ns, format_record, inflight, percentile, snapshot, summarize
+from ...verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
+from ...kernel.uapi import feature_names
+from ... import procs
+from ...observe.shm import OPS, Shm
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ def inflight_json(dev, entry, s):
 
 
 def faults_text(dev, entry, s):
-    from ..faults.table import read_shm
-    from ..faults.verbs import rules_table
+    from ...faults.table import read_shm
+    from ...faults.verbs import rules_table
 
     return FAULTS_HELP + rules_table(read_shm(_need(s))) + "\n"
 
@@ -209,8 +209,8 @@ def faults_text(dev, entry, s):
 def apply_fault_line(dev: int, line: str) -> None:
     """One line written to a device's `faults` file: a rule, `clear [ID]` or `seed N`,
     checked like the same verb from any other face."""
-    from ..faults import table
-    from ..verbs import call
+    from ...faults import table
+    from ...verbs import call
 
     words = line.split()
     if not words or words[0].startswith("#"):

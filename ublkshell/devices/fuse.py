@@ -15,11 +15,12 @@ import signal
 import subprocess
 import time
 
-from . import devids, files, procs
-from ._native import lib
-from .bridge import registry
-from .errors import UblkError
-from .mounts import is_mounted
+from . import ids as devids
+from .. import files, procs
+from .._native import lib
+from . import registry
+from ..errors import UblkError
+from ..kernel.mounts import is_mounted
 
 FUSE_DEV = "/dev/fuse"
 DAEMON_MODULE = "ublkshell.bridge.fuse_daemon"
@@ -166,7 +167,7 @@ def clean_after(dev_id: int, entry: dict) -> list[str]:
 
 def forget(dev_id: int) -> None:
     """Drop the files of a deleted device: mem data, statistics, registry entry, mount dir."""
-    from .devices import forget as forget_files  # devices imports this module
+    from .lifecycle import forget as forget_files  # devices imports this module
 
     forget_files(dev_id)
     try:

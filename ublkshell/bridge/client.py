@@ -6,10 +6,10 @@ import subprocess
 import sys
 import time
 
-from . import files
-from .bridge import registry
-from .bridge.protocol import SOCKET_PATH, encode
-from .errors import UblkError
+from .. import files
+from ..devices import registry
+from .protocol import SOCKET_PATH, encode
+from ..errors import UblkError
 
 
 class Client:
@@ -106,7 +106,7 @@ def ensure_server(path: str = SOCKET_PATH, timeout: float = 60.0) -> None:
     """Start `ublkshell serve` in the background unless one already answers."""
     if server_running(path):
         return
-    from .devices import daemon_command
+    from ..devices.lifecycle import daemon_command
 
     log = os.path.join(registry.logdir(), "server.log")
     argv, env = daemon_command("ublkshell")

@@ -1,5 +1,5 @@
 """Names for the numbers in the ublk UAPI (the numbers come from native/uapi.h)."""
-from ._native import lib
+from .._native import lib
 
 FEATURES = {
     "zero_copy": lib.UBLK_F_SUPPORT_ZERO_COPY,

@@ -9,12 +9,14 @@ import sys
 import tempfile
 import time
 
-from . import devids, files, fusedev, procs
-from .ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
-from .errors import UblkError
+from . import ids as devids, fuse as fusedev
+from .. import files, procs
+from ..kernel.ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
+from ..errors import UblkError
 from .recovery import recovery_mode
-from .uapi import STATES, feature_names
-from .bridge import registry, shm
+from ..kernel.uapi import STATES, feature_names
+from . import registry
+from ..observe import shm
 
 ADD_TIMEOUT = float(os.environ.get("UBLKSHELL_ADD_TIMEOUT", "120"))
 

@@ -9,12 +9,13 @@ import os
 import signal
 import time
 
-from . import devids, procs
-from ._native import lib
-from .ctrl import Control, CtrlError
-from .errors import UblkError, UsageError
-from .uapi import STATES
-from .bridge import registry
+from . import ids as devids
+from .. import procs
+from .._native import lib
+from ..kernel.ctrl import Control, CtrlError
+from ..errors import UblkError, UsageError
+from ..kernel.uapi import STATES
+from . import registry
 
 # mode -> ADD_DEV flags (GET_FEATURES must offer every one of them)
 MODES = {
@@ -178,7 +179,7 @@ def check_recoverable(dev_id: int) -> dict:
 
 def recover(dev_id: int) -> dict:
     """Start a fresh daemon on a device whose daemon died; return its registry entry."""
-    from .devices import spawn_daemon
+    from .lifecycle import spawn_daemon
 
     entry = check_recoverable(dev_id)
     spec = dict(entry["spec"], dev_id=dev_id, recover=True,

@@ -6,8 +6,8 @@ released, so a START_DEV that waits for the queues does not stall Python.
 import errno
 import os
 
-from ._native import ffi, lib
-from .errors import UblkError
+from .._native import ffi, lib
+from ..errors import UblkError
 
 CONTROL_PATH = "/dev/ublk-control"
 NO_DRIVER_HINT = (

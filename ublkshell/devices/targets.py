@@ -9,10 +9,11 @@ import os
 import stat
 import struct
 
-from . import devids, files
-from ._native import lib
-from .errors import UblkError, UsageError
-from .units import parse_size
+from . import ids as devids
+from .. import files
+from .._native import lib
+from ..errors import UblkError, UsageError
+from ..units import parse_size
 
 _BLKGETSIZE64 = 0x80081272
 _BLKSSZGET = 0x1268

@@ -2,10 +2,10 @@
 the log-linear histograms, tags in flight, and a tail over the record rings."""
 import time
 
-from ._native import ffi, lib
-from .bridge.shm import OP_NAMES, OPS, Shm
-from .errors import UsageError
-from .units import parse_duration
+from .._native import ffi, lib
+from .shm import OP_NAMES, OPS, Shm
+from ..errors import UsageError
+from ..units import parse_duration
 
 FLAG_NAMES = ((lib.UBLK_IO_F_FUA, "fua"), (lib.UBLK_IO_F_NOUNMAP, "nounmap"),
               (lib.UBLK_IO_F_FAILFAST_DEV, "failfast"), (lib.UBLK_IO_F_META, "meta"),
@@ -202,7 +202,7 @@ class Tail:
 
 
 def format_record(r: dict) -> str:
-    from .faults.grammar import fault_label
+    from ..faults.grammar import fault_label
 
     flags = ",".join(r["flags"]) or "-"
     res = str(r["result"]) if r["result"] >= 0 else f"-{__import__('errno').errorcode.get(-r['result'], -r['result'])}"

@@ -6,7 +6,8 @@ import mmap
 import os
 import stat
 
-from .. import devids, files
+from ..devices import ids as devids
+from .. import files
 from .._native import ffi, lib
 from ..errors import UblkError
 

@@ -1,0 +1,1 @@
+"""The FUSE stats tree (default /mnt/ublkstats)."""

@@ -1,0 +1,1 @@
+"""Devices: the spec, targets, add/delete/list, recovery, the FUSE transport, ids, the registry."""

@@ -1,0 +1,1 @@
+"""The kernel's side: ublk UAPI constants, control commands, mount table."""
