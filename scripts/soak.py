@@ -278,9 +278,10 @@ class WriteCounter:
         self.ino = None
 
     def __call__(self) -> int:
+        from ublkshell.devices import paths
         from ublkshell.observe import shm as shm_mod
 
-        path = shm_mod.path_for(self.dev_id)
+        path = paths.stats_path(self.dev_id)
         try:
             ino = os.stat(path).st_ino
         except FileNotFoundError:

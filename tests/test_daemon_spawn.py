@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ublkshell.devices import lifecycle as devices
+from ublkshell.devices import spawn as devices
 from ublkshell.errors import UblkError
 
 FUSE_OK = os.geteuid() == 0 and os.path.exists("/dev/fuse")

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from ublkshell._native import ffi, lib
+from ublkshell.devices import paths
 from ublkshell.observe import shm as shm_mod
 from ublkshell.errors import UsageError
 from ublkshell.faults import grammar, table
@@ -203,7 +204,7 @@ def dev(tmp_path, monkeypatch):
     s = shm_mod.create(11, nr_queues=2, depth=16, records=16, pid=os.getpid())
     yield s
     s.close()
-    shm_mod.remove(11)
+    paths.forget(11)
 
 
 def ev(s, op, sector, sectors=8, q=0, tag=1, flags=0):

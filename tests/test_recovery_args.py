@@ -5,9 +5,11 @@ import os
 import pytest
 
 from ublkshell._native import lib
+from ublkshell.devices import paths
 from ublkshell.observe import shm as shm_mod
 from ublkshell.errors import UblkError, UsageError
-from ublkshell.devices.recovery import check_mode, recovery_flags, recovery_mode, render_kill, render_recover
+from ublkshell.devices.recovery import render_kill, render_recover
+from ublkshell.devices.recovery_modes import check_mode, recovery_flags, recovery_mode
 from ublkshell.devices.targets import build_spec
 from ublkshell.verbs import render_add, render_list
 
@@ -122,7 +124,7 @@ def test_adopt_refuses_another_layout_or_no_file(shm_dir):
     assert shm_mod.adopt(6, 1, 32, pid=2) == (None, 0)
     assert shm_mod.adopt(6, 2, 16, pid=2) == (None, 0)
     assert shm_mod.adopt(99, 1, 16, pid=2) == (None, 0)
-    with open(shm_mod.path_for(7), "wb") as f:
+    with open(paths.stats_path(7), "wb") as f:
         f.write(b"\0" * 4096)  # not statistics at all
     assert shm_mod.adopt(7, 1, 16, pid=2) == (None, 0)
 

@@ -135,13 +135,13 @@ def test_a_file_that_is_not_a_regular_file_is_refused_without_opening_it(tmp_pat
 def test_fault_rules_are_never_changed_through_a_symlink(tmp_path, monkeypatch):
     """The rule writers (faults, clear, seed, powercut) open the file for writing under a lock:
     that open must not follow a symlink planted where the statistics file should be."""
-    from ublkshell.observe import shm as shm_mod
+    from ublkshell.devices import paths
     from ublkshell.faults import table
 
     monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path / "data"))
     elsewhere = tmp_path / "elsewhere.stats"
     elsewhere.write_bytes(bytes(VALID))
-    os.symlink(elsewhere, shm_mod.path_for(3, create=True))
+    os.symlink(elsewhere, paths.stats_path(3, create=True))
     for change in (lambda: table.add(3, "fail op=write"), lambda: table.clear(3), lambda: table.rules(3)):
         with pytest.raises(UblkError, match=r"not ublkshell statistics \(a symbolic link\)$"):
             change()
@@ -218,7 +218,7 @@ def _cli_env(tmp_path) -> dict:
 def _stats_path(env) -> str:
     """Where `stats 0` looks, asked of the code itself: the directory is not this test's business."""
     out = subprocess.run([sys.executable, "-c",
-                          "from ublkshell.observe.shm import path_for; print(path_for(0, create=True))"],
+                          "from ublkshell.devices.paths import stats_path; print(stats_path(0, create=True))"],
                          env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

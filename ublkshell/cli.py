@@ -1,209 +1,17 @@
 """Command line: argument parsing -> device operations; one-line errors."""
-import argparse
 import json
 import os
 import signal
 import sys
 
-from .devices import ids as devids
+from . import commands
 from .errors import UblkError, UsageError
-
-EPILOG = """\
-examples:
-  ublkshell                                       interactive shell (Tab completes; starts the server if needed)
-  ublkshell -c "stats 0"                          one shell line through the server, then exit
-  ublkshell add -t loop -f disk.img -q 2 -d 128   serve disk.img as /dev/ublkbN
-  ublkshell add -t mem --size 1G                  RAM-backed, sparse
-  ublkshell add -t null --size 100G               completes at once, reads zeros
-  ublkshell add --transport fuse -t mem --size 1G --loop
-                                                  no ublk_drv? the same targets through FUSE + a loop device
-  ublkshell list                                  what exists, who serves it
-  ublkshell features                              what this kernel's ublk_drv can do
-  ublkshell del 0 | ublkshell del -a              delete one device | all (FUSE ones: del fuse0)
-  ublkshell add -t mem --size 1G --recovery       a device that survives its daemon ...
-  ublkshell kill 0 && ublkshell recover 0         ... killed (IO waits), then served by a new one
-  ublkshell stats 0                               IOs, bytes, errors, latency percentiles per op
-  ublkshell lat 0 read                            latency histogram with percentiles
-  ublkshell inflight 0                            tags being served now, with their age
-  ublkshell trace 0 op=write min_lat=1ms          every IO as it completes, until Ctrl-C
-  ublkshell delay 0 5ms op=write                  every write to dev 0 takes 5 ms longer
-  ublkshell fail 0 lba 2048..4095 op=read         reads of those sectors fail with EIO
-  ublkshell faults 0 | ublkshell clear 0          list the fault rules (with hits) | remove them
-  ublkshell demo                                  a mem device, ext4 on it, then gone
-  ublkshell vm -- CMD...                          run CMD in the bundled VM (a kernel with ublk_drv)
-
-Each device is served by its own IO daemon process (logs under /run/ublkshell/log);
-the command that created it may exit. ublk control needs root.
-"""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ublkshell", description="Serve, watch and break Linux ublk block devices. "
-                                            "Without a VERB: an interactive shell.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", dest="command", metavar="COMMAND",
-                   help="run one line of the interactive shell through the server and exit")
-    # its own dest: `serve --socket` would overwrite a shared one with its default
-    p.add_argument("--socket", dest="shell_socket", metavar="PATH",
-                   help="the server's control socket, for the shell and -c "
-                        "(default /run/ublkshell/ublkshell.sock)")
-    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-
-    a = sub.add_parser("add", help="create a device served by a new IO daemon",
-                       description="Create /dev/ublkbN and serve it from a new IO daemon process. "
-                                   "On a kernel without ublk_drv, --transport fuse serves the same "
-                                   "targets as a file in a FUSE mount (device ids fuse0, fuse1, ...), "
-                                   "and --loop makes that file a block device (/dev/loopN).")
-    a.add_argument("-t", "--type", required=True, metavar="TARGET",
-                   help="null (completes at once, reads zeros), mem (RAM, sparse), loop (a file or block device)")
-    a.add_argument("-f", "--file", help="loop: the backing file or block device")
-    a.add_argument("--size", help="device size, e.g. 512M, 1G (loop: defaults to the file's size)")
-    a.add_argument("-q", "--queues", type=int, default=1, help="hardware queues, one thread each (default 1)")
-    a.add_argument("-d", "--depth", type=int, default=128, help="tags per queue, 1..4096 (default 128)")
-    a.add_argument("-n", "--number", type=int, default=-1,
-                   help="device id to ask for (default: any free; with --transport fuse, N asks for fuseN)")
-    a.add_argument("--block-size", help="logical block size: 512 (default), 1k, 2k, 4k")
-    a.add_argument("--max-io", default="512k", help="largest single IO (default 512k)")
-    a.add_argument("--powercut", action="store_true",
-                   help="mem, loop: remember what unflushed writes overwrote (up to 256M), "
-                        "so that `powercut ID` can forget them as a power loss would")
-    a.add_argument("--no-records", action="store_true",
-                   help="keep no IO records, counters or histograms (to measure what they cost); "
-                        "fault rules still apply")
-    a.add_argument("--transport", default="ublk", metavar="ublk|fuse",
-                   help="ublk (default): /dev/ublkbN through the kernel's ublk_drv. fuse: for kernels "
-                        "without it, the device is the file /run/ublkshell/fuse/fuseN/disk, served "
-                        "by the same native targets, with the same stats and trace (one queue)")
-    a.add_argument("--loop", action="store_true",
-                   help="with --transport fuse: attach that file to a loop device with losetup, so "
-                        "there is a block device to mkfs and mount; `add` prints it, `list` shows it, "
-                        "`del` detaches it")
-    a.add_argument("--recovery", nargs="?", const="requeue", metavar="MODE",
-                   help="if the device's daemon dies, keep the device for `recover` (a new daemon): "
-                        "requeue (the default MODE): IO waits meanwhile, IO the dead daemon held fails; "
-                        "reissue: IO waits, IO the dead daemon held is issued again; "
-                        "fail: IO fails at once (EREMOTEIO) until recovered")
-    a.add_argument("--json", action="store_true", help="print the new device as JSON")
-
-    d = sub.add_parser("del", help="delete devices",
-                       description="Stop and delete ublk devices (and FUSE-transport ones: their loop "
-                                   "device is detached, their mount removed).")
-    d.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="0, 1, ... or fuse0, ...")
-    d.add_argument("-a", "--all", action="store_true", help="delete every device, ublk and FUSE")
-
-    ls = sub.add_parser("list", help="list devices",
-                        description="List ublk devices, then FUSE-transport ones with their loop device "
-                                    "and file (a dead one's mount and loop device are cleaned up here).")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
-
-    f = sub.add_parser("features", help="what the running kernel's ublk_drv supports",
-                       description="Ask ublk_drv (UBLK_U_CMD_GET_FEATURES) what it supports.")
-    f.add_argument("--json", action="store_true")
-
-    st = sub.add_parser("stats", help="IO counters and latency percentiles of a device",
-                        description="Counters and latency percentiles per op, from the device's "
-                                    "shared memory (they survive a killed daemon).")
-    st.add_argument("id", type=devids.arg)
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--queues", action="store_true", help="one line per queue too")
-
-    lt = sub.add_parser("lat", help="latency histogram of a device",
-                        description="Latency histogram (log-linear buckets, ~3%% precision) with percentiles.")
-    lt.add_argument("id", type=devids.arg)
-    lt.add_argument("op", nargs="?", default="read", help="read (default), write, flush, discard, write_zeroes")
-    lt.add_argument("--json", action="store_true")
-
-    inf = sub.add_parser("inflight", help="tags being served now",
-                         description="Tags the daemon is serving now, per queue, with their age and request.")
-    inf.add_argument("id", type=devids.arg)
-    inf.add_argument("--json", action="store_true")
-
-    tr = sub.add_parser("trace", help="stream every IO as it completes",
-                        description="Stream completed IOs: time q tag op flags sector+sectors latency result. "
-                                    "Filters: q=N tag=N op=read|write|flush|discard|write_zeroes "
-                                    "lba=A..B (sectors) min_lat=1ms errors. Ctrl-C ends it.")
-    tr.add_argument("id", type=devids.arg)
-    tr.add_argument("filters", nargs="*", metavar="FILTER")
-    tr.add_argument("--json", action="store_true", help="one JSON object per line")
-    tr.add_argument("--count", type=int, default=0, help="stop after N records")
-    tr.add_argument("--duration", default="", help="stop after this long (e.g. 10s)")
-    tr.add_argument("--from-start", action="store_true",
-                    help="begin with the records still in the rings, not only new ones")
-
-    _recovery_verbs(sub)
-
-    demo = sub.add_parser("demo", help="a mem device with ext4 on it, end to end",
-                          description="Create a mem device, put ext4 on it, write and check files, "
-                                      "run fio verify, delete it. Uses the bundled VM when this "
-                                      "kernel has no ublk_drv.")
-    demo.add_argument("--size", default="256M")
-    demo.add_argument("--no-vm", action="store_true", help="never fall back to the VM")
-
-    sv = sub.add_parser("serve", help="run the server (socket, stats tree, daemon watch) in the foreground",
-                        description="Run the ublkshell server: a root-only control socket (JSON lines, "
-                                    "docs/protocol.md), the FUSE stats tree, and a watch on every device "
-                                    "daemon. The devices belong to their own daemons: SIGTERM (or a crash) "
-                                    "stops the server and leaves them running, and a new server adopts "
-                                    "them. --delete-devices deletes them on a clean stop instead.")
-    sv.add_argument("--socket", default=None, help="control socket (default /run/ublkshell/ublkshell.sock)")
-    sv.add_argument("--mount", default="/mnt/ublkstats", help="where to mount the stats tree (default /mnt/ublkstats)")
-    sv.add_argument("--no-fuse", action="store_true", help="do not mount the stats tree")
-    sv.add_argument("--delete-devices", action="store_true",
-                    help="delete every device when the server is stopped (SIGTERM, `shutdown`)")
-    # the default since devices outlive the server; still accepted from older scripts
-    sv.add_argument("--keep-devices", action="store_true", help=argparse.SUPPRESS)
-    sv.add_argument("--auto-recover", action="store_true",
-                    help="when the daemon of a device added with --recovery dies, start a new one")
-
-    from .faults.verbs import add_parsers as add_fault_parsers
-
-    add_fault_parsers(sub)
-    sub.add_parser("vm", help="run a command inside the bundled VM (kernel with ublk_drv)",
-                   add_help=False)
-    return p
-
-
-# -- daemon death and recovery (kill, recover) ---------------------------------
-def _recovery_verbs(sub) -> None:
-    k = sub.add_parser("kill", help="SIGKILL a device's IO daemon (the kernel's abort path)",
-                       description="SIGKILL the device's IO daemon and wait until the kernel reacts. "
-                                   "Without --recovery the kernel fails the IO in flight with EIO and "
-                                   "removes the disk (DEAD; an fd still open sees size 0) until `del ID`; "
-                                   "with --recovery the device waits for `recover ID`: QUIESCED (IO "
-                                   "waits), or FAIL_IO with --recovery=fail (IO fails).")
-    k.add_argument("id", type=devids.arg, metavar="ID")
-    k.add_argument("--json", action="store_true")
-    r = sub.add_parser("recover", help="a new IO daemon for a device whose daemon died",
-                       description="Start a new IO daemon for a device added with --recovery whose "
-                                   "daemon is gone: START_USER_RECOVERY, the same backing store "
-                                   "(mem data, loop file) and statistics, every tag fetched, "
-                                   "END_USER_RECOVERY. IO that waited resumes.")
-    r.add_argument("id", type=devids.arg, metavar="ID")
-    r.add_argument("--json", action="store_true")
-# -- end daemon death and recovery ---------------------------------------------
-
-
-def _args_of(args) -> dict:
-    """argparse namespace -> the verb's argument dict (the same keys the server takes)."""
-    a = dict(vars(args))
-    for k in ("verb", "command", "shell_socket"):
-        a.pop(k, None)
-    if args.verb == "add":
-        a["target"] = a.pop("type")
-        a["dev_id"] = a.pop("number")
-    return a
-
 
 def _one_shot(args) -> int:
     from .verbs import VERBS, call, dumps
 
     render = VERBS[args.verb].render
-    result = call(args.verb, _args_of(args))
+    result = call(args.verb, commands.args_of(args))
     if getattr(args, "json", False):
         print(dumps(result))
     elif args.verb == "stats":
@@ -220,7 +28,7 @@ def _cmd_trace(args) -> int:
     from .validate import check
     from .verbs import TRACE_ARGS, TRACE_HEADER
 
-    a = check("trace", TRACE_ARGS, _args_of(args))
+    a = check("trace", TRACE_ARGS, commands.args_of(args))
     flt = Filter.parse(a["filters"])
     duration = parse_duration(a["duration"], "--duration", default_unit="s") / 1e9 if a["duration"] else 0.0
     s = open_device(a["id"])
@@ -252,7 +60,7 @@ def main(argv=None) -> int:
         from .vm.harness import main as vm_main
 
         return vm_main(argv[1:])
-    parser = _parser()
+    parser = commands.cli_parser()
     try:
         args, extra = parser.parse_known_args(argv)
         # trace filters may come before or after options (trace 0 --json op=write)

@@ -3,11 +3,10 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 from .. import files
-from ..devices import registry
+from ..devices import paths
 from .protocol import SOCKET_PATH, encode
 from ..errors import UblkError
 
@@ -106,9 +105,9 @@ def ensure_server(path: str = SOCKET_PATH, timeout: float = 60.0) -> None:
     """Start `ublkshell serve` in the background unless one already answers."""
     if server_running(path):
         return
-    from ..devices.lifecycle import daemon_command
+    from ..devices.spawn import daemon_command
 
-    log = os.path.join(registry.logdir(), "server.log")
+    log = os.path.join(paths.logdir(), "server.log")
     argv, env = daemon_command("ublkshell")
     fd = files.open_nofollow(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:

@@ -26,8 +26,8 @@ from .. import procs
 from .._native import ffi, lib
 from ..kernel.ctrl import Control, CtrlError
 from ..errors import UblkError
-from ..devices.lifecycle import forget
-from ..devices.recovery import recovery_flags, recovery_mode
+from ..devices.paths import forget
+from ..devices.recovery_modes import recovery_flags, recovery_mode
 from ..devices.targets import make_target
 from ..devices import registry
 from ..observe import shm

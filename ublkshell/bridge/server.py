@@ -28,7 +28,7 @@ from ..errors import UblkError, UsageError
 from ..units import parse_duration
 from ..validate import Arg, check, flag, whole
 from ..verbs import TRACE_ARGS
-from ..devices import registry
+from ..devices import paths, registry
 from ..observe import shm as shm_mod
 from .protocol import MAX_LINE, SOCKET_PATH, VERSION, ProtocolError, decode_request, encode
 
@@ -63,7 +63,7 @@ class DeviceSource:
         return registry.all_entries()
 
     def shm(self, dev_id: int):
-        path = shm_mod.path_for(dev_id)
+        path = paths.stats_path(dev_id)
         try:
             ino = os.stat(path).st_ino
         except FileNotFoundError:

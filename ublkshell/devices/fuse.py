@@ -18,7 +18,7 @@ import time
 from . import ids as devids
 from .. import files, procs
 from .._native import lib
-from . import registry
+from . import paths, registry
 from ..errors import UblkError
 from ..kernel.mounts import is_mounted
 
@@ -167,9 +167,7 @@ def clean_after(dev_id: int, entry: dict) -> list[str]:
 
 def forget(dev_id: int) -> None:
     """Drop the files of a deleted device: mem data, statistics, registry entry, mount dir."""
-    from .lifecycle import forget as forget_files  # devices imports this module
-
-    forget_files(dev_id)
+    paths.forget(dev_id)
     try:
         os.rmdir(mount_dir(dev_id))
     except FileNotFoundError:

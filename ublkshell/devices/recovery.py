@@ -13,58 +13,13 @@ from . import ids as devids
 from .. import procs
 from .._native import lib
 from ..kernel.ctrl import Control, CtrlError
-from ..errors import UblkError, UsageError
+from ..errors import UblkError
 from ..kernel.uapi import STATES
-from . import registry
+from . import registry, spawn
+from .recovery_modes import recovery_mode
 
-# mode -> ADD_DEV flags (GET_FEATURES must offer every one of them)
-MODES = {
-    "requeue": lib.UBLK_F_USER_RECOVERY,
-    "reissue": lib.UBLK_F_USER_RECOVERY | lib.UBLK_F_USER_RECOVERY_REISSUE,
-    "fail": lib.UBLK_F_USER_RECOVERY | lib.UBLK_F_USER_RECOVERY_FAIL_IO,
-}
-DEFAULT_MODE = "requeue"
-_FEATURE_NAMES = {lib.UBLK_F_USER_RECOVERY: "user_recovery",
-                  lib.UBLK_F_USER_RECOVERY_REISSUE: "user_recovery_reissue",
-                  lib.UBLK_F_USER_RECOVERY_FAIL_IO: "user_recovery_fail_io"}
 # how long `kill` waits for the daemon to go and for the kernel to notice
 KILL_WAIT = float(os.environ.get("UBLKSHELL_KILL_WAIT", "15"))
-DAEMON_MODULE = "ublkshell.bridge.daemon"
-
-
-def check_mode(mode) -> str | None:
-    """`add --recovery` value -> mode name (None: no recovery)."""
-    if mode is None or mode is False:
-        return None
-    if mode is True or mode == "":
-        return DEFAULT_MODE
-    if mode not in MODES:
-        raise UsageError(f"--recovery: unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    return mode
-
-
-def recovery_flags(mode, features: int) -> int:
-    """ADD_DEV flags for a mode, if this kernel offers them (checked in the daemon)."""
-    mode = check_mode(mode)
-    if mode is None:
-        return 0
-    flags = MODES[mode]
-    missing = [n for bit, n in _FEATURE_NAMES.items() if flags & bit and not features & bit]
-    if missing:
-        raise UblkError(f"--recovery={mode}: this kernel's ublk_drv does not offer "
-                        f"{', '.join(missing)} (see `ublkshell features`)")
-    return flags
-
-
-def recovery_mode(flags: int) -> str | None:
-    """The mode a device's flags mean (None: no recovery)."""
-    if not flags & lib.UBLK_F_USER_RECOVERY:
-        return None
-    if flags & lib.UBLK_F_USER_RECOVERY_FAIL_IO:
-        return "fail"
-    if flags & lib.UBLK_F_USER_RECOVERY_REISSUE:
-        return "reissue"
-    return "requeue"
 
 
 def _ublk_only(dev_id: int) -> None:
@@ -85,10 +40,10 @@ def _info(ctrl: Control, dev_id: int):
 def _serving(info, entry: dict):
     """(pid, start) of the device's live daemon of ours, (0, None) if none: the registry's,
     else the kernel's ublksrv_pid when that is one of our daemons."""
-    if procs.entry_daemon_alive(entry, (DAEMON_MODULE,)):
+    if procs.entry_daemon_alive(entry, (spawn.DAEMON_MODULE,)):
         return entry["pid"], entry.get("pid_start")
     pid = int(info.ublksrv_pid)
-    if procs.is_daemon(pid, None, (DAEMON_MODULE,)):
+    if procs.is_daemon(pid, None, (spawn.DAEMON_MODULE,)):
         return pid, procs.start_time(pid)
     return 0, None
 
@@ -96,7 +51,7 @@ def _serving(info, entry: dict):
 def _foreign_server(info) -> int:
     """The kernel's ublk server for the device if it runs and is not ours."""
     pid = int(info.ublksrv_pid)
-    return pid if procs.is_foreign(pid, (DAEMON_MODULE,)) else 0
+    return pid if procs.is_foreign(pid, (spawn.DAEMON_MODULE,)) else 0
 
 
 def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
@@ -117,7 +72,7 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
         # the server tells a kill from a crash by this mark
         registry.write(dev_id, dict(entry, killed_pid=pid, killed_at=time.time()))
         t0 = time.monotonic()
-        procs.signal_daemon(pid, signal.SIGKILL, start, (DAEMON_MODULE,))
+        procs.signal_daemon(pid, signal.SIGKILL, start, (spawn.DAEMON_MODULE,))
         deadline = t0 + timeout
         # until it is gone, not only until it stops looking like a daemon (an exiting
         # process has no command line left, but still holds its rings)
@@ -179,13 +134,11 @@ def check_recoverable(dev_id: int) -> dict:
 
 def recover(dev_id: int) -> dict:
     """Start a fresh daemon on a device whose daemon died; return its registry entry."""
-    from .lifecycle import spawn_daemon
-
     entry = check_recoverable(dev_id)
     spec = dict(entry["spec"], dev_id=dev_id, recover=True,
                 recoveries=int(entry.get("recoveries", 0)) + 1)
     t0 = time.monotonic()
-    dev = spawn_daemon(spec)
+    dev = spawn.spawn_daemon(spec)
     dev["old_pid"] = entry.get("pid")
     dev["seconds"] = round(time.monotonic() - t0, 3)
     return dev

@@ -11,10 +11,6 @@ from ..errors import UblkError
 MAX_ENTRY = 1 << 20  # an entry is a few KB; anything bigger is not one of ours
 
 
-def logdir() -> str:
-    return files.sub_dir("log")
-
-
 def _path(d: str, dev_id: int) -> str:
     # devices/3.json for ublk device 3, devices/fuse0.json for FUSE device fuse0
     return os.path.join(d, f"{devids.name(dev_id)}.json")

@@ -10,10 +10,12 @@ import stat
 import struct
 
 from . import ids as devids
+from .paths import mem_path
 from .. import files
 from .._native import lib
 from ..errors import UblkError, UsageError
 from ..units import parse_size
+from .recovery_modes import check_mode
 
 _BLKGETSIZE64 = 0x80081272
 _BLKSSZGET = 0x1268
@@ -86,12 +88,6 @@ class Target:
 class NullTarget(Target):
     name = "null"
     kind = lib.US_TGT_NULL
-
-
-def mem_path(dev_id: int, create: bool = True):
-    """Where a mem device's data lives (data dir, see files.py); None if there is no data dir."""
-    d = files.data_dir(create)
-    return None if d is None else os.path.join(d, f"{devids.stem(dev_id)}.mem")
 
 
 class MemTarget(Target):
@@ -253,7 +249,6 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
             raise UsageError("--powercut needs a target that stores data (mem, loop), not null")
         spec["powercut"] = POWERCUT_LOG
     TARGETS[target].validate(spec)
-    from .recovery import check_mode
 
     mode = check_mode(recovery)
     if mode and transport == "fuse":

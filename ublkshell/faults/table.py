@@ -10,7 +10,8 @@ import os
 from contextlib import contextmanager
 
 from .._native import ffi, lib
-from ..observe.shm import Shm, path_for
+from ..devices.paths import stats_path
+from ..observe.shm import Shm
 from ..devices import ids as devids
 from ..errors import UblkError
 from . import grammar
@@ -22,7 +23,7 @@ def locked(dev_id: int):
         # its handlers run no fault rules: accepting one would be a silent no-op
         raise UblkError(f"{devids.name(dev_id)}: fault injection is for ublk devices; "
                         "the FUSE transport has none")
-    path = path_for(dev_id)
+    path = stats_path(dev_id)
     try:
         # Shm opens and checks the file (no symlink, no device node, the exact layout) before
         # anything else touches it; the lock goes on the very inode that is mapped

@@ -7,6 +7,7 @@ import os
 import stat
 
 from ..devices import ids as devids
+from ..devices.paths import stats_path
 from .. import files
 from .._native import ffi, lib
 from ..errors import UblkError
@@ -14,13 +15,6 @@ from ..errors import UblkError
 DEFAULT_RECORDS = 16384
 OPS = ("read", "write", "flush", "discard", "write_zeroes", "other")
 OP_NAMES = {0: "read", 1: "write", 2: "flush", 3: "discard", 5: "write_zeroes"}
-
-
-def path_for(dev_id: int, create: bool = False) -> str:
-    """The device's statistics file, in the data dir (files.py); readers never create that dir."""
-    # no data dir yet: a path that cannot exist, so readers say "no statistics"
-    d = files.data_dir(create) or "/proc/self/.ublkshell-no-data-dir"
-    return os.path.join(d, f"{devids.stem(dev_id)}.stats")
 
 
 class Shm:
@@ -159,7 +153,7 @@ def create(dev_id: int, nr_queues: int, depth: int, records: int, pid: int) -> S
     if not size:
         raise UblkError(f"statistics for {nr_queues} queues x {depth} tags: outside "
                         f"1..{lib.UBLK_MAX_NR_QUEUES} x 1..{lib.UBLK_MAX_QUEUE_DEPTH}")
-    path = path_for(dev_id, create=True)
+    path = stats_path(dev_id, create=True)
     # a fresh inode every time (a private temporary file, renamed into place):
     # readers that still map an earlier device's file keep that file
     fd, tmp = files.make_temp(path)
@@ -192,7 +186,7 @@ def adopt(dev_id: int, nr_queues: int, depth: int, pid: int):
     dead daemon was serving); None when there is no usable file of this
     layout (the caller creates a fresh one)."""
     try:
-        s = Shm(path_for(dev_id), writable=True).check()
+        s = Shm(stats_path(dev_id), writable=True).check()
     except (OSError, UblkError):
         return None, 0
     if s.nr_queues != nr_queues or s.depth != depth:
@@ -217,12 +211,8 @@ def adopt(dev_id: int, nr_queues: int, depth: int, pid: int):
 
 
 def open_device(dev_id: int) -> Shm:
-    path = path_for(dev_id)
+    path = stats_path(dev_id)
     try:
         return Shm(path).check()
     except FileNotFoundError:
         raise UblkError(f"device {devids.name(dev_id)} has no statistics (not served by ublkshell?)") from None
-
-
-def remove(dev_id: int) -> None:
-    files.unlink_quiet(path_for(dev_id))

@@ -4,72 +4,24 @@ A client of the server's socket only: every verb is a request to the server,
 so the shell works the same for any user the socket lets in and never holds a
 device or its statistics open itself. Lines are parsed by the CLI's own
 argparse parser, so options, defaults and messages cannot drift apart."""
-import argparse
 import json
 import os
 import shlex
 import sys
 import time
 
-from .. import cli
-from ..devices import ids as devids
+from .. import commands
+from ..commands import VERBS
 from ..bridge.client import Client, ensure_server, server_running
 from ..errors import UblkError, UsageError
-from ..faults.grammar import ACTIONS
 from . import views
 
-SHELL_ONLY = {
-    "top": "refreshing IOPS, MB/s, latency and in-flight per device and queue",
-    "info": "a device's line from `list` and its stats",
-    "help": "this list, or `help VERB` for one verb's options",
-    "quit": "leave the shell (also exit, Ctrl-D)",
-    "exit": "leave the shell",
-}
-FAULT_VERBS = (*ACTIONS, "faults", "clear", "seed", "powercut")
-SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight", *FAULT_VERBS)
-# daemon death and recovery
-SERVER_VERBS += ("kill", "recover")
-VERBS = (*SERVER_VERBS, "trace", *SHELL_ONLY)
-ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VERBS}
-# daemon death and recovery
-ID_VERBS |= {"kill", "recover"}
-RECOVERY_MODES = ("requeue", "reissue", "fail")
-MULTI_ID_VERBS = {"del", "top"}
-TARGETS = ("null", "mem", "loop")
-OPS = ("read", "write", "flush", "discard", "write_zeroes")
-FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted")
 HISTORY = "~/.ublkshell_history"
 IDS_TTL = 2.0
 
 
 class Quit(Exception):
     pass
-
-
-def _subparsers(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's parser plus the verbs only the shell has."""
-    p = cli._parser()
-    sub = _subparsers(p)
-    top = sub.add_parser("top", help=SHELL_ONLY["top"],
-                         description="Refresh per device and per queue: IOPS and MB/s over the "
-                                     "interval, latency since the device started, tags in flight. "
-                                     "Ctrl-C returns to the prompt.")
-    top.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="devices to show (default: all listed)")
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    info = sub.add_parser("info", help=SHELL_ONLY["info"], description=SHELL_ONLY["info"] + ".")
-    info.add_argument("id", type=devids.arg)
-    h = sub.add_parser("help", help=SHELL_ONLY["help"], description="List the verbs, or show one verb's help.")
-    h.add_argument("topic", nargs="?", metavar="VERB")
-    sub.add_parser("quit", help=SHELL_ONLY["quit"], description="Leave the shell.")
-    sub.add_parser("exit", help=SHELL_ONLY["exit"], description="Leave the shell.")
-    # inside the shell a verb's usage line reads `stats ID`, not `ublkshell stats ID`
-    for name, sp in sub.choices.items():
-        sp.prog = name
-    return p
 
 
 def _one_line(e: BaseException) -> str:
@@ -81,8 +33,8 @@ class Shell:
         self.path = socket_path
         self.out = out or sys.stdout
         self.error_prefix = error_prefix
-        self.parser = build_parser()
-        self.sub = _subparsers(self.parser)
+        self.parser = commands.shell_parser()
+        self.sub = commands.subparsers(self.parser)
         self.client = None
         self._ids = (0.0, [])
 
@@ -185,7 +137,7 @@ class Shell:
             return
         from ..verbs import VERBS as RENDER, dumps
 
-        a = cli._args_of(args)
+        a = commands.args_of(args)
         if verb == "add" and a.get("file"):
             # the daemon starts from the server's directory, not ours
             a["file"] = os.path.abspath(os.path.expanduser(a["file"]))
@@ -234,7 +186,7 @@ class Shell:
         from ..validate import check
         from ..verbs import TRACE_ARGS, TRACE_HEADER
 
-        check("trace", TRACE_ARGS, cli._args_of(args))
+        check("trace", TRACE_ARGS, commands.args_of(args))
         Filter.parse(args.filters)  # bad filters: one line before the header
         duration = parse_duration(args.duration, "--duration", default_unit="s") / 1e9 if args.duration else 0.0
         self.call("stats", id=args.id)  # an unknown device: one line before the header
