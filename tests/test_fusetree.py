@@ -19,7 +19,9 @@ pytest.importorskip("pyfuse3")
 
 from ublkshell import procs  # noqa: E402
 from ublkshell._native import lib  # noqa: E402
-from ublkshell.bridge.tree import fs as fusetree  # noqa: E402
+from ublkshell.bridge.tree import mount as fusetree  # noqa: E402
+from ublkshell.bridge.tree import ops as tree_ops  # noqa: E402
+from ublkshell.kernel import mounts  # noqa: E402
 from ublkshell.observe import shm as shm_mod  # noqa: E402
 
 READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_FLUSH
@@ -375,7 +377,7 @@ def test_faults_file(mnt, source):
     fd = os.open(path, os.O_WRONLY)
     try:
         # a line that never ends is not buffered without bound
-        assert errno_of(os.write, fd, b"#" * (fusetree.MAX_FAULT_WRITE + 1)) == errno.EFBIG
+        assert errno_of(os.write, fd, b"#" * (tree_ops.MAX_FAULT_WRITE + 1)) == errno.EFBIG
     finally:
         os.close(fd)
     assert "no fault rules" in read(path).decode()
@@ -455,7 +457,7 @@ def test_a_line_that_ends_with_the_file_is_checked_like_any_other(mnt, source, m
     def boom(dev, line):
         raise OverflowError("a bug")
 
-    monkeypatch.setattr(fusetree, "apply_fault_line", boom)
+    monkeypatch.setattr(tree_ops, "apply_fault_line", boom)
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     os.write(fd, b"fail op=read")
     assert errno_of(os.close, fd) == errno.EIO
@@ -613,7 +615,7 @@ def test_ctrl_c_ends_a_blocked_trace_read(mnt, trees, argv):
 # -- mounting ------------------------------------------------------------------
 STANDALONE = """
 import sys, trio
-from ublkshell.bridge.tree.fs import run_tree
+from ublkshell.bridge.tree.mount import run_tree
 class Source:
     def devices(self):
         return {}
@@ -642,9 +644,9 @@ def test_unmount_stale_after_the_daemon_was_killed(tmp_path, source, trees):
     mp = str(tmp_path / "mnt")
     try:
         _mount_and_kill(mp)
-        assert fusetree.unmount_stale(mp) is True
+        assert mounts.detach_dead(mp) is True
         assert not fusetree.is_mounted(mp) and os.listdir(mp) == []
-        assert fusetree.unmount_stale(mp) is False  # nothing left to do
+        assert mounts.detach_dead(mp) is False  # nothing left to do
         # run_tree does the same by itself on a dead mount
         _mount_and_kill(mp)
         t = TreeThread(mp, source)
@@ -670,8 +672,8 @@ def test_mount_refuses_a_live_mount_and_creates_its_directory(tmp_path, source, 
 
 
 def test_unmount_stale_leaves_healthy_paths_alone(tmp_path):
-    assert fusetree.unmount_stale(str(tmp_path)) is False
-    assert fusetree.unmount_stale(str(tmp_path / "missing")) is False
+    assert mounts.detach_dead(str(tmp_path)) is False
+    assert mounts.detach_dead(str(tmp_path / "missing")) is False
 
 
 def test_bad_mountpoints_are_one_line_errors(tmp_path, source):

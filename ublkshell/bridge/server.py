@@ -43,7 +43,7 @@ class Server:
 
     async def _tree(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
-            from .tree.fs import run_tree
+            from .tree.mount import run_tree
         except ImportError as e:
             log(f"stats tree disabled: {e}")
             task_status.started()

@@ -20,7 +20,7 @@ from .. import files, procs
 from .._native import lib
 from . import paths, registry
 from ..errors import UblkError
-from ..kernel.mounts import is_mounted
+from ..kernel import mounts
 
 FUSE_DEV = "/dev/fuse"
 DAEMON_MODULE = "ublkshell.bridge.fuse_daemon"
@@ -72,19 +72,8 @@ def claim_id(wanted: int) -> int:
             n += 1
         dev_id = devids.fuse_id(n)
     # a daemon killed before it wrote its entry may have left its mount: not ours to keep
-    unmount_stale(mount_dir(dev_id))
+    mounts.detach(mount_dir(dev_id))
     return dev_id
-
-
-# -- mounts ---------------------------------------------------------------
-def unmount_stale(path: str) -> bool:
-    """Detach whatever is mounted on path (lazily: a dead FUSE mount never blocks it)."""
-    if not is_mounted(path):
-        return False
-    rc = lib.us_umount_lazy(path.encode())
-    if rc < 0 and rc != -errno.EINVAL:
-        raise UblkError(f"cannot unmount {path}: {os.strerror(-rc)}")
-    return True
 
 
 # -- the loop device ------------------------------------------------------
@@ -160,7 +149,7 @@ def clean_after(dev_id: int, entry: dict) -> list[str]:
     if detach_loop(entry.get("loop"), entry.get("file"), entry.get("loop_seq")):
         done.append(entry["loop"])
     mnt = entry.get("mount") or mount_dir(dev_id)
-    if unmount_stale(mnt):
+    if mounts.detach(mnt):
         done.append(mnt)
     return done
 

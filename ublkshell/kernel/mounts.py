@@ -1,6 +1,10 @@
-"""What is mounted where, read from the mount table: the stats tree and the
-FUSE transport both need to see mounts whose FUSE daemon is gone."""
+"""What is mounted where (the mount table) and taking mounts away: the stats tree and the
+FUSE transport both need to see, and detach, mounts whose FUSE daemon is gone."""
+import errno
 import os
+
+from .._native import lib
+from ..errors import UblkError
 
 
 def _unescape(field: str) -> str:
@@ -26,3 +30,38 @@ def is_mounted(mountpoint: str) -> bool:
                        for fields in (line.split() for line in f))
     except OSError:
         return os.path.ismount(mp)
+
+
+def detach(path: str) -> bool:
+    """Detach whatever is mounted on path, lazily: the kernel finds the mount without
+    asking its file system anything, so a FUSE mount whose daemon died cannot hang this.
+    True if something was detached."""
+    if not is_mounted(path):
+        return False
+    rc = lib.us_umount_lazy(os.path.abspath(path).encode())
+    if rc < 0 and rc != -errno.EINVAL:
+        raise UblkError(f"cannot unmount {path}: {os.strerror(-rc)}")
+    return True
+
+
+def is_dead(path: str) -> bool:
+    """A FUSE mount whose daemon is gone: every access gives ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def detach_dead(path: str) -> bool:
+    """Detach the dead FUSE mounts on path (crashes can stack several); a live mount
+    stays. True if path is usable again after detaching at least one."""
+    cleaned = False
+    for _ in range(8):
+        if not is_dead(path):
+            break
+        try:
+            cleaned = detach(path) or cleaned
+        except UblkError:
+            break
+    return cleaned and not is_dead(path)

@@ -1,0 +1,215 @@
+"""What the stats tree's files hold: one function per file, text for people and a .json
+twin for scripts, each built from the device's registry entry and shared memory with the
+renderers every face shares (verbs.py, observe/). Also what a line written to `faults` does."""
+import json
+from typing import Protocol
+
+from ..._native import lib
+from ... import procs
+from ...devices.ids import stem
+from ...errors import UsageError
+from ...kernel.uapi import feature_names
+from ...observe.shm import OPS, Shm
+from ...observe.stats import fmt_ns, inflight, percentile, snapshot, summarize
+from ...units import human
+from ...verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
+
+FAULTS_HELP = ("# one rule per line, e.g. `delay 5ms op=write`, `fail lba 2048..4095 op=read`;\n"
+               "# `clear`, `clear ID`, `seed N`. Grammar: docs/faults.md\n")
+
+
+class DeviceSource(Protocol):
+    def devices(self) -> dict[int, dict]: ...
+
+    def shm(self, dev_id: int) -> Shm | None: ...
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, sort_keys=True) + "\n"
+
+
+class Gone(Exception):
+    """The device (or its statistics) went away while we looked."""
+
+
+def _info(dev, entry, s):
+    pid = entry.get("pid")
+    flags = int(entry.get("flags") or 0)
+    return {"id": dev, "target": entry.get("target"), "describe": entry.get("describe"),
+            "size": entry.get("size"), "block_size": entry.get("block_size"),
+            "queues": entry.get("queues"), "depth": entry.get("depth"),
+            "pid": pid, "daemon_alive": procs.entry_daemon_alive(entry),
+            "flags": flags, "flag_names": feature_names(flags),
+            "recovery": entry.get("recovery"), "recoveries": entry.get("recoveries", 0)}
+
+
+def info_text(dev, entry, s):
+    i = _info(dev, entry, s)
+    size = i["size"]
+    size_s = f"{human(size)} ({size} bytes)" if isinstance(size, int) else "?"
+    names = ",".join(i["flag_names"]) or "-"
+    return (f"device      {stem(dev)}\n"
+            f"target      {i['describe'] or i['target'] or '-'}\n"
+            f"size        {size_s}\n"
+            f"block size  {i['block_size'] if i['block_size'] is not None else '?'}\n"
+            f"queues      {i['queues']} x {i['depth']}\n"
+            f"daemon      pid {i['pid']} ({'alive' if i['daemon_alive'] else 'dead'})\n"
+            f"flags       {i['flags']:#x} {names}\n"
+            + f"recovery    {i['recovery'] or 'none'}"
+              f"{', recovered ' + str(i['recoveries']) + ' times' if i['recoveries'] else ''}\n"
+            + (f"transport   fuse: file {entry.get('file')}, block device {entry.get('loop') or '-'}\n"
+               if entry.get("transport") == "fuse" else ""))
+
+
+def info_json(dev, entry, s):
+    return _dump(_info(dev, entry, s))
+
+
+def _flatten(prefix, value, out):
+    if isinstance(value, dict):
+        for k in sorted(value, key=str):
+            _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
+    else:
+        out.append((prefix, value))
+
+
+def params_text(dev, entry, s):
+    rows = []
+    _flatten("", entry, rows)
+    width = max((len(k) for k, _ in rows), default=0)
+    return "".join(f"{k:<{width}}  {json.dumps(v) if not isinstance(v, str) else v}\n" for k, v in rows)
+
+
+def params_json(dev, entry, s):
+    return _dump(entry)
+
+
+def _need(s):
+    if s is None:
+        raise Gone
+    return s
+
+
+def stats_text(dev, entry, s):
+    r = stats_of(dev, _need(s))
+    return stats_table(f"{stem(dev)}: {r['inflight']} in flight", [("", r["ops"])], all_ops=True) + "\n"
+
+
+def stats_json(dev, entry, s):
+    return _dump(stats_of(dev, _need(s)))
+
+
+def _pow2_hist(hist):
+    return pow2_hist((lib.us_hist_low(i), n) for i, n in enumerate(hist))
+
+
+def _latency(op):
+    sm = summarize(op)
+    return {"ios": sm["ios"], "avg_ns": sm["avg_ns"], "p50_ns": sm["p50_ns"],
+            "p90_ns": percentile(op["hist"], 90), "p99_ns": sm["p99_ns"],
+            "p999_ns": sm["p999_ns"], "max_ns": sm["max_ns"], "hist": _pow2_hist(op["hist"])}
+
+
+def latency_text(dev, entry, s):
+    ops = snapshot(_need(s))["ops"]
+    out = []
+    for name in OPS:
+        lat = _latency(ops[name])
+        if not lat["ios"]:
+            continue
+        out.append(f"{name}: {lat['ios']} IOs, avg {fmt_ns(lat['avg_ns'])}, p50 {fmt_ns(lat['p50_ns'])}, "
+                   f"p90 {fmt_ns(lat['p90_ns'])}, p99 {fmt_ns(lat['p99_ns'])}, "
+                   f"p99.9 {fmt_ns(lat['p999_ns'])}, max {fmt_ns(lat['max_ns'])}")
+        out += hist_bars(lat["hist"], 40, indent="  ")
+    if not out:
+        out.append(f"{stem(dev)}: no IO yet")
+    return "\n".join(out) + "\n"
+
+
+def latency_json(dev, entry, s):
+    ops = snapshot(_need(s))["ops"]
+    return _dump({"device": dev, "ops": {n: _latency(ops[n]) for n in OPS}})
+
+
+def _tags(s, q=None):
+    tags = inflight(_need(s))
+    if q is not None:
+        tags = [t for t in tags if t["queue"] == q]
+    return sorted(tags, key=lambda t: -t["age_ns"])
+
+
+def _tags_text(title, tags):
+    return tags_table(title, tags) + "\n"
+
+
+def inflight_text(dev, entry, s):
+    return _tags_text(f"{stem(dev)}", _tags(s))
+
+
+def inflight_json(dev, entry, s):
+    return _dump({"device": dev, "tags": _tags(s)})
+
+
+def faults_text(dev, entry, s):
+    from ...faults.table import read_shm
+    from ...faults.verbs import rules_table
+
+    return FAULTS_HELP + rules_table(read_shm(_need(s))) + "\n"
+
+
+def apply_fault_line(dev: int, line: str) -> None:
+    """One line written to a device's `faults` file: a rule, `clear [ID]` or `seed N`,
+    checked like the same verb from any other face."""
+    from ...faults import table
+    from ...verbs import call
+
+    words = line.split()
+    if not words or words[0].startswith("#"):
+        return
+    if words[0] == "clear":
+        if len(words) > 2:
+            raise UsageError("clear takes at most one rule id: clear, or clear 3")
+        call("clear", {"id": dev, "rule": words[1] if len(words) == 2 else None})
+    elif words[0] == "seed":
+        if len(words) != 2:
+            raise UsageError("seed takes one whole number: seed 1234")
+        call("seed", {"id": dev, "seed": words[1]})
+    else:
+        # a rule line: the rule grammar checks it (columns count in this line)
+        table.add(dev, line)
+
+
+def _queue_snap(s, q):
+    snap = snapshot(_need(s))
+    if q >= len(snap["queues"]):
+        raise Gone
+    return snap["queues"][q]
+
+
+def q_stats_text(dev, entry, s, q):
+    qs = _queue_snap(s, q)
+    ops = {n: summarize(o) for n, o in qs["ops"].items()}
+    return stats_table(f"{stem(dev)} queue {q}: {qs['inflight']} in flight", [("", ops)], all_ops=True) + "\n"
+
+
+def q_stats_json(dev, entry, s, q):
+    qs = _queue_snap(s, q)
+    return _dump({"device": dev, "queue": q, "inflight": qs["inflight"],
+                  "ops": {n: summarize(o) for n, o in qs["ops"].items()}})
+
+
+def q_inflight_text(dev, entry, s, q):
+    return _tags_text(f"{stem(dev)} queue {q}", _tags(s, q))
+
+
+# kinds: "snap" (generated per open), "trace" (stream), "faults" (rules, writable)
+DEV_FILES = [("info", "snap", 0o444, info_text), ("info.json", "snap", 0o444, info_json),
+             ("params", "snap", 0o444, params_text), ("params.json", "snap", 0o444, params_json),
+             ("stats", "snap", 0o444, stats_text), ("stats.json", "snap", 0o444, stats_json),
+             ("latency", "snap", 0o444, latency_text), ("latency.json", "snap", 0o444, latency_json),
+             ("inflight", "snap", 0o444, inflight_text), ("inflight.json", "snap", 0o444, inflight_json),
+             ("trace", "trace", 0o444, None), ("faults", "faults", 0o600, faults_text)]
+Q_FILES = [("stats", "snap", 0o444, q_stats_text), ("stats.json", "snap", 0o444, q_stats_json),
+           ("inflight", "snap", 0o444, q_inflight_text)]
+DEV_BY_NAME = {name.encode(): i + 1 for i, (name, *_rest) in enumerate(DEV_FILES)}
+Q_BY_NAME = {name.encode(): i + 1 for i, (name, *_rest) in enumerate(Q_FILES)}
