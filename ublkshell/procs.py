@@ -8,6 +8,7 @@ that start time and the daemon's command line, so it cannot reach a process
 that merely inherited the number."""
 import os
 import signal
+import time
 
 DAEMON_MODULES = ("ublkshell.bridge.daemon", "ublkshell.bridge.fuse_daemon")
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
@@ -108,3 +109,28 @@ def signal_daemon(pid, sig: int, start=None, modules=DAEMON_MODULES) -> bool:
 
 def signal_entry(entry: dict, sig: int, modules=DAEMON_MODULES) -> bool:
     return signal_daemon(entry.get("pid"), sig, entry.get("pid_start"), modules)
+
+
+def wait_gone(pid, start, timeout: float, interval: float = 0.05) -> bool:
+    """Until the process (this pid and start time) has gone, not only until it stops looking
+    like a daemon: an exiting process has no command line left but still holds its files."""
+    deadline = time.monotonic() + timeout
+    while same_process(pid, start):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def stop_daemon(pid, start, timeout: float, modules=DAEMON_MODULES) -> bool:
+    """SIGTERM our daemon (it releases what it withholds, stops and removes its device),
+    SIGKILL it if it does not finish in time. False if pid is not our daemon."""
+    if start is None and is_daemon(pid, None, modules):
+        start = start_time(pid)  # from here on, this process and no successor
+    if not signal_daemon(pid, signal.SIGTERM, start, modules):
+        return False
+    if not wait_gone(pid, start, timeout):
+        # a daemon that cannot finish in time: killing it lets the kernel's abort path take over
+        signal_daemon(pid, signal.SIGKILL, start, modules)
+        wait_gone(pid, start, 5)
+    return True

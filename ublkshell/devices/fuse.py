@@ -8,16 +8,12 @@ up after a daemon that is gone (a SIGKILLed daemon leaves its mount, aborted
 so that it fails fast, and its loop device behind: `list` and `del` remove
 them).
 """
-import errno
 import fcntl
 import os
-import signal
 import subprocess
-import time
 
 from . import ids as devids
 from .. import files, procs
-from .._native import lib
 from . import paths, registry
 from ..errors import UblkError
 from ..kernel import mounts
@@ -192,25 +188,15 @@ def ids() -> list[int]:
     return sorted(i for i in registry.all_entries() if devids.is_fuse(i))
 
 
-def _wait_gone(entry: dict, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not procs.same_process(entry.get("pid"), entry.get("pid_start")):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def delete(dev_id: int, timeout: float = 20.0) -> None:
     """SIGTERM the daemon (it detaches, unmounts, removes its files); then clean whatever is left."""
     entry = registry.read(dev_id)
     if entry is None:
         # no entry, nothing to touch: its mount may be one a starting daemon is setting up
         raise UblkError(f"device {devids.name(dev_id)} does not exist")
-    if procs.signal_entry(entry, signal.SIGTERM, (DAEMON_MODULE,)) and not _wait_gone(entry, timeout):
-        # killing it closes /dev/fuse: the kernel aborts the connection, nothing can hang on it
-        procs.signal_entry(entry, signal.SIGKILL, (DAEMON_MODULE,))
-        _wait_gone(entry, 5)
+    # a daemon killed when it does not finish in time closes /dev/fuse: the kernel aborts
+    # the connection, nothing can hang on it
+    procs.stop_daemon(entry.get("pid"), entry.get("pid_start"), timeout, (DAEMON_MODULE,))
     clean_after(dev_id, entry)
     forget(dev_id)
 

@@ -1,8 +1,6 @@
 """Device operations behind the CLI verbs: add (spawn a daemon), list, del."""
 import errno
 import os
-import signal
-import time
 
 from . import fuse as fusedev, ids as devids, paths, registry, spawn
 from .. import procs
@@ -71,29 +69,6 @@ def list_devices() -> list[dict]:
     return out + fuse
 
 
-def _wait_gone(pid: int, start, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not procs.same_process(pid, start):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stop_daemon(pid: int, start, timeout: float) -> bool:
-    """SIGTERM our daemon (it releases what it withholds, stops and deletes its device),
-    SIGKILL it if it does not finish in time. False if pid is not our daemon."""
-    if start is None and procs.is_daemon(pid):
-        start = procs.start_time(pid)  # from here on, this process and no successor
-    if not procs.signal_daemon(pid, signal.SIGTERM, start):
-        return False
-    if not _wait_gone(pid, start, timeout):
-        # a daemon that cannot drain in time: the kernel's abort path takes over
-        procs.signal_daemon(pid, signal.SIGKILL, start)
-        _wait_gone(pid, start, 5)
-    return True
-
-
 def delete(dev_id: int, timeout: float = 20.0) -> None:
     """Delete one device: ask its daemon (SIGTERM), else do it ourselves."""
     if devids.is_fuse(dev_id):
@@ -108,10 +83,10 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
             raise
         entry = registry.read(dev_id)
         if entry is not None:
-            stop_daemon(entry["pid"], entry.get("pid_start"), timeout)
+            procs.stop_daemon(entry["pid"], entry.get("pid_start"), timeout)
         else:
             # no entry (a daemon killed before writing it): the kernel's pid, only if it is ours
-            stop_daemon(int(info.ublksrv_pid), None, timeout)
+            procs.stop_daemon(int(info.ublksrv_pid), None, timeout)
         if dev_id in list_device_ids():
             ctrl.stop_and_delete(dev_id)
         paths.forget(dev_id)

@@ -74,10 +74,7 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
         t0 = time.monotonic()
         procs.signal_daemon(pid, signal.SIGKILL, start, (spawn.DAEMON_MODULE,))
         deadline = t0 + timeout
-        # until it is gone, not only until it stops looking like a daemon (an exiting
-        # process has no command line left, but still holds its rings)
-        while procs.same_process(pid, start) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        procs.wait_gone(pid, start, timeout, interval=0.02)
         # the kernel reacts once the dead daemon's rings let go of /dev/ublkcN
         state = None
         while time.monotonic() < deadline:
