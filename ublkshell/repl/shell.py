@@ -2,8 +2,8 @@
 
 A client of the server's socket only: every verb is a request to the server,
 so the shell works the same for any user the socket lets in and never holds a
-device or its statistics open itself. Lines are parsed by the CLI's own
-argparse parser, so options, defaults and messages cannot drift apart."""
+device or its statistics open itself. Lines are parsed with the command line's
+own table (commands.py), so options, defaults and messages cannot drift apart."""
 import json
 import os
 import shlex
