@@ -1,0 +1,346 @@
+"""The server in-process, with pytest-trio: the protocol over memory streams (bridge/rpc.py),
+the trace stream on a real statistics file served by a fake device source, and the daemon
+watch (bridge/supervisor.py) over a fake registry under trio's MockClock.
+
+No socket, no subprocess, no sleeps in real time: where time matters the autojump clock
+jumps it, so a stream that fails to end fails the test at once instead of hanging it. The
+subprocess tests (tests/test_server.py) stay: they prove the same server on a real socket."""
+import json
+import threading
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from ublkshell import procs
+from ublkshell._native import lib
+from ublkshell.bridge import supervisor as sup_mod
+from ublkshell.bridge.events import Events
+from ublkshell.bridge.protocol import MAX_LINE
+from ublkshell.bridge.rpc import MAX_PENDING, Rpc
+from ublkshell.bridge.supervisor import WATCH_S, Supervisor, keep
+from ublkshell.devices import recovery as recovery_mod
+from ublkshell.devices import registry
+from ublkshell.errors import UblkError
+from ublkshell.observe import shm as shm_mod
+
+READ, WRITE = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE
+DEV = 5  # the one device the fake source knows
+WAIT_S = 5  # real seconds a test on the real clock may wait for an answer that should be instant
+
+
+# -- the fakes ----------------------------------------------------------------
+class FakeVerbs:
+    """Stands in for verbs.call (run in a worker thread by Rpc). args["do"] picks what the
+    verb does: block until released, raise, return what JSON cannot hold; else it echoes."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = []
+        self.running = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str, args: dict):
+        self.calls.append((name, args))
+        do = args.get("do")
+        if do == "block":
+            with self.lock:
+                self.running += 1
+            try:
+                if not self.release.wait(WAIT_S * 2):
+                    raise TimeoutError("never released")
+            finally:
+                with self.lock:
+                    self.running -= 1
+            return {"released": args.get("n")}
+        if do == "raise":
+            return 1 // 0
+        if do == "ublk":
+            raise UblkError("device 3 is\nbusy")
+        if do == "unencodable":
+            return {"rules": {1, 2}}  # a set: json cannot encode it
+        return {"verb": name, "args": args}
+
+
+class FakeSource:
+    """A DeviceSource over statistics files the test made."""
+
+    def __init__(self, shms=None):
+        self.shms = shms or {}
+
+    def devices(self) -> dict:
+        return {d: {"pid": 1} for d in self.shms}
+
+    def shm(self, dev_id: int):
+        return self.shms.get(dev_id)
+
+
+class Client:
+    """The client's end of a memory stream: JSON lines out, JSON lines in."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buf = b""
+
+    async def send(self, **msg) -> None:
+        await self.stream.send_all(json.dumps(msg).encode() + b"\n")
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def recv(self):
+        """The next line as JSON, or None once the server closed its side."""
+        while b"\n" not in self.buf:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                assert self.buf == b"", f"a partial line before EOF: {self.buf[:200]!r}"
+                return None
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    async def recv_n(self, n: int) -> list:
+        return [await self.recv() for _ in range(n)]
+
+    async def until_eof(self) -> list:
+        out = []
+        while (msg := await self.recv()) is not None:
+            out.append(msg)
+        return out
+
+
+class Recording(trio.abc.HalfCloseableStream):
+    """A server-side stream that remembers every line it sent, and when."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sent = []
+
+    async def send_all(self, data) -> None:
+        await self.inner.send_all(data)
+        self.sent.append(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes=None):
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def make_rpc(verbs=None, source=None, on_shutdown=None) -> Rpc:
+    return Rpc(Events(), source or FakeSource(), "/mnt/test", on_shutdown or (lambda delete: None),
+               run_verb=verbs or FakeVerbs())
+
+
+async def serve(rpc, nursery, wrap=None) -> Client:
+    """One connection: the server's end served by rpc in nursery, the client's end returned."""
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(rpc.serve_conn, wrap(server) if wrap else server)
+    return Client(client)
+
+
+async def running(verbs: FakeVerbs, n: int) -> None:
+    """Until n blocking verbs run in their worker threads (which start when they start)."""
+    while verbs.running < n:
+        await trio.sleep(0.001)
+
+
+@pytest.fixture
+def verbs():
+    v = FakeVerbs()
+    yield v
+    v.release.set()  # a failed test must not leave worker threads waiting
+
+
+# -- the protocol ---------------------------------------------------------------
+async def test_ping(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        await c.send(id=1, cmd="ping")
+        with trio.fail_after(WAIT_S):
+            reply = await c.recv()
+        assert reply["id"] == 1 and reply["ok"] is True
+        assert reply["result"]["version"] == 1 and reply["result"]["mount"] == "/mnt/test"
+        await c.stream.aclose()
+    assert verbs.calls == []  # ping is the server's own
+
+
+async def test_pipelined_requests_are_answered_by_id(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        # one write holding ten requests, ids of both kinds
+        ids = [1, "two", 3, "four", 5, 6, 7, "eight", 9, 10]
+        await c.send_raw(b"".join(json.dumps({"id": i, "cmd": "stats", "args": {"id": k}}).encode() + b"\n"
+                                  for k, i in enumerate(ids)))
+        with trio.fail_after(WAIT_S):
+            replies = await c.recv_n(len(ids))
+        await c.stream.aclose()
+    assert sorted(map(str, (r["id"] for r in replies))) == sorted(map(str, ids))
+    for r in replies:
+        assert r["ok"] and r["result"] == {"verb": "stats", "args": {"id": ids.index(r["id"])}}
+
+
+async def test_a_slow_verb_does_not_hold_up_a_fast_one(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        await c.send(id="slow", cmd="list", args={"do": "block", "n": 1})
+        await c.send(id="fast", cmd="list", args={})
+        await c.send(id="ping", cmd="ping")
+        with trio.fail_after(WAIT_S):
+            await running(verbs, 1)
+            first = await c.recv_n(2)
+            assert {r["id"] for r in first} == {"fast", "ping"}
+            assert verbs.running == 1  # the slow one is still running
+            verbs.release.set()
+            assert await c.recv() == {"id": "slow", "ok": True, "result": {"released": 1}}
+        await c.stream.aclose()
+
+
+async def test_requests_beyond_max_pending_are_refused_with_their_id(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        await c.send_raw(b"".join(json.dumps({"id": i, "cmd": "list", "args": {"do": "block", "n": i}}).encode()
+                                  + b"\n" for i in range(MAX_PENDING)))
+        await c.send(id="extra", cmd="ping")
+        with trio.fail_after(WAIT_S):
+            refused = await c.recv()
+            assert refused["id"] == "extra" and refused["ok"] is False
+            assert f"too many requests in flight on this connection ({MAX_PENDING})" in refused["error"]
+            verbs.release.set()
+            done = await c.recv_n(MAX_PENDING)
+            assert sorted(r["result"]["released"] for r in done) == list(range(MAX_PENDING))
+            # the slots came back: the connection takes requests again
+            await c.send(id="again", cmd="ping")
+            assert (await c.recv())["id"] == "again"
+        await c.stream.aclose()
+
+
+async def test_a_line_over_max_line_is_refused_and_the_connection_closed(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        # a whole request first: answered, then the endless line
+        await c.send(id=1, cmd="ping")
+        with trio.fail_after(WAIT_S):
+            assert (await c.recv())["id"] == 1
+            await c.send_raw(b'{"id": 2, "cmd": "ping", "pad": "' + b"x" * MAX_LINE)
+            got = await c.until_eof()
+    assert got == [{"id": None, "ok": False, "error": f"request longer than {MAX_LINE} bytes"}]
+    assert verbs.calls == []
+
+
+@pytest.mark.parametrize("line, error", [
+    (b"garbage", "not JSON"),
+    (b"\xff\xfe{}", "not JSON"),
+    (b"[" * 40 + b"]" * 40, "nests deeper than 32 levels"),
+    (b'{"id": 1, "cmd": "ping", "x": NaN}', "not JSON: NaN is not a JSON number"),
+    (b"[1, 2]", "a request is a JSON object"),
+    (b'{"id": true, "cmd": "ping"}', '"id" must be a number or a string'),
+    (b'{"id": 1}', 'request has no "cmd" string'),
+    (b'{"id": 1, "cmd": "list", "args": []}', '"args" must be an object'),
+])
+async def test_a_bad_line_gets_one_error_line_and_the_connection_works(verbs, line, error):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        # three bad lines, each answered once, in order; then the connection still works
+        await c.send_raw((line + b"\n") * 3)
+        await c.send(id="after", cmd="list")
+        with trio.fail_after(WAIT_S):
+            errors = await c.recv_n(3)
+            after = await c.recv()
+        await c.stream.aclose()
+    for e in errors:
+        assert e["id"] is None and e["ok"] is False and error in e["error"] and "\n" not in e["error"]
+    assert after == {"id": "after", "ok": True, "result": {"verb": "list", "args": {}}}
+    assert verbs.calls == [("list", {})]
+
+
+async def test_a_verb_that_raises_gives_internal_error_and_the_next_request_works(verbs, capsys):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        with trio.fail_after(WAIT_S):
+            await c.send(id=1, cmd="stats", args={"do": "raise"})
+            assert await c.recv() == {"id": 1, "ok": False,
+                                      "error": "internal error: ZeroDivisionError: integer division or modulo by zero"}
+            # a UblkError is the verb's own answer: one line, no "internal"
+            await c.send(id=2, cmd="stats", args={"do": "ublk"})
+            assert await c.recv() == {"id": 2, "ok": False, "error": "device 3 is busy"}
+            await c.send(id=3, cmd="stats", args={"id": 0})
+            assert await c.recv() == {"id": 3, "ok": True, "result": {"verb": "stats", "args": {"id": 0}}}
+        await c.stream.aclose()
+    err = capsys.readouterr().err
+    assert "internal error on stats: ZeroDivisionError" in err and "Traceback" in err
+
+
+async def test_a_reply_that_cannot_be_encoded_is_still_one_error_reply(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        with trio.fail_after(WAIT_S):
+            await c.send(id="bad", cmd="faults", args={"do": "unencodable"})
+            reply = await c.recv()
+            await c.send(id="next", cmd="ping")
+            assert (await c.recv())["id"] == "next"
+        await c.stream.aclose()
+    assert reply["id"] == "bad" and reply["ok"] is False
+    assert reply["error"].startswith("internal error: TypeError: ") and "set" in reply["error"]
+
+
+async def test_an_unknown_command_is_an_error(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        with trio.fail_after(WAIT_S):
+            await c.send(id=1, cmd="frob")
+            assert await c.recv() == {"id": 1, "ok": False, "error": "unknown command 'frob'"}
+        await c.stream.aclose()
+    assert verbs.calls == []
+
+
+async def test_replies_still_arrive_after_the_client_half_closes(verbs):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        await c.send(id=1, cmd="list", args={"do": "block", "n": 1})
+        await c.send(id=2, cmd="list", args={"do": "block", "n": 2})
+        await c.send(id=3, cmd="ping")
+        with trio.fail_after(WAIT_S):
+            await running(verbs, 2)
+        await c.stream.send_eof()
+        # the server has read the EOF (every task is waiting) while both verbs still run
+        await trio.testing.wait_all_tasks_blocked()
+        assert verbs.running == 2
+        verbs.release.set()
+        with trio.fail_after(WAIT_S):
+            got = await c.until_eof()
+    assert sorted(r["id"] for r in got) == [1, 2, 3] and all(r["ok"] for r in got)
+
+
+@pytest.mark.parametrize("args, delete", [({}, False), ({"delete": True}, True), ({"delete": False}, False)])
+async def test_shutdown_replies_before_on_shutdown_is_called(verbs, args, delete):
+    calls = []
+    rec = None
+
+    def on_shutdown(d):
+        # what the client had been sent at the moment the server was told to stop
+        calls.append((d, [json.loads(b) for b in rec.sent]))
+
+    def wrap(stream):
+        nonlocal rec
+        rec = Recording(stream)
+        return rec
+
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs, on_shutdown=on_shutdown), n, wrap=wrap)
+        with trio.fail_after(WAIT_S):
+            await c.send(id="bye", cmd="shutdown", args=args)
+            assert await c.recv() == {"id": "bye", "ok": True, "result": {}}
+            # a bad argument is an error and stops nothing
+            await c.send(id="bad", cmd="shutdown", args={"delete": "maybe"})
+            assert (await c.recv())["ok"] is False
+        await c.stream.aclose()
+    assert calls == [(delete, [{"id": "bye", "ok": True, "result": {}}])]
+
