@@ -344,3 +344,140 @@ async def test_shutdown_replies_before_on_shutdown_is_called(verbs, args, delete
         await c.stream.aclose()
     assert calls == [(delete, [{"id": "bye", "ok": True, "result": {}}])]
 
+
+# -- the trace stream -------------------------------------------------------------
+@pytest.fixture
+def shm(tmp_path, monkeypatch):
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path))
+    s = shm_mod.create(DEV, nr_queues=2, depth=32, records=16, pid=1234)
+    yield s
+    s.close()
+
+
+def record(s, q: int, op: int, sector: int, lat_ns: int = 10_000, result: int = 4096) -> None:
+    assert lib.us_shm_record_io(s.base, q, sector % 32, op, sector, 8, result, lat_ns) == 0
+
+
+async def trace(c: Client, rid, **args) -> None:
+    await c.send(id=rid, cmd="trace", args={"id": DEV, **args})
+    assert await c.recv() == {"id": rid, "started": True}
+
+
+async def test_trace_starts_then_sends_matching_records_and_ends_at_count(shm, autojump_clock):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(source=FakeSource({DEV: shm})), n)
+        record(shm, 0, WRITE, 999, lat_ns=5_000_000)  # before the trace: not sent
+        with trio.fail_after(60):
+            await trace(c, "t", filters=["op=write", "min_lat=1ms"], count=3)
+            record(shm, 0, READ, 1, lat_ns=5_000_000)  # a read
+            record(shm, 1, WRITE, 2, lat_ns=10_000)  # too fast
+            record(shm, 1, WRITE, 3, lat_ns=2_000_000)
+            record(shm, 0, WRITE, 4, lat_ns=3_000_000, result=-5)
+            await trio.sleep(1)
+            record(shm, 0, WRITE, 5, lat_ns=1_500_000)
+            record(shm, 1, WRITE, 6, lat_ns=1_500_000)  # after count: never sent
+            got = await c.recv_n(4)
+        await c.stream.aclose()
+    events, final = got[:3], got[3]
+    assert [e["id"] for e in events] == ["t"] * 3
+    assert sorted(e["event"]["sector"] for e in events) == [3, 4, 5]
+    for e in events:
+        r = e["event"]
+        assert r["op"] == "write" and r["lat_ns"] >= 1_000_000 and r["sectors"] == 8
+    assert {e["event"]["sector"]: e["event"]["result"] for e in events}[4] == -5
+    assert final == {"id": "t", "ok": True, "result": {"lost": 0, "sent": 3}}
+
+
+async def test_trace_counts_the_records_it_lost(shm, autojump_clock):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(source=FakeSource({DEV: shm})), n)
+        with trio.fail_after(60):
+            await trace(c, 1, count=16)
+            # 40 records on one queue before the server looks again: its ring keeps 16
+            for i in range(40):
+                record(shm, 0, WRITE, i)
+            got = await c.recv_n(17)
+        await c.stream.aclose()
+    assert [e["event"]["sector"] for e in got[:16]] == list(range(24, 40))
+    assert got[16] == {"id": 1, "ok": True, "result": {"lost": 24, "sent": 16}}
+
+
+async def test_trace_from_start_sends_what_the_ring_holds(shm, autojump_clock):
+    for i in range(3):
+        record(shm, 1, READ, i)
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(source=FakeSource({DEV: shm})), n)
+        with trio.fail_after(60):
+            await trace(c, 1, from_start=True, count=3)
+            got = await c.recv_n(4)
+        await c.stream.aclose()
+    assert [e["event"]["sector"] for e in got[:3]] == [0, 1, 2]
+    assert got[3]["result"] == {"lost": 0, "sent": 3}
+
+
+async def test_trace_duration_ends_it_on_the_trio_clock(shm, autojump_clock):
+    t0, real0 = trio.current_time(), time.monotonic()
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(source=FakeSource({DEV: shm})), n)
+        with trio.fail_after(3600):
+            await trace(c, "d", duration="1m", filters=["q=1"])
+            record(shm, 1, WRITE, 7)
+            record(shm, 0, WRITE, 8)  # another queue
+            first = await c.recv()
+            final = await c.recv()
+        elapsed = trio.current_time() - t0
+        await c.stream.aclose()
+    assert first["event"]["sector"] == 7
+    assert final == {"id": "d", "ok": True, "result": {"lost": 0, "sent": 1}}
+    assert 60 <= elapsed < 61
+    assert time.monotonic() - real0 < 10  # a minute of trace time, not of the test's
+
+
+async def test_a_client_hanging_up_ends_the_stream(shm, autojump_clock):
+    rpc = make_rpc(source=FakeSource({DEV: shm}))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            c = await serve(rpc, n)
+            await trace(c, 1)  # no count, no duration: only the hang-up ends it
+            record(shm, 0, WRITE, 1)
+            assert (await c.recv())["event"]["sector"] == 1
+            await c.stream.aclose()
+        # the nursery is done: the trace task and the connection ended
+
+
+async def test_two_traces_and_a_request_on_one_connection(shm, verbs, autojump_clock):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs, source=FakeSource({DEV: shm})), n)
+        with trio.fail_after(60):
+            await trace(c, "r", filters=["op=read"], count=2)
+            await trace(c, "w", filters=["op=write"], count=3)
+            for i in range(3):
+                record(shm, 0, READ, 100 + i)
+                record(shm, 1, WRITE, 200 + i)
+            # answered between the streams' lines
+            await c.send(id="p", cmd="ping")
+            got = await c.recv_n(2 + 1 + 3 + 1 + 1)
+        await c.stream.aclose()
+    by_id = {}
+    for m in got:
+        by_id.setdefault(m["id"], []).append(m)
+    assert [m["event"]["sector"] for m in by_id["r"][:2]] == [100, 101]
+    assert by_id["r"][2] == {"id": "r", "ok": True, "result": {"lost": 0, "sent": 2}}
+    assert [m["event"]["sector"] for m in by_id["w"][:3]] == [200, 201, 202]
+    assert by_id["w"][3] == {"id": "w", "ok": True, "result": {"lost": 0, "sent": 3}}
+    assert by_id["p"][0]["ok"] is True
+
+
+async def test_trace_of_a_device_without_statistics_is_one_error(verbs, autojump_clock):
+    async with trio.open_nursery() as n:
+        c = await serve(make_rpc(verbs), n)
+        with trio.fail_after(60):
+            await c.send(id=1, cmd="trace", args={"id": 3})
+            assert await c.recv() == {"id": 1, "ok": False,
+                                      "error": "device 3 has no statistics (not served by ublkshell?)"}
+            await c.send(id=2, cmd="trace", args={"id": 3, "bogus": 1})
+            assert (await c.recv())["ok"] is False
+            await c.send(id=3, cmd="ping")
+            assert (await c.recv())["id"] == 3
+        await c.stream.aclose()
+
