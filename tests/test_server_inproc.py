@@ -481,3 +481,224 @@ async def test_trace_of_a_device_without_statistics_is_one_error(verbs, autojump
             assert (await c.recv())["id"] == 3
         await c.stream.aclose()
 
+
+# -- supervision ----------------------------------------------------------------
+class FakeRegistry:
+    """registry.all_entries and procs.entry_daemon_alive over a dict the test changes. The
+    watch reads the registry in a worker thread: each look takes the entries and whether
+    their daemons live at one moment, so a change the test makes is seen whole or not at all."""
+
+    def __init__(self, monkeypatch):
+        self.entries = {}
+        self.alive = set()
+        self.looks = 0
+        self.fail_next = 0
+        self.lock = threading.Lock()
+        monkeypatch.setattr(registry, "all_entries", self.all_entries)
+        monkeypatch.setattr(procs, "entry_daemon_alive", lambda e, *a, **k: e["_alive"])
+        monkeypatch.setattr(sup_mod, "kernel_state", lambda dev_id: "QUIESCED")
+
+    def all_entries(self) -> dict:
+        self.looks += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("registry unreadable")
+        with self.lock:
+            return {d: dict(e, _alive=e["pid"] in self.alive) for d, e in self.entries.items()}
+
+    def put(self, dev_id: int, entry: dict, alive: bool = True) -> None:
+        with self.lock:
+            self.entries[dev_id] = entry
+            if alive:
+                self.alive.add(entry["pid"])
+
+    def die(self, *pids) -> None:
+        with self.lock:
+            self.alive -= set(pids)
+
+    def remove(self, dev_id: int) -> None:
+        with self.lock:
+            del self.entries[dev_id]
+
+    async def looked(self, times: int = 2) -> None:
+        """Until the watch has looked at least `times` more times (on the trio clock)."""
+        until = self.looks + times
+        while self.looks < until:
+            await trio.sleep(WATCH_S / 4)
+
+
+def kinds(events) -> list:
+    return [e["kind"] for e in events.recent]
+
+
+async def wait_for(pred) -> None:
+    while not pred():
+        await trio.sleep(WATCH_S / 4)
+
+
+async def test_watch_reports_added_died_recovered_killed_deleted_in_order(monkeypatch, shm, autojump_clock):
+    reg = FakeRegistry(monkeypatch)
+    events = Events()
+    shm.queue(1).inflight = 2  # the tags the dead daemon was serving
+    sup = Supervisor(events, FakeSource({DEV: shm}))
+    with trio.fail_after(600):
+        async with trio.open_nursery() as n:
+            n.start_soon(sup.watch, n)
+            reg.put(DEV, {"pid": 100, "recovery": "requeue"})
+            await reg.looked(3)
+            reg.die(100)
+            await wait_for(lambda: len(events.recent) == 2)
+            await reg.looked(3)
+            reg.put(DEV, {"pid": 200, "recovery": "requeue", "recoveries": 1, "abandoned": 2})
+            await reg.looked(3)
+            reg.put(DEV, dict(reg.entries[DEV], killed_pid=200))  # what `kill` writes first
+            await reg.looked(2)
+            reg.die(200)
+            await wait_for(lambda: len(events.recent) == 4)
+            await reg.looked(3)
+            reg.remove(DEV)
+            await reg.looked(3)
+            n.cancel_scope.cancel()
+    assert kinds(events) == ["device-added", "daemon-died", "daemon-recovered", "daemon-killed",
+                             "device-deleted"]
+    added, died, recovered, killed, deleted = ({k: v for k, v in e.items() if k != "t"} for e in events.recent)
+    assert added == {"kind": "device-added", "id": DEV, "pid": 100}
+    assert died == {"kind": "daemon-died", "id": DEV, "pid": 100, "state": "QUIESCED",
+                    "recovery": "requeue", "inflight": 2}
+    assert recovered == {"kind": "daemon-recovered", "id": DEV, "pid": 200, "old_pid": 100,
+                         "recoveries": 1, "abandoned": 2}
+    assert killed["kind"] == "daemon-killed" and killed["pid"] == 200
+    assert deleted == {"kind": "device-deleted", "id": DEV}
+
+
+async def test_keep_restarts_a_loop_that_raised_and_logs_it(capsys, autojump_clock):
+    runs = []
+
+    async def loop(arg):
+        runs.append(trio.current_time())
+        if len(runs) < 3:
+            raise RuntimeError(f"boom {len(runs)}")
+        return arg
+
+    with trio.fail_after(60):
+        assert await keep("test loop", loop, "done") == "done"
+    assert len(runs) == 3 and runs[2] - runs[0] >= 2  # a second between tries
+    err = capsys.readouterr().err
+    assert "test loop failed, restarting it in 1 s: RuntimeError: boom 1" in err
+    assert "RuntimeError: boom 2" in err and "Traceback" in err
+
+
+async def test_the_watch_goes_on_after_the_registry_could_not_be_read(monkeypatch, capsys, autojump_clock):
+    reg = FakeRegistry(monkeypatch)
+    reg.fail_next = 2
+    events = Events()
+    sup = Supervisor(events, FakeSource())
+    reg.put(3, {"pid": 100})
+    with trio.fail_after(600):
+        async with trio.open_nursery() as n:
+            n.start_soon(keep, "daemon watch", sup.watch, n)
+            await wait_for(lambda: events.recent)
+            n.cancel_scope.cancel()
+    assert kinds(events) == ["device-added"]
+    assert capsys.readouterr().err.count("daemon watch failed, restarting it in 1 s: OSError: registry unreadable") == 2
+
+
+class FakeRecover:
+    """devices.recovery.recover, run in a worker thread: blocks until released, then returns
+    the new daemon (or raises what the test chose)."""
+
+    def __init__(self, monkeypatch, raises=None):
+        self.calls = []
+        self.release = threading.Event()
+        self.raises = raises
+        monkeypatch.setattr(recovery_mod, "recover", self)
+
+    def __call__(self, dev_id: int) -> dict:
+        self.calls.append(dev_id)
+        if not self.release.wait(WAIT_S * 2):
+            raise TimeoutError("never released")
+        if self.raises:
+            raise self.raises
+        n = len(self.calls)
+        return {"pid": 100 + n, "old_pid": 99 + n, "recoveries": n, "abandoned": 0, "seconds": 0.5}
+
+
+async def test_auto_recover_recovers_once_per_death(monkeypatch, autojump_clock):
+    reg = FakeRegistry(monkeypatch)
+    rec = FakeRecover(monkeypatch)
+    events = Events()
+    sup = Supervisor(events, FakeSource(), auto_recover=True)
+    reg.put(3, {"pid": 100, "recovery": "reissue"})
+    try:
+        with trio.fail_after(600):
+            async with trio.open_nursery() as n:
+                n.start_soon(sup.watch, n)
+                await reg.looked(2)
+                reg.die(100)
+                await wait_for(lambda: rec.calls)
+                # the watch keeps seeing the dead daemon while the recovery runs
+                await reg.looked(3)
+                rec.release.set()
+                await wait_for(lambda: "auto-recovered" in kinds(events))
+                # a look at the registry from before the recovery rewrote it sees the same
+                # death again: it is not a new one
+                await reg.looked(3)
+                reg.put(3, {"pid": 101, "recovery": "reissue", "recoveries": 1})
+                await reg.looked(3)
+                assert rec.calls == [3]
+                # the new daemon dies too: a second death, a second recovery
+                reg.die(101)
+                await wait_for(lambda: kinds(events).count("auto-recovered") == 2)
+                await reg.looked(3)
+                n.cancel_scope.cancel()
+    finally:
+        rec.release.set()
+    assert rec.calls == [3, 3]
+    assert kinds(events) == ["device-added", "daemon-died", "auto-recovered", "daemon-died", "auto-recovered"]
+    first = events.recent[2]
+    assert (first["pid"], first["old_pid"], first["recoveries"], first["seconds"]) == (101, 100, 1, 0.5)
+
+
+@pytest.mark.parametrize("exc, error", [
+    (UblkError("device 3: no recovery mode"), "device 3: no recovery mode"),
+    (KeyError("pid"), "internal error: KeyError: 'pid'"),
+])
+async def test_a_failed_auto_recover_is_reported(monkeypatch, autojump_clock, exc, error):
+    reg = FakeRegistry(monkeypatch)
+    rec = FakeRecover(monkeypatch, raises=exc)
+    rec.release.set()
+    events = Events()
+    sup = Supervisor(events, FakeSource(), auto_recover=True)
+    reg.put(3, {"pid": 100, "recovery": "requeue"})
+    with trio.fail_after(600):
+        async with trio.open_nursery() as n:
+            n.start_soon(sup.watch, n)
+            await reg.looked(2)
+            reg.die(100)
+            await wait_for(lambda: "auto-recover-failed" in kinds(events))
+            await reg.looked(3)
+            n.cancel_scope.cancel()
+    assert rec.calls == [3]
+    assert kinds(events) == ["device-added", "daemon-died", "auto-recover-failed"]
+    assert events.recent[-1]["error"] == error
+
+
+async def test_no_auto_recover_without_a_recovery_mode_or_for_a_dead_device(monkeypatch, autojump_clock):
+    reg = FakeRegistry(monkeypatch)
+    rec = FakeRecover(monkeypatch)
+    rec.release.set()
+    states = {3: "QUIESCED", 4: "DEAD"}
+    monkeypatch.setattr(sup_mod, "kernel_state", lambda dev_id: states[dev_id])
+    events = Events()
+    sup = Supervisor(events, FakeSource(), auto_recover=True)
+    reg.put(3, {"pid": 100})
+    reg.put(4, {"pid": 101, "recovery": "requeue"})
+    with trio.fail_after(600):
+        async with trio.open_nursery() as n:
+            n.start_soon(sup.watch, n)
+            await reg.looked(2)
+            reg.die(100, 101)
+            await wait_for(lambda: kinds(events).count("daemon-died") == 2)
+            await reg.looked(3)
+            n.cancel_scope.cancel()
+    assert rec.calls == []
