@@ -702,3 +702,32 @@ async def test_no_auto_recover_without_a_recovery_mode_or_for_a_dead_device(monk
             await reg.looked(3)
             n.cancel_scope.cancel()
     assert rec.calls == []
+
+
+async def test_no_second_recovery_while_one_runs(monkeypatch, autojump_clock):
+    reg = FakeRegistry(monkeypatch)
+    rec = FakeRecover(monkeypatch)
+    events = Events()
+    sup = Supervisor(events, FakeSource(), auto_recover=True)
+    reg.put(3, {"pid": 100, "recovery": "requeue"})
+    try:
+        with trio.fail_after(600):
+            async with trio.open_nursery() as n:
+                n.start_soon(sup.watch, n)
+                await reg.looked(2)
+                reg.die(100)
+                await wait_for(lambda: rec.calls)
+                # meanwhile someone else recovered it by hand, and that daemon died too
+                reg.put(3, {"pid": 200, "recovery": "requeue", "recoveries": 1})
+                await wait_for(lambda: "daemon-recovered" in kinds(events))
+                reg.die(200)
+                await wait_for(lambda: kinds(events).count("daemon-died") == 2)
+                await reg.looked(3)
+                assert rec.calls == [3]  # the running recovery is the one
+                rec.release.set()
+                await wait_for(lambda: "auto-recovered" in kinds(events))
+                n.cancel_scope.cancel()
+    finally:
+        rec.release.set()
+    assert rec.calls == [3]
+    assert kinds(events) == ["device-added", "daemon-died", "daemon-recovered", "daemon-died", "auto-recovered"]
