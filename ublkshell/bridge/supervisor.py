@@ -36,6 +36,7 @@ class Supervisor:
         self.source = source
         self.auto_recover = auto_recover
         self.alive = {}  # dev_id -> (daemon pid, alive)
+        self.dead = {}  # dev_id -> the pid whose death was reported last
         self.recovering = set()
 
     async def watch(self, nursery) -> None:
@@ -50,18 +51,26 @@ class Supervisor:
             pid = e["pid"]
             alive = procs.entry_daemon_alive(e)
             was = self.alive.get(dev_id)
+            if alive:
+                self.dead.pop(dev_id, None)
+            elif self.dead.get(dev_id) == pid:
+                # a death already reported (and recovered, perhaps): a look at the registry
+                # read before the recovery rewrote it must not report or recover it again
+                continue
             if was is None:
                 self.event("device-added" if alive else "device-found-dead", id=dev_id, pid=pid)
             elif pid != was[0] and alive:
                 self.event("daemon-recovered", id=dev_id, pid=pid, old_pid=was[0],
                            recoveries=e.get("recoveries"), abandoned=e.get("abandoned"))
             elif was[1] and not alive:
+                self.dead[dev_id] = pid
                 # asking the kernel may take a moment: the watch goes on meanwhile
                 nursery.start_soon(keep, "death report", self._died, nursery, dev_id, e)
             self.alive[dev_id] = (pid, alive)
         for dev_id in set(self.alive) - set(entries):
             self.event("device-deleted", id=dev_id)
             del self.alive[dev_id]
+            self.dead.pop(dev_id, None)
 
     # -- daemon death and recovery ----------------------------------------------
     async def _died(self, nursery, dev_id: int, entry: dict) -> None:
