@@ -60,6 +60,8 @@ class FakeVerbs:
             raise UblkError("device 3 is\nbusy")
         if do == "unencodable":
             return {"rules": {1, 2}}  # a set: json cannot encode it
+        if do == "nan":
+            return {"p": float("nan")}  # json.dumps would write NaN, which is not JSON
         return {"verb": name, "args": args}
 
 
@@ -278,17 +280,19 @@ async def test_a_verb_that_raises_gives_internal_error_and_the_next_request_work
     assert "internal error on stats: ZeroDivisionError" in err and "Traceback" in err
 
 
-async def test_a_reply_that_cannot_be_encoded_is_still_one_error_reply(verbs):
+@pytest.mark.parametrize("do, error", [("unencodable", "internal error: TypeError: "),
+                                       ("nan", "internal error: ValueError: ")])
+async def test_a_reply_that_cannot_be_encoded_is_still_one_error_reply(verbs, do, error):
     async with trio.open_nursery() as n:
         c = await serve(make_rpc(verbs), n)
         with trio.fail_after(WAIT_S):
-            await c.send(id="bad", cmd="faults", args={"do": "unencodable"})
+            await c.send(id="bad", cmd="faults", args={"do": do})
             reply = await c.recv()
             await c.send(id="next", cmd="ping")
             assert (await c.recv())["id"] == "next"
         await c.stream.aclose()
     assert reply["id"] == "bad" and reply["ok"] is False
-    assert reply["error"].startswith("internal error: TypeError: ") and "set" in reply["error"]
+    assert reply["error"].startswith(error), reply
 
 
 async def test_an_unknown_command_is_an_error(verbs):

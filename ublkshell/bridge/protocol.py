@@ -20,7 +20,9 @@ class ProtocolError(ValueError):
 
 
 def encode(msg: dict) -> bytes:
-    return (json.dumps(msg, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    # NaN or Infinity would make a line no other JSON reader takes: refuse to write one
+    # (the server turns the ValueError into an error reply)
+    return (json.dumps(msg, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
 def _no_constant(name: str):
