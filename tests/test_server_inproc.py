@@ -497,8 +497,10 @@ class FakeRegistry:
         self.alive = set()
         self.looks = 0
         self.fail_next = 0
+        self.stale_marks = False  # all_entries shows entries as they were before `kill` marked them
         self.lock = threading.Lock()
         monkeypatch.setattr(registry, "all_entries", self.all_entries)
+        monkeypatch.setattr(registry, "read", self.read)
         monkeypatch.setattr(procs, "entry_daemon_alive", lambda e, *a, **k: e["_alive"])
         monkeypatch.setattr(sup_mod, "kernel_state", lambda dev_id: "QUIESCED")
 
@@ -508,7 +510,16 @@ class FakeRegistry:
             self.fail_next -= 1
             raise OSError("registry unreadable")
         with self.lock:
-            return {d: dict(e, _alive=e["pid"] in self.alive) for d, e in self.entries.items()}
+            out = {d: dict(e, _alive=e["pid"] in self.alive) for d, e in self.entries.items()}
+        if self.stale_marks:
+            for e in out.values():
+                e.pop("killed_pid", None)
+        return out
+
+    def read(self, dev_id: int):
+        with self.lock:
+            e = self.entries.get(dev_id)
+            return dict(e) if e is not None else None
 
     def put(self, dev_id: int, entry: dict, alive: bool = True) -> None:
         with self.lock:
@@ -573,6 +584,24 @@ async def test_watch_reports_added_died_recovered_killed_deleted_in_order(monkey
                          "recoveries": 1, "abandoned": 2}
     assert killed["kind"] == "daemon-killed" and killed["pid"] == 200
     assert deleted == {"kind": "device-deleted", "id": DEV}
+
+
+async def test_a_kill_marked_after_the_watch_read_the_registry_is_still_a_kill(monkeypatch, shm, autojump_clock):
+    reg = FakeRegistry(monkeypatch)
+    events = Events()
+    sup = Supervisor(events, FakeSource({DEV: shm}))
+    with trio.fail_after(600):
+        async with trio.open_nursery() as n:
+            n.start_soon(sup.watch, n)
+            reg.put(DEV, {"pid": 100})
+            await reg.looked(3)
+            # the watch's look at the registry predates the mark; the death comes after it
+            reg.stale_marks = True
+            reg.put(DEV, dict(reg.entries[DEV], killed_pid=100))
+            reg.die(100)
+            await wait_for(lambda: len(events.recent) == 2)
+            n.cancel_scope.cancel()
+    assert kinds(events) == ["device-added", "daemon-killed"]
 
 
 async def test_keep_restarts_a_loop_that_raised_and_logs_it(capsys, autojump_clock):

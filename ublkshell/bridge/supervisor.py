@@ -78,7 +78,11 @@ class Supervisor:
         state = "-" if devids.is_fuse(dev_id) else await trio.to_thread.run_sync(kernel_state, dev_id)
         s = self.source.shm(dev_id)
         inflight = sum(int(s.queue(q).inflight) for q in range(s.nr_queues)) if s else None
-        kind = "daemon-killed" if entry.get("killed_pid") == pid else "daemon-died"
+        # `kill` marks the entry before its SIGKILL: the entry this watch read may be older
+        # than the mark, so the death is checked against the entry as it is now
+        now = await trio.to_thread.run_sync(registry.read, dev_id) or entry
+        killed = pid in (entry.get("killed_pid"), now.get("killed_pid"))
+        kind = "daemon-killed" if killed else "daemon-died"
         self.event(kind, id=dev_id, pid=pid, state=state, recovery=entry.get("recovery"),
                    inflight=inflight)
         if self.auto_recover and entry.get("recovery") and state not in ("DEAD", "GONE") \
