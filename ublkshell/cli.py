@@ -23,10 +23,10 @@ def _one_shot(args) -> int:
 
 def _cmd_trace(args) -> int:
     from .observe.shm import open_device
-    from .observe.stats import Filter, follow, format_record
+    from .observe.trace import TRACE_HEADER, Filter, follow, format_record
     from .units import parse_duration
     from .validate import check
-    from .verbs import TRACE_ARGS, TRACE_HEADER
+    from .verbs import TRACE_ARGS
 
     a = check("trace", TRACE_ARGS, commands.args_of(args))
     flt = Filter.parse(a["filters"])

@@ -258,7 +258,6 @@ def render_inflight(r: dict) -> str:
 TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--from-start", flag, False),
               "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", text(64)),
               **JSON}
-TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"
 
 class Verb(NamedTuple):
     run: Callable[[dict], Any]

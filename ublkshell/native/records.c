@@ -312,6 +312,59 @@ int us_rec_read(void *base, int q_id, uint64_t seq, struct us_rec *out)
 	return s1 == seq + 1 && s2 == s1 ? 1 : -1;
 }
 
+/*
+ * The batch reader trusts none of the header's words it finds now: a file
+ * rewritten since us_shm_check passed it could name a larger geometry than
+ * was mapped. The geometry is read once, bounded, and must fit in len (the
+ * checked mapping), and the queue and its ring are located from it alone.
+ */
+int us_rec_read_batch(const void *base, uint64_t len, int q_id, uint64_t *cursor,
+		      struct us_rec *out, int max, uint64_t *lost)
+{
+	const struct us_shm_hdr *h = base;
+	const struct us_shm_queue *sq;
+	const struct us_rec *recs, *r;
+	uint32_t nr_queues, depth, entries;
+	uint64_t head, seq, s1, s2;
+	int n = 0;
+
+	if (!base || len < sizeof(*h) || !cursor || !lost || max < 0 || (max && !out))
+		return -EINVAL;
+	nr_queues = RD(h->nr_queues);
+	depth = RD(h->depth);
+	entries = RD(h->rec_entries);
+	if (!geometry_ok(nr_queues, depth, entries) || q_id < 0 || (uint32_t)q_id >= nr_queues ||
+	    us_shm_size(nr_queues, depth, entries) > len)
+		return -EINVAL;
+	sq = (const struct us_shm_queue *)((const char *)base + round8(sizeof(*h)) +
+					   (uint64_t)q_id * queue_stride(depth, entries));
+	recs = (const struct us_rec *)((const char *)sq + recs_off(depth));
+	head = __atomic_load_n(&sq->rec_head, __ATOMIC_ACQUIRE);
+	seq = *cursor;
+	/* a head behind the cursor (a file laid out again) has nothing new for it */
+	if (head <= seq)
+		return 0;
+	if (head - seq > entries) {
+		/* lapped: what the writer overwrote is gone, never waited for */
+		*lost += head - entries - seq;
+		seq = head - entries;
+	}
+	for (; seq < head && n < max; seq++) {
+		r = &recs[seq & (entries - 1)];
+		s1 = __atomic_load_n(&r->seq, __ATOMIC_ACQUIRE);
+		memcpy(&out[n], r, sizeof(*out));
+		__atomic_thread_fence(__ATOMIC_ACQUIRE);
+		s2 = __atomic_load_n(&r->seq, __ATOMIC_RELAXED);
+		/* as us_rec_read: unchanged across the copy, and the record this cursor wants */
+		if (s1 == seq + 1 && s2 == s1)
+			n++;
+		else
+			(*lost)++;
+	}
+	*cursor = seq;
+	return n;
+}
+
 void us_shm_attach(struct us_queue *q, void *base)
 {
 	struct us_shm_hdr *h = base;

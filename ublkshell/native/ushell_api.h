@@ -104,6 +104,16 @@ struct us_tag_state *us_shm_tags(void *base, int q_id);
 uint64_t us_rec_head(void *base, int q_id);
 /* 1: *out is record seq; 0: not written yet; -1: overwritten (the reader fell behind) */
 int us_rec_read(void *base, int q_id, uint64_t seq, struct us_rec *out);
+/*
+ * Up to max records of queue q_id, from *cursor on, copied in order into out:
+ * how many (0: nothing new), or -EINVAL (no such queue, or base[0..len) no
+ * longer holds the geometry its header names). A cursor more than a ring
+ * behind jumps to the oldest record still there, and a record overwritten
+ * while it was copied is skipped: both add to *lost. *cursor ends past the
+ * last record looked at. len is the checked mapping's length.
+ */
+int us_rec_read_batch(const void *base, uint64_t len, int q_id, uint64_t *cursor,
+		      struct us_rec *out, int max, uint64_t *lost);
 int us_hist_bucket(uint64_t v);
 uint64_t us_hist_low(int idx);
 uint64_t us_now_ns(void);

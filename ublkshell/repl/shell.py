@@ -181,10 +181,10 @@ class Shell:
         self.print(stats)
 
     def trace(self, args) -> None:
-        from ..observe.stats import Filter, format_record
+        from ..observe.trace import TRACE_HEADER, Filter, format_record
         from ..units import parse_duration
         from ..validate import check
-        from ..verbs import TRACE_ARGS, TRACE_HEADER
+        from ..verbs import TRACE_ARGS
 
         check("trace", TRACE_ARGS, commands.args_of(args))
         Filter.parse(args.filters)  # bad filters: one line before the header
