@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ublkshell._native import ffi, lib  # noqa: E402
 from ublkshell.observe import shm as shm_mod  # noqa: E402
-from ublkshell.observe.stats import flag_names, op_name  # noqa: E402
+from ublkshell.observe.names import flag_names, op_name  # noqa: E402
 from ublkshell.observe.trace import Cursor  # noqa: E402
 
 

@@ -26,8 +26,6 @@ ID_VERBS |= {"kill", "recover"}
 RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
 TARGETS = ("null", "mem", "loop")
-OPS = ("read", "write", "flush", "discard", "write_zeroes")
-FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted")
 
 EPILOG = """\
 examples:

@@ -166,7 +166,7 @@ def run_stats(a: dict) -> dict:
 
 def stats_table(title: str, rows: list, all_ops: bool = False) -> str:
     """rows: (label prefix, {op: summary}); ops without IO are left out unless all_ops."""
-    from .observe.shm import OPS
+    from .observe.names import OPS
     from .observe.stats import fmt_ns
 
     lines = [title, f"{'OP':<13}{'IOS':>10}{'BYTES':>10}{'ERRORS':>8}{'AVG':>9}{'P50':>9}{'P99':>9}{'MAX':>9}"]
@@ -189,7 +189,8 @@ def render_stats(r: dict, queues: bool = False) -> str:
 
 def run_lat(a: dict) -> dict:
     from ._native import lib
-    from .observe.shm import OPS, open_device
+    from .observe.names import OPS
+    from .observe.shm import open_device
     from .observe.stats import snapshot, summarize
 
     dev_id, op = a["id"], a["op"]
@@ -241,7 +242,7 @@ def tags_table(title: str, tags: list) -> str:
 
     if not tags:
         return f"{title}: nothing in flight"
-    from .faults.grammar import fault_label
+    from .observe.names import fault_label
 
     lines = [f"{'Q':>3} {'TAG':>5} {'OP':<13} {'SECTOR+N':<20} {'AGE':>9} FAULT"]
     for t in sorted(tags, key=lambda t: -t["age_ns"]):

@@ -1,20 +1,8 @@
 """Numbers derived from a device's shared memory: counters, percentiles from
 the log-linear histograms, tags in flight (the record rings: trace.py)."""
 from .._native import ffi, lib
-from .shm import OP_NAMES, OPS, Shm
-
-FLAG_NAMES = ((lib.UBLK_IO_F_FUA, "fua"), (lib.UBLK_IO_F_NOUNMAP, "nounmap"),
-              (lib.UBLK_IO_F_FAILFAST_DEV, "failfast"), (lib.UBLK_IO_F_META, "meta"),
-              (lib.UBLK_IO_F_SWAP, "swap"))
-
-
-def op_name(op_flags: int) -> str:
-    op = op_flags & 0xFF
-    return OP_NAMES.get(op, f"op{op}")
-
-
-def flag_names(op_flags: int) -> list[str]:
-    return [n for bit, n in FLAG_NAMES if op_flags & bit]
+from .names import OPS, flag_names, op_name
+from .shm import Shm
 
 
 def percentile(hist: list[int], p: float) -> int:

@@ -12,14 +12,17 @@ import time
 from .._native import ffi, lib
 from ..errors import UblkError, UsageError
 from ..units import parse_duration
-from .shm import OP_NAMES, Shm
-from .stats import flag_names, fmt_ns, op_name
+from .names import IO_OPS, fault_label, flag_names, op_name
+from .shm import Shm
+from .stats import fmt_ns
 
 # struct us_rec (records.h), native byte order; checked against the C size below
 _REC = struct.Struct("=QQQQIIiHHI12x")
 assert _REC.size == ffi.sizeof("struct us_rec")
 # records copied per C call: a few pages, so a poll that finds little stays cheap
 BATCH = 256
+# what `trace` takes after the device (Filter.parse), for help and completion
+FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted")
 TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"
 
 
@@ -49,8 +52,8 @@ class Filter:
                 elif key == "tag":
                     f.tag = int(val)
                 elif key == "op":
-                    if val not in OP_NAMES.values():
-                        raise UsageError(f"trace filter op={val}: choose from {', '.join(OP_NAMES.values())}")
+                    if val not in IO_OPS:
+                        raise UsageError(f"trace filter op={val}: choose from {', '.join(IO_OPS)}")
                     f.op = val
                 elif key == "lba":
                     a, dots, b = val.partition("..")
@@ -167,8 +170,6 @@ class Follow:
 
 
 def format_record(r: dict) -> str:
-    from ..faults.grammar import fault_label
-
     flags = ",".join(r["flags"]) or "-"
     res = str(r["result"]) if r["result"] >= 0 else f"-{errno.errorcode.get(-r['result'], -r['result'])}"
     fault = fault_label(r.get("fault", 0))

@@ -9,7 +9,8 @@ from ... import procs
 from ...devices.ids import stem
 from ...errors import UsageError
 from ...kernel.uapi import feature_names
-from ...observe.shm import OPS, Shm
+from ...observe.names import OPS
+from ...observe.shm import Shm
 from ...observe.stats import fmt_ns, inflight, percentile, snapshot, summarize
 from ...units import human
 from ...verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
