@@ -18,7 +18,8 @@ from ublkshell.observe.shm import Shm
 from ublkshell.errors import UblkError, UsageError
 from ublkshell.observe.stats import inflight
 from ublkshell.observe.trace import Cursor, Filter, format_record
-from ublkshell.verbs import render_inflight, render_stats, stats_of
+from ublkshell.observe.render import render_inflight, render_stats
+from ublkshell.observe.stats import stats_of
 
 HDR = ffi.sizeof("struct us_shm_hdr")
 WRITE = lib.UBLK_IO_OP_WRITE

@@ -53,6 +53,15 @@ def summarize(op: dict) -> dict:
             "p999_ns": percentile(op["hist"], 99.9)}
 
 
+def stats_of(dev_id: int, shm) -> dict:
+    """Summaries per op, for the device and for each queue (the `stats --json` shape)."""
+    snap = snapshot(shm)
+    return {"device": dev_id, "inflight": snap["inflight"],
+            "ops": {n: summarize(o) for n, o in snap["ops"].items()},
+            "queues": [{"queue": q["queue"], "inflight": q["inflight"],
+                        "ops": {n: summarize(o) for n, o in q["ops"].items()}} for q in snap["queues"]]}
+
+
 def inflight(s: Shm) -> list[dict]:
     now = lib.us_now_ns()
     out = []

@@ -162,7 +162,7 @@ class Shell:
         return "\n".join(lines)
 
     def info(self, dev_id: int) -> None:
-        from ..verbs import render_list, render_stats
+        from ..observe.render import render_list, render_stats
 
         try:
             devs = [d for d in self.call("list") if d["id"] == dev_id]
