@@ -151,7 +151,7 @@ def cli_parser() -> argparse.ArgumentParser:
     tr.add_argument("filters", nargs="*", metavar="FILTER")
     tr.add_argument("--json", action="store_true", help="one JSON object per line")
     tr.add_argument("--count", type=int, default=0, help="stop after N records")
-    tr.add_argument("--duration", default="", help="stop after this long (e.g. 10s)")
+    tr.add_argument("--duration", default="", help="stop after this long: 10s, 500ms, 1m; a bare number is seconds")
     tr.add_argument("--from-start", action="store_true",
                     help="begin with the records still in the rings, not only new ones")
 
@@ -230,7 +230,8 @@ def shell_parser() -> argparse.ArgumentParser:
                                      "interval, latency since the device started, tags in flight. "
                                      "Ctrl-C returns to the prompt.")
     top.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="devices to show (default: all listed)")
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--interval", default="1s",
+                     help="time between refreshes: 500ms, 2s, 1m; a bare number is seconds (default 1s)")
     info = sub.add_parser("info", help=SHELL_ONLY["info"], description=SHELL_ONLY["info"] + ".")
     info.add_argument("id", type=devids.arg)
     h = sub.add_parser("help", help=SHELL_ONLY["help"], description="List the verbs, or show one verb's help.")

@@ -9,7 +9,7 @@ from .devices import ids as devids
 from .errors import UsageError
 from .observe.render import (render_add, render_del, render_features, render_inflight, render_lat,
                              render_list, render_stats)
-from .validate import ID, JSON, Arg, check, dev_ids, flag, text, text_or_flag, whole, words
+from .validate import ID, JSON, Arg, check, dev_ids, duration, flag, text, text_or_flag, whole, words
 
 
 # -- devices --------------------------------------------------------------
@@ -101,7 +101,7 @@ def run_inflight(a: dict) -> dict:
 
 
 TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--from-start", flag, False),
-              "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", text(64)),
+              "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", duration(default_unit="s"), 0),
               **JSON}
 
 class Verb(NamedTuple):

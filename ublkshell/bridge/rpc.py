@@ -16,7 +16,6 @@ import trio
 from .. import files
 from ..devices import ids as devids
 from ..errors import UblkError, UsageError
-from ..units import parse_duration
 from ..validate import Arg, check, flag, whole
 from ..verbs import TRACE_ARGS
 from .events import MAX_EVENTS, log, one_line
@@ -246,7 +245,7 @@ class Rpc:
 
         dev_id = a["id"]
         flt = Filter.parse(a["filters"])
-        duration = parse_duration(a["duration"], "--duration", default_unit="s") if a["duration"] else 0
+        duration = a["duration"]
         s = self.source.shm(dev_id)
         if s is None:
             raise UblkError(f"device {devids.name(dev_id)} has no statistics (not served by ublkshell?)")
