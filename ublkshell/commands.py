@@ -7,6 +7,7 @@ from .devices import ids as devids
 from .errors import UsageError
 from .faults.grammar import ACTIONS
 from .faults.verbs import add_parsers as add_fault_parsers
+from .observe.names import MAX_DEPTH
 
 SHELL_ONLY = {
     "top": "refreshing IOPS, MB/s, latency and in-flight per device and queue",
@@ -84,7 +85,7 @@ def cli_parser() -> argparse.ArgumentParser:
     a.add_argument("-f", "--file", help="loop: the backing file or block device")
     a.add_argument("--size", help="device size, e.g. 512M, 1G (loop: defaults to the file's size)")
     a.add_argument("-q", "--queues", type=int, default=1, help="hardware queues, one thread each (default 1)")
-    a.add_argument("-d", "--depth", type=int, default=128, help="tags per queue, 1..4096 (default 128)")
+    a.add_argument("-d", "--depth", type=int, default=128, help=f"tags per queue, 1..{MAX_DEPTH} (default 128)")
     a.add_argument("-n", "--number", type=int, default=-1,
                    help="device id to ask for (default: any free; with --transport fuse, N asks for fuseN)")
     a.add_argument("--block-size", help="logical block size: 512 (default), 1k, 2k, 4k")

@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple
 
 from .devices import ids as devids
 from .errors import UsageError
+from .observe.names import MAX_DEPTH
 from .observe.render import (render_add, render_del, render_features, render_inflight, render_lat,
                              render_list, render_stats)
 from .validate import ID, JSON, Arg, check, dev_ids, duration, flag, text, text_or_flag, whole, words
@@ -29,7 +30,7 @@ ADD_ARGS = {
     "file": Arg("-f/--file", text()),
     "size": Arg("--size", text(64)),
     "queues": Arg("-q/--queues", whole(1, 64), 1),
-    "depth": Arg("-d/--depth", whole(1, 4096), 128),
+    "depth": Arg("-d/--depth", whole(1, MAX_DEPTH), 128),
     "dev_id": Arg("-n/--number", whole(-1, devids.FUSE_BASE - 1), -1),
     "block_size": Arg("--block-size", text(64)),
     "max_io": Arg("--max-io", text(64), "512k"),
