@@ -154,3 +154,13 @@ def test_a_reader_racing_a_writer_sees_only_whole_records_and_counts_the_rest(sh
             break
     t.join()
     assert seen + cur.lost == total
+
+
+def test_a_file_full_of_distinct_op_flags_cannot_grow_the_cursor_without_bound(shm):
+    cur = Cursor(shm)
+    for i in range(3000):
+        lib.us_shm_record_io(shm.base, 0, 0, WRITE | (i << 8), i, 8, 4096, 10)
+        if i % 16 == 15:
+            got = cur.poll()
+            assert [r["op"] for r in got] == ["write"] * 16
+    assert len(cur._names) <= 1024

@@ -19,6 +19,8 @@ from .stats import fmt_ns
 # struct us_rec (records.h), native byte order; checked against the C size below
 _REC = struct.Struct("=QQQQIIiHHI12x")
 assert _REC.size == ffi.sizeof("struct us_rec")
+# distinct op_flags a cursor remembers the names of
+_NAMES_MAX = 1024
 # records copied per C call: a few pages, so a poll that finds little stays cheap
 BATCH = 256
 # what `trace` takes after the device (Filter.parse), for help and completion
@@ -99,7 +101,7 @@ class Cursor:
         self.buf = ffi.new("struct us_rec[]", self.batch)
         self.cursors = ffi.new("uint64_t[]", s.nr_queues)
         self._lost = ffi.new("uint64_t *")
-        self._names = {}  # op_flags -> (op, flags): a trace sees few distinct ones
+        self._names = {}  # op_flags -> (op, flags): a device's IO carries few distinct ones
         self.base_ns = int(s.hdr.created_mono_ns)
         for q in range(s.nr_queues):
             head = lib.us_rec_head(s.base, q)
@@ -137,7 +139,10 @@ class Cursor:
                 ffi.buffer(self.buf, n * _REC.size)):
             op_flags_names = names.get(op_flags)
             if op_flags_names is None:
-                op_flags_names = names[op_flags] = (op_name(op_flags), flag_names(op_flags))
+                op_flags_names = (op_name(op_flags), flag_names(op_flags))
+                # the words are the file's: one that holds every value must not grow this forever
+                if len(names) < _NAMES_MAX:
+                    names[op_flags] = op_flags_names
             # the ring it came from, not the record's q_id: a filter on q= must not be lied to
             out.append({"t_ns": t - base, "queue": q, "tag": tag, "op": op_flags_names[0],
                         "flags": list(op_flags_names[1]), "sector": sector, "sectors": sectors,
