@@ -18,7 +18,7 @@ py="$root/.venv/bin/python"
 # recording code) inherit this environment and so run sanitized too. Of the Hypothesis
 # input tests only the one that installs rules through C: the rest is Python, and twice as
 # slow here for nothing.
-tests=(tests/test_records.py tests/test_fault_grammar.py tests/test_fault_engine.py
+tests=(tests/test_records.py tests/test_trace_batch.py tests/test_fault_grammar.py tests/test_fault_engine.py
        tests/test_writelog.py tests/test_shm_input.py tests/test_recovery_args.py
        tests/test_server.py tests/test_server_inproc.py tests/test_fusetree.py
        tests/test_fuse_transport.py

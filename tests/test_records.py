@@ -7,7 +7,8 @@ import pytest
 
 from ublkshell._native import lib
 from ublkshell.observe import shm as shm_mod
-from ublkshell.observe.stats import Filter, Tail, follow, inflight, percentile, snapshot, summarize
+from ublkshell.observe.stats import inflight, percentile, snapshot, summarize
+from ublkshell.observe.trace import Cursor, Filter, follow
 
 READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_FLUSH
 
@@ -54,8 +55,8 @@ def test_percentile_of_empty_histogram_is_zero():
     assert percentile([0] * 10, 99) == 0
 
 
-def test_tail_sees_records_in_order_and_counts_what_it_lost(shm):
-    tail = Tail(shm)
+def test_cursor_sees_records_in_order_and_counts_what_it_lost(shm):
+    tail = Cursor(shm)
     for i in range(10):
         lib.us_shm_record_io(shm.base, 0, i, WRITE, 100 + i, 8, 4096, 10)
     got = tail.poll()

@@ -11,7 +11,7 @@ from ublkshell.errors import UblkError, UsageError
 from ublkshell.devices.recovery import render_kill, render_recover
 from ublkshell.devices.recovery_modes import check_mode, recovery_flags, recovery_mode
 from ublkshell.devices.targets import build_spec
-from ublkshell.verbs import render_add, render_list
+from ublkshell.observe.render import render_add, render_list
 
 REC, REISSUE, FAIL = lib.UBLK_F_USER_RECOVERY, lib.UBLK_F_USER_RECOVERY_REISSUE, lib.UBLK_F_USER_RECOVERY_FAIL_IO
 

@@ -117,7 +117,7 @@ def test_bad_command_is_one_line_and_the_prompt_returns(repl):
         ("stats 'unbalanced", "cannot split the line: No closing quotation"),
         ("stats 12345", "device 12345 has no statistics (not served by ublkshell?)"),
         ("stats", "the following arguments are required: id"),
-        ("top 7 --interval 0", "top: --interval: 0 is outside 0.01..86400"),
+        ("top 7 --interval 0", "top: --interval: 0 is out of range (10ms..24h)"),
     ]:
         out = run(repl, line).strip().splitlines()
         assert out == [f"error: {message}"], (line, out)

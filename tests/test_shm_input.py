@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ublkshell._native import ffi, lib
 from ublkshell.observe.shm import Shm
 from ublkshell.errors import UblkError, UsageError
-from ublkshell.observe.stats import Filter, Tail, format_record, inflight
-from ublkshell.verbs import render_inflight, render_stats, stats_of
+from ublkshell.observe.stats import inflight
+from ublkshell.observe.trace import Cursor, Filter, format_record
+from ublkshell.observe.render import render_inflight, render_stats
+from ublkshell.observe.stats import stats_of
 
 HDR = ffi.sizeof("struct us_shm_hdr")
 WRITE = lib.UBLK_IO_OP_WRITE
@@ -194,7 +196,7 @@ def test_record_and_tag_fields_are_data(tmp_path):
     t = lib.us_shm_tags(s.base, 1)[3]
     t.state, t.op_flags, t.fault, t.t_start_ns = 7, 0xEE, 0xFFFFFF42, (1 << 64) - 1
 
-    got = Tail(s, from_start=True).poll()
+    got = Cursor(s, from_start=True).poll()
     assert [x["queue"] for x in got] == [0]
     assert got[0]["op"] == "op255" and got[0]["tag"] == 0xFFFF
     assert Filter.parse(["q=0"]).match(got[0]) and not Filter.parse(["q=65535"]).match(got[0])
@@ -331,7 +333,7 @@ def test_any_file_is_read_whole_or_refused_in_one_line(fuzz_path, plan):
         render_stats(counted, queues=True)
         for t in inflight(s):
             assert 0 <= t["queue"] < s.nr_queues and 0 <= t["tag"] < s.depth
-        for r in Tail(s, from_start=True).poll():
+        for r in Cursor(s, from_start=True).poll():
             assert 0 <= r["queue"] < s.nr_queues
             format_record(r)
     finally:

@@ -23,14 +23,13 @@ def _one_shot(args) -> int:
 
 def _cmd_trace(args) -> int:
     from .observe.shm import open_device
-    from .observe.stats import Filter, follow, format_record
-    from .units import parse_duration
+    from .observe.trace import TRACE_HEADER, Filter, follow, format_record
     from .validate import check
-    from .verbs import TRACE_ARGS, TRACE_HEADER
+    from .verbs import TRACE_ARGS
 
     a = check("trace", TRACE_ARGS, commands.args_of(args))
     flt = Filter.parse(a["filters"])
-    duration = parse_duration(a["duration"], "--duration", default_unit="s") / 1e9 if a["duration"] else 0.0
+    duration = a["duration"] / 1e9
     s = open_device(a["id"])
     if args.json:
         emit = lambda r: print(json.dumps(r, sort_keys=True), flush=True)  # noqa: E731

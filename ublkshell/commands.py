@@ -7,6 +7,7 @@ from .devices import ids as devids
 from .errors import UsageError
 from .faults.grammar import ACTIONS
 from .faults.verbs import add_parsers as add_fault_parsers
+from .observe.names import MAX_DEPTH
 
 SHELL_ONLY = {
     "top": "refreshing IOPS, MB/s, latency and in-flight per device and queue",
@@ -26,8 +27,6 @@ ID_VERBS |= {"kill", "recover"}
 RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
 TARGETS = ("null", "mem", "loop")
-OPS = ("read", "write", "flush", "discard", "write_zeroes")
-FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted")
 
 EPILOG = """\
 examples:
@@ -86,7 +85,7 @@ def cli_parser() -> argparse.ArgumentParser:
     a.add_argument("-f", "--file", help="loop: the backing file or block device")
     a.add_argument("--size", help="device size, e.g. 512M, 1G (loop: defaults to the file's size)")
     a.add_argument("-q", "--queues", type=int, default=1, help="hardware queues, one thread each (default 1)")
-    a.add_argument("-d", "--depth", type=int, default=128, help="tags per queue, 1..4096 (default 128)")
+    a.add_argument("-d", "--depth", type=int, default=128, help=f"tags per queue, 1..{MAX_DEPTH} (default 128)")
     a.add_argument("-n", "--number", type=int, default=-1,
                    help="device id to ask for (default: any free; with --transport fuse, N asks for fuseN)")
     a.add_argument("--block-size", help="logical block size: 512 (default), 1k, 2k, 4k")
@@ -153,7 +152,7 @@ def cli_parser() -> argparse.ArgumentParser:
     tr.add_argument("filters", nargs="*", metavar="FILTER")
     tr.add_argument("--json", action="store_true", help="one JSON object per line")
     tr.add_argument("--count", type=int, default=0, help="stop after N records")
-    tr.add_argument("--duration", default="", help="stop after this long (e.g. 10s)")
+    tr.add_argument("--duration", default="", help="stop after this long: 10s, 500ms, 1m; a bare number is seconds")
     tr.add_argument("--from-start", action="store_true",
                     help="begin with the records still in the rings, not only new ones")
 
@@ -232,7 +231,8 @@ def shell_parser() -> argparse.ArgumentParser:
                                      "interval, latency since the device started, tags in flight. "
                                      "Ctrl-C returns to the prompt.")
     top.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="devices to show (default: all listed)")
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--interval", default="1s",
+                     help="time between refreshes: 500ms, 2s, 1m; a bare number is seconds (default 1s)")
     info = sub.add_parser("info", help=SHELL_ONLY["info"], description=SHELL_ONLY["info"] + ".")
     info.add_argument("id", type=devids.arg)
     h = sub.add_parser("help", help=SHELL_ONLY["help"], description="List the verbs, or show one verb's help.")

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .devices import ids as devids
 from .errors import UsageError
+from .units import MAX_DURATION_NS, parse_duration
 
 MAX_TEXT = 4096
 MAX_WORDS = 256
@@ -75,6 +76,17 @@ def fraction(lo: float, hi: float):
         if not lo <= value <= hi:
             raise UsageError(f"{label}: {value:g} is outside {lo:g}..{hi:g}")
         return float(value)
+    return conv
+
+
+def duration(default_unit: str | None = None, lo: int = 0, hi: int = MAX_DURATION_NS):
+    """A duration in ns, through the one duration parser (units.py): `500us`, `2s`, `1m`;
+    a bare number only where default_unit says what it counts. "" is none (0)."""
+    def conv(value, label):
+        if _plain_int(value) or isinstance(value, float):
+            value = repr(value)
+        value = text(64)(value, label)
+        return parse_duration(value, label, lo=lo, hi=hi, default_unit=default_unit) if value.strip() else 0
     return conv
 
 

@@ -16,7 +16,6 @@ import trio
 from .. import files
 from ..devices import ids as devids
 from ..errors import UblkError, UsageError
-from ..units import parse_duration
 from ..validate import Arg, check, flag, whole
 from ..verbs import TRACE_ARGS
 from .events import MAX_EVENTS, log, one_line
@@ -242,27 +241,24 @@ class Rpc:
         raise UsageError(f"unknown command {cmd[:40]!r}")
 
     async def _trace(self, conn: Conn, rid, a: dict) -> dict:
-        from ..observe.stats import Filter, Tail
+        from ..observe.trace import Filter, Follow
 
         dev_id = a["id"]
         flt = Filter.parse(a["filters"])
-        duration = parse_duration(a["duration"], "--duration", default_unit="s") if a["duration"] else 0
+        duration = a["duration"]
         s = self.source.shm(dev_id)
         if s is None:
             raise UblkError(f"device {devids.name(dev_id)} has no statistics (not served by ublkshell?)")
-        tail = Tail(s, from_start=a["from_start"])
+        f = Follow(s, flt, count=a["count"], from_start=a["from_start"])
         # tells the client that records from here on will reach it
         if not await conn.send({"id": rid, "started": True}):
             return {}
-        sent = 0
         with trio.move_on_after(duration / 1e9 if duration else math.inf):
             while True:
-                for r in tail.poll():
-                    if flt.match(r):
-                        if not await conn.send({"id": rid, "event": r}):
-                            return {}
-                        sent += 1
-                        if a["count"] and sent >= a["count"]:
-                            return {"lost": tail.lost, "sent": sent}
+                for r in f.poll():
+                    if not await conn.send({"id": rid, "event": r}):
+                        return {}
+                if f.done:
+                    break
                 await trio.sleep(TRACE_POLL_S)
-        return {"lost": tail.lost, "sent": sent}
+        return {"lost": f.lost, "sent": f.shown}

@@ -13,10 +13,14 @@ import errno as _errno
 import math
 import re
 
+from .._native import lib
 from ..errors import UsageError
+from ..observe import names
+from ..observe.names import fault_label  # noqa: F401 (the rule language's name for it)
 from ..units import MAX_DURATION_NS, fmt_duration, parse_duration, parse_size
 
-ACTIONS = {
+# what each action does, for help; which actions exist and their codes are the C side's
+_HELP = {
     "delay": "add latency: `delay 5ms` or uniform `delay 1ms..50ms`",
     "fail": "complete with an error instead of doing the IO (errno=EIO by default)",
     "drop": "acknowledge writes (and flush, discard, write-zeroes) without doing them",
@@ -26,8 +30,9 @@ ACTIONS = {
     "flakey": "dm-flakey: up=DUR down=DUR, while down mode=error fails IO, mode=drop drops writes",
     "badblocks": "dm-dust: reads of the listed sectors fail until they are written again",
 }
-OPS = {"read": 0, "write": 1, "flush": 2, "discard": 3, "write_zeroes": 5}
-OP_NAMES = {v: k for k, v in OPS.items()}
+ACTIONS = {name: _HELP.get(name, "") for name in names.ACTION_CODES}
+OPS = names.OP_CODES
+OP_NAMES = names.OP_NAMES
 WRITE_LIKE = ("write", "flush", "discard", "write_zeroes")
 BAD_OPS = ("read", "write", "write_zeroes")  # reads fail, writes heal
 MAX_DELAY_NS = 60 * 10**9
@@ -37,18 +42,18 @@ U64 = (1 << 64) - 1
 # The bounds of the C fields each word fills (native/faults.h), checked before
 # anything is computed from a number. LBAs stop at 2^63-1 so that the C side's
 # `hi + 1` and sector arithmetic never wrap.
-MAX_LBA = (1 << 63) - 1
+MAX_LBA = names.FAULT_MAX_LBA
 MAX_COUNT = (1 << 63) - 1
 MAX_SECTORS = (1 << 32) - 1
 MAX_ERRNO = 4095
-MAX_QUEUES = 4096  # UBLK_MAX_NR_QUEUES
-MAX_DEPTH = 4096  # UBLK_MAX_QUEUE_DEPTH
+MAX_QUEUES = names.MAX_QUEUES
+MAX_DEPTH = names.MAX_DEPTH
 MAX_SECTOR_BYTES = 4096
 # one rule per listed range, and a device has this many rule slots (US_FAULT_SLOTS)
-MAX_RULES = 256
-# rule->flags (US_FM_*)
-FM_FUA = 1
-FM_LBA = 2
+MAX_RULES = names.FAULT_SLOTS
+# rule->flags
+FM_FUA = lib.US_FM_FUA
+FM_LBA = lib.US_FM_LBA
 # which words each action takes besides the IO match words
 MATCH_WORDS = ("q", "tag", "op", "lba", "size", "fua", "p", "count")
 ACTION_WORDS = {
@@ -312,9 +317,8 @@ def describe(rule: dict) -> str:
 
 
 # -- to and from the shared-memory struct (native/faults.h) -------------------
-_ACTION_CODES = {"delay": 1, "fail": 2, "drop": 3, "corrupt": 4, "torn": 5, "hang": 6,
-                 "flakey": 7, "badblocks": 8}
-ACTION_OF_CODE = {v: k for k, v in _ACTION_CODES.items()}
+_ACTION_CODES = names.ACTION_CODES
+ACTION_OF_CODE = names.ACTION_NAMES
 
 
 def to_struct(rule: dict, r) -> None:
@@ -336,7 +340,7 @@ def to_struct(rule: dict, r) -> None:
         r.t_lo_ns, r.t_hi_ns = rule["delay"]
     elif rule["action"] == "flakey":
         r.t_lo_ns, r.t_hi_ns = rule["up"], rule["down"]
-        r.arg = 1 if rule["mode"] == "drop" else 0
+        r.arg = lib.US_FLAKEY_DROP if rule["mode"] == "drop" else lib.US_FLAKEY_ERROR
     elif rule["action"] == "torn":
         r.arg = rule["sectors"]
 
@@ -355,14 +359,7 @@ def from_struct(r) -> dict:
         rule["delay"] = (int(r.t_lo_ns), int(r.t_hi_ns))
     elif action == "flakey":
         rule["up"], rule["down"] = int(r.t_lo_ns), int(r.t_hi_ns)
-        rule["mode"] = "drop" if r.arg == 1 else "error"
+        rule["mode"] = "drop" if r.arg == lib.US_FLAKEY_DROP else "error"
     elif action == "torn":
         rule["sectors"] = int(r.arg)
     return rule
-
-
-def fault_label(code: int) -> str:
-    """A record's fault field -> `delay#3`."""
-    if not code:
-        return ""
-    return f"{ACTION_OF_CODE.get(code & 0xff, '?')}#{code >> 8}"

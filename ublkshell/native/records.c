@@ -208,20 +208,81 @@ uint64_t us_hist_low(int idx)
 	return ((uint64_t)((1 << US_HIST_SUB_BITS) + m)) << (e - US_HIST_SUB_BITS);
 }
 
-static int op_index(uint32_t op_flags)
-{
-	unsigned op = op_flags & 0xff;
+/*
+ * The names readers show for the codes records.h, faults.h and uapi.h define:
+ * the one place they are spelled. Python reads them through the functions
+ * below (observe/names.py), so every face shows and accepts the same words.
+ */
+static const struct {
+	int		code;	/* UBLK_IO_OP_*, -1: every op the others do not name */
+	const char	*name;
+} op_table[US_NR_OPS] = {
+	{ UBLK_IO_OP_READ, "read" },
+	{ UBLK_IO_OP_WRITE, "write" },
+	{ UBLK_IO_OP_FLUSH, "flush" },
+	{ UBLK_IO_OP_DISCARD, "discard" },
+	{ UBLK_IO_OP_WRITE_ZEROES, "write_zeroes" },
+	[US_OP_OTHER] = { -1, "other" },
+};
 
-	switch (op) {
-	case UBLK_IO_OP_READ: return 0;
-	case UBLK_IO_OP_WRITE: return 1;
-	case UBLK_IO_OP_FLUSH: return 2;
-	case UBLK_IO_OP_DISCARD: return 3;
-	case UBLK_IO_OP_WRITE_ZEROES: return 4;
-	}
-	return US_OP_OTHER;
+static const struct {
+	uint32_t	bit;
+	const char	*name;
+} flag_table[] = {
+	{ UBLK_IO_F_FUA, "fua" },
+	{ UBLK_IO_F_NOUNMAP, "nounmap" },
+	{ UBLK_IO_F_FAILFAST_DEV, "failfast" },
+	{ UBLK_IO_F_META, "meta" },
+	{ UBLK_IO_F_SWAP, "swap" },
+};
+
+static const char *const action_table[] = {
+	[US_FA_DELAY] = "delay",
+	[US_FA_FAIL] = "fail",
+	[US_FA_DROP] = "drop",
+	[US_FA_CORRUPT] = "corrupt",
+	[US_FA_TORN] = "torn",
+	[US_FA_HANG] = "hang",
+	[US_FA_FLAKEY] = "flakey",
+	[US_FA_BAD] = "badblocks",
+};
+
+#define NELEM(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+const char *us_op_name(int idx)
+{
+	return idx >= 0 && idx < US_NR_OPS ? op_table[idx].name : NULL;
 }
 
+int us_op_code(int idx)
+{
+	return idx >= 0 && idx < US_NR_OPS ? op_table[idx].code : -1;
+}
+
+const char *us_io_flag_name(int i)
+{
+	return i >= 0 && i < NELEM(flag_table) ? flag_table[i].name : NULL;
+}
+
+uint32_t us_io_flag_bit(int i)
+{
+	return i >= 0 && i < NELEM(flag_table) ? flag_table[i].bit : 0;
+}
+
+const char *us_fault_action_name(uint32_t action)
+{
+	return action < (uint32_t)NELEM(action_table) ? action_table[action] : NULL;
+}
+
+static int op_index(uint32_t op_flags)
+{
+	int op = op_flags & 0xff, i;
+
+	for (i = 0; i < US_OP_OTHER; i++)
+		if (op_table[i].code == op)
+			return i;
+	return US_OP_OTHER;
+}
 
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io)
 {
@@ -310,6 +371,59 @@ int us_rec_read(void *base, int q_id, uint64_t seq, struct us_rec *out)
 	s2 = __atomic_load_n(&r->seq, __ATOMIC_RELAXED);
 	/* published records only change when the writer laps the reader */
 	return s1 == seq + 1 && s2 == s1 ? 1 : -1;
+}
+
+/*
+ * The batch reader trusts none of the header's words it finds now: a file
+ * rewritten since us_shm_check passed it could name a larger geometry than
+ * was mapped. The geometry is read once, bounded, and must fit in len (the
+ * checked mapping), and the queue and its ring are located from it alone.
+ */
+int us_rec_read_batch(const void *base, uint64_t len, int q_id, uint64_t *cursor,
+		      struct us_rec *out, int max, uint64_t *lost)
+{
+	const struct us_shm_hdr *h = base;
+	const struct us_shm_queue *sq;
+	const struct us_rec *recs, *r;
+	uint32_t nr_queues, depth, entries;
+	uint64_t head, seq, s1, s2;
+	int n = 0;
+
+	if (!base || len < sizeof(*h) || !cursor || !lost || max < 0 || (max && !out))
+		return -EINVAL;
+	nr_queues = RD(h->nr_queues);
+	depth = RD(h->depth);
+	entries = RD(h->rec_entries);
+	if (!geometry_ok(nr_queues, depth, entries) || q_id < 0 || (uint32_t)q_id >= nr_queues ||
+	    us_shm_size(nr_queues, depth, entries) > len)
+		return -EINVAL;
+	sq = (const struct us_shm_queue *)((const char *)base + round8(sizeof(*h)) +
+					   (uint64_t)q_id * queue_stride(depth, entries));
+	recs = (const struct us_rec *)((const char *)sq + recs_off(depth));
+	head = __atomic_load_n(&sq->rec_head, __ATOMIC_ACQUIRE);
+	seq = *cursor;
+	/* a head behind the cursor (a file laid out again) has nothing new for it */
+	if (head <= seq)
+		return 0;
+	if (head - seq > entries) {
+		/* lapped: what the writer overwrote is gone, never waited for */
+		*lost += head - entries - seq;
+		seq = head - entries;
+	}
+	for (; seq < head && n < max; seq++) {
+		r = &recs[seq & (entries - 1)];
+		s1 = __atomic_load_n(&r->seq, __ATOMIC_ACQUIRE);
+		memcpy(&out[n], r, sizeof(*out));
+		__atomic_thread_fence(__ATOMIC_ACQUIRE);
+		s2 = __atomic_load_n(&r->seq, __ATOMIC_RELAXED);
+		/* as us_rec_read: unchanged across the copy, and the record this cursor wants */
+		if (s1 == seq + 1 && s2 == s1)
+			n++;
+		else
+			(*lost)++;
+	}
+	*cursor = seq;
+	return n;
 }
 
 void us_shm_attach(struct us_queue *q, void *base)

@@ -104,9 +104,30 @@ struct us_tag_state *us_shm_tags(void *base, int q_id);
 uint64_t us_rec_head(void *base, int q_id);
 /* 1: *out is record seq; 0: not written yet; -1: overwritten (the reader fell behind) */
 int us_rec_read(void *base, int q_id, uint64_t seq, struct us_rec *out);
+/*
+ * Up to max records of queue q_id, from *cursor on, copied in order into out:
+ * how many (0: nothing new), or -EINVAL (no such queue, or base[0..len) no
+ * longer holds the geometry its header names). A cursor more than a ring
+ * behind jumps to the oldest record still there, and a record overwritten
+ * while it was copied is skipped: both add to *lost. *cursor ends past the
+ * last record looked at. len is the checked mapping's length.
+ */
+int us_rec_read_batch(const void *base, uint64_t len, int q_id, uint64_t *cursor,
+		      struct us_rec *out, int max, uint64_t *lost);
 int us_hist_bucket(uint64_t v);
 uint64_t us_hist_low(int idx);
 uint64_t us_now_ns(void);
+/*
+ * The names of what the headers number (records.c spells them once): stats op
+ * slot idx (0..US_NR_OPS-1) and the UBLK_IO_OP_* it counts (-1: every other
+ * op); IO flag i and its UBLK_IO_F_* bit; fault action US_FA_*. NULL (or -1,
+ * 0) past the end.
+ */
+const char *us_op_name(int idx);
+int us_op_code(int idx);
+const char *us_io_flag_name(int i);
+uint32_t us_io_flag_bit(int i);
+const char *us_fault_action_name(uint32_t action);
 /* one IO through the recording code, without a device (tests) */
 int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint64_t sector,
 		     uint32_t nr_sectors, int32_t result, uint64_t lat_ns);

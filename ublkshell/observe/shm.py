@@ -13,8 +13,6 @@ from .._native import ffi, lib
 from ..errors import UblkError
 
 DEFAULT_RECORDS = 16384
-OPS = ("read", "write", "flush", "discard", "write_zeroes", "other")
-OP_NAMES = {0: "read", 1: "write", 2: "flush", 3: "discard", 5: "write_zeroes"}
 
 
 class Shm:

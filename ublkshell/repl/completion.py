@@ -6,7 +6,9 @@ from prompt_toolkit.document import Document
 
 from ..faults.grammar import ACTION_WORDS, ACTIONS, MATCH_WORDS
 from ..devices import ids as devids
-from ..commands import FILTER_KEYS, ID_VERBS, MULTI_ID_VERBS, OPS, RECOVERY_MODES, TARGETS, VERBS
+from ..commands import ID_VERBS, MULTI_ID_VERBS, RECOVERY_MODES, TARGETS, VERBS
+from ..observe.names import IO_OPS as OPS
+from ..observe.trace import FILTER_KEYS
 
 # words that stand alone or take their value as the next word
 _BARE = {"fua": "fua", "tag": "tag", "lba": "lba"}

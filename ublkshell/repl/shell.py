@@ -162,7 +162,7 @@ class Shell:
         return "\n".join(lines)
 
     def info(self, dev_id: int) -> None:
-        from ..verbs import render_list, render_stats
+        from ..observe.render import render_list, render_stats
 
         try:
             devs = [d for d in self.call("list") if d["id"] == dev_id]
@@ -181,14 +181,12 @@ class Shell:
         self.print(stats)
 
     def trace(self, args) -> None:
-        from ..observe.stats import Filter, format_record
-        from ..units import parse_duration
+        from ..observe.trace import TRACE_HEADER, Filter, format_record
         from ..validate import check
-        from ..verbs import TRACE_ARGS, TRACE_HEADER
+        from ..verbs import TRACE_ARGS
 
-        check("trace", TRACE_ARGS, commands.args_of(args))
+        duration = check("trace", TRACE_ARGS, commands.args_of(args))["duration"] / 1e9
         Filter.parse(args.filters)  # bad filters: one line before the header
-        duration = parse_duration(args.duration, "--duration", default_unit="s") / 1e9 if args.duration else 0.0
         self.call("stats", id=args.id)  # an unknown device: one line before the header
         # its own connection: Ctrl-C closes it and the server stops sending
         c = Client(self.path, timeout=duration or None)
@@ -229,9 +227,9 @@ class Shell:
         return ids, stats, errors
 
     def top(self, args) -> None:
-        from ..validate import fraction
+        from ..validate import duration
 
-        args.interval = fraction(0.01, 86400)(args.interval, "top: --interval")
+        args.interval = duration("s", lo=10**7, hi=86400 * 10**9)(args.interval, "top: --interval") / 1e9
         tty = self.out.isatty()
         try:
             ids, old, _ = self._sample(args.ids)

@@ -9,7 +9,7 @@ same reason: percentiles of different ops do not add up into one."""
 import time
 
 from ..devices import ids as devids
-from ..observe.shm import OPS
+from ..observe.names import OPS
 from ..observe.stats import fmt_ns
 
 CLEAR = "\x1b[H\x1b[2J"

@@ -1,6 +1,6 @@
 """What the stats tree's files hold: one function per file, text for people and a .json
 twin for scripts, each built from the device's registry entry and shared memory with the
-renderers every face shares (verbs.py, observe/). Also what a line written to `faults` does."""
+renderers every face shares (observe/render.py). Also what a line written to `faults` does."""
 import json
 from typing import Protocol
 
@@ -9,10 +9,11 @@ from ... import procs
 from ...devices.ids import stem
 from ...errors import UsageError
 from ...kernel.uapi import feature_names
-from ...observe.shm import OPS, Shm
-from ...observe.stats import fmt_ns, inflight, percentile, snapshot, summarize
+from ...observe.names import OPS
+from ...observe.shm import Shm
+from ...observe.render import hist_bars, pow2_hist, stats_table, tags_table
+from ...observe.stats import fmt_ns, inflight, percentile, snapshot, stats_of, summarize
 from ...units import human
-from ...verbs import hist_bars, pow2_hist, stats_of, stats_table, tags_table
 
 FAULTS_HELP = ("# one rule per line, e.g. `delay 5ms op=write`, `fail lba 2048..4095 op=read`;\n"
                "# `clear`, `clear ID`, `seed N`. Grammar: docs/faults.md\n")

@@ -7,7 +7,7 @@ import pyfuse3
 import trio
 
 from ...observe.shm import Shm
-from ...observe.stats import Tail, format_record
+from ...observe.trace import Cursor, format_record
 
 POLL_S = 0.05
 
@@ -47,7 +47,7 @@ class TraceReader:
 
     def restart(self, s: Shm, from_start: bool = True) -> None:
         # a reader has seen nothing of a restarted daemon's rings: from their start
-        self.s, self.tail, self.reported_lost = s, Tail(s, from_start=from_start), 0
+        self.s, self.cursor, self.reported_lost = s, Cursor(s, from_start=from_start), 0
         self.created = int(s.hdr.created_mono_ns)
 
     async def read(self, size: int, shm_of, exists) -> bytes:
@@ -66,11 +66,11 @@ class TraceReader:
                 tr.restart(s)
                 tr.pending = b"# statistics restarted\n"
                 break
-            recs = tr.tail.poll()
+            recs = tr.cursor.poll()
             lines = []
-            if tr.tail.lost > tr.reported_lost:
-                lines.append(f"# {tr.tail.lost - tr.reported_lost} records lost")
-                tr.reported_lost = tr.tail.lost
+            if tr.cursor.lost > tr.reported_lost:
+                lines.append(f"# {tr.cursor.lost - tr.reported_lost} records lost")
+                tr.reported_lost = tr.cursor.lost
             lines += [format_record(r) for r in recs]
             if lines:
                 tr.pending = ("\n".join(lines) + "\n").encode()
