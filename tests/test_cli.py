@@ -36,7 +36,7 @@ def test_human():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["add", "-t", "bogus", "--size", "1G"], "ublkshell: -t/--type: unknown target 'bogus' (choose from null, mem, loop)"),
+    (["add", "-t", "bogus", "--size", "1G"], "ublkshell: -t/--type: unknown target 'bogus' (choose from null, mem, loop, pattern)"),
     (["add", "-t", "mem"], "ublkshell: --size is required for the mem target (e.g. --size 1G)"),
     (["add", "-t", "mem", "--size", "1Q"], "ublkshell: --size: '1Q' is not a size (try 512, 4k, 64M, 1G)"),
     (["add", "-t", "mem", "--size", "1G", "-d", "4097"], "ublkshell: -d/--depth: 4097 is out of range (1..4096)"),

@@ -42,6 +42,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _targets_help() -> str:
+    from .targets import TARGETS  # read from the native target table: one place names them
+
+    return "; ".join(f"{name}: {t.help}" for name, t in TARGETS.items())
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ublkshell", description="Serve, watch and break Linux ublk block devices. "
                                             "Without a VERB: an interactive shell.",
@@ -60,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "targets as a file in a FUSE mount (device ids fuse0, fuse1, ...), "
                                    "and --loop makes that file a block device (/dev/loopN).")
     a.add_argument("-t", "--type", required=True, metavar="TARGET",
-                   help="null (completes at once, reads zeros), mem (RAM, sparse), loop (a file or block device)")
+                   help=_targets_help())
     a.add_argument("-f", "--file", help="loop: the backing file or block device")
     a.add_argument("--size", help="device size, e.g. 512M, 1G (loop: defaults to the file's size)")
     a.add_argument("-q", "--queues", type=int, default=1, help="hardware queues, one thread each (default 1)")

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 struct us_fuse_cfg {
-	int		target;		/* enum us_target_kind */
+	int		target;		/* index in the target table (us_target_info) */
 	int		backing_fd;	/* mem: its tmpfs file; loop: the backing file; null: -1 */
 	uint64_t	dev_bytes;	/* the disk file's size */
 	unsigned	block_size;

@@ -153,6 +153,12 @@ static void rec_end(struct us_fuse *f, unsigned tag, int result)
 }
 
 /* -- the targets, byte-addressed ------------------------------------------------- */
+static int tgt_is(const struct us_fuse *f, const char *name)
+{
+	const struct us_target_info *t = us_target_info(f->cfg.target);
+
+	return t && !strcmp(t->name, name);
+}
 
 /* how much of [off, off + size) lies on the device: a block device ends where it ends */
 static size_t on_device(const struct us_fuse *f, off_t off, size_t size)
@@ -170,7 +176,7 @@ static int falloc(int fd, int mode, off_t off, off_t len)
 static int do_flush(struct us_fuse *f)
 {
 	/* mem lives in RAM and null has nothing: only a loop file has data to push */
-	if (f->cfg.target != US_TGT_LOOP)
+	if (!tgt_is(f, "loop"))
 		return 0;
 	return fdatasync(f->cfg.backing_fd) < 0 ? -errno : 0;
 }
@@ -179,7 +185,7 @@ static int do_discard(struct us_fuse *f, off_t off, off_t len)
 {
 	int res;
 
-	if (f->cfg.target == US_TGT_NULL)
+	if (tgt_is(f, "null"))
 		return 0;
 	res = falloc(f->cfg.backing_fd, FALLOC_FL_PUNCH_HOLE, off, len);
 	/*
@@ -195,10 +201,10 @@ static int do_write_zeroes(struct us_fuse *f, off_t off, off_t len)
 {
 	int res;
 
-	if (f->cfg.target == US_TGT_NULL)
+	if (tgt_is(f, "null"))
 		return 0;
 	/* tmpfs has no zero range: a hole reads back as zeros there (the mem target's way) */
-	if (f->cfg.target == US_TGT_MEM)
+	if (tgt_is(f, "mem"))
 		return falloc(f->cfg.backing_fd, FALLOC_FL_PUNCH_HOLE, off, len);
 	res = falloc(f->cfg.backing_fd, FALLOC_FL_ZERO_RANGE, off, len);
 	if (res == -EOPNOTSUPP)
@@ -388,7 +394,7 @@ static void fx_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	/* reads at the end are short, then empty */
 	len = on_device(f, off, size);
 	tag = rec_begin(f, UBLK_IO_OP_READ, off, len);
-	if (f->cfg.target == US_TGT_NULL) {
+	if (tgt_is(f, "null")) {
 		rec_end(f, tag, (int)len);
 		reply_zeros(req, f, len);
 		return;
@@ -422,7 +428,7 @@ static void fx_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	tag = rec_begin(f, UBLK_IO_OP_WRITE, off, len ? len : size);
 	if (!len && size)
 		res = -ENOSPC;	/* at or past the end: the disk cannot grow */
-	else if (f->cfg.target == US_TGT_NULL)
+	else if (tgt_is(f, "null"))
 		res = (int)len;
 	else if ((res = us_pwrite_full(f->cfg.backing_fd, buf, len, off)) == 0)
 		res = (int)len;

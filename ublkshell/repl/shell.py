@@ -34,7 +34,13 @@ ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VE
 ID_VERBS |= {"kill", "recover"}
 RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
-TARGETS = ("null", "mem", "loop")
+def _target_names() -> tuple:
+    from ..targets import TARGETS as table  # the native target table names them
+
+    return tuple(table)
+
+
+TARGETS = _target_names()
 OPS = ("read", "write", "flush", "discard", "write_zeroes")
 FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted")
 HISTORY = "~/.ublkshell_history"

@@ -1,0 +1,38 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The one registration table of targets (contract: target.h). A device's
+ * cfg.target is an index into it; Python learns names, options and flags
+ * from it through us_target_info, so a new target is its file plus one line.
+ */
+#include <stddef.h>
+
+#include "ushell.h"
+
+extern const struct us_target_type us_target_null, us_target_mem, us_target_loop,
+	us_target_pattern;
+
+const struct us_target_type *const us_targets[] = {
+	&us_target_null,
+	&us_target_mem,
+	&us_target_loop,
+	&us_target_pattern,
+	NULL,
+};
+
+const struct us_target_type *us_target_type(int idx)
+{
+	int i;
+
+	/* walk rather than index: idx comes from Python and the table's length is its NULL */
+	for (i = 0; us_targets[i]; i++)
+		if (i == idx)
+			return us_targets[i];
+	return NULL;
+}
+
+const struct us_target_info *us_target_info(int idx)
+{
+	const struct us_target_type *t = us_target_type(idx);
+
+	return t ? &t->info : NULL;
+}
