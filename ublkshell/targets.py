@@ -263,9 +263,8 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
     spec["max_io"] = mio
     if "size" in spec and spec["size"] % bs:
         raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
-    if transport == "fuse" and (powercut or no_records):
-        raise UsageError(f"--{'powercut' if powercut else 'no-records'} is for ublk devices, "
-                         "not the FUSE transport")
+    if transport == "fuse" and no_records:
+        raise UsageError("--no-records is for ublk devices, not the FUSE transport")
     if no_records:
         spec["no_records"] = True
     if powercut:
@@ -278,7 +277,8 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
 
     mode = check_mode(recovery)
     if mode and transport == "fuse":
-        raise UsageError("--recovery is the kernel's ublk recovery: not for the FUSE transport")
+        raise UsageError("--recovery is ublk's: its kernel driver holds IO while no daemon serves; a FUSE "
+                         "connection ends with its daemon, so there is nothing to recover")
     if mode:
         spec["recovery"] = mode
     return spec
