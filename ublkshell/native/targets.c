@@ -8,14 +8,21 @@
 
 #include "ushell.h"
 
-extern const struct us_target_type us_target_null, us_target_mem, us_target_loop,
-	us_target_pattern;
+/* every target, by the name its file defines (us_target_NAME): a new target is one line here */
+#define US_TARGETS(X) \
+	X(null) \
+	X(mem) \
+	X(loop) \
+	X(pattern) \
+	/* a new target: X(NAME) \ on a line of its own above this one */
+
+#define US_TARGET_DECLARE(n) extern const struct us_target_type us_target_##n;
+#define US_TARGET_ENTRY(n) &us_target_##n,
+
+US_TARGETS(US_TARGET_DECLARE)
 
 const struct us_target_type *const us_targets[] = {
-	&us_target_null,
-	&us_target_mem,
-	&us_target_loop,
-	&us_target_pattern,
+	US_TARGETS(US_TARGET_ENTRY)
 	NULL,
 };
 
