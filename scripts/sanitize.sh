@@ -15,13 +15,14 @@ py="$root/.venv/bin/python"
 # fault rule engine and its grammar, the power-cut write log, crafted statistics files, a
 # daemon's statistics taken over on recovery, the server and the FUSE stats tree over real
 # statistics, and the FUSE transport, whose daemons (native libfuse3 handlers, the same
-# recording code) inherit this environment and so run sanitized too. Of the Hypothesis
+# recording code) inherit this environment and so run sanitized too, with fault rules and power
+# cuts through the shared pipeline (test_fuse_faults.py). Of the Hypothesis
 # input tests only the one that installs rules through C: the rest is Python, and twice as
 # slow here for nothing.
 tests=(tests/test_records.py tests/test_trace_batch.py tests/test_fault_grammar.py tests/test_fault_engine.py
        tests/test_writelog.py tests/test_shm_input.py tests/test_recovery_args.py
        tests/test_server.py tests/test_server_inproc.py tests/test_fusetree.py
-       tests/test_fuse_transport.py
+       tests/test_fuse_transport.py tests/test_fuse_faults.py
        tests/test_inputs_fuzz.py::test_rule_lines_parse_to_rules_that_fit_and_round_trip)
 
 die() { echo "sanitize: $*" >&2; exit 1; }

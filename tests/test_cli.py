@@ -36,7 +36,7 @@ def test_human():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["add", "-t", "bogus", "--size", "1G"], "ublkshell: -t/--type: unknown target 'bogus' (choose from null, mem, loop)"),
+    (["add", "-t", "bogus", "--size", "1G"], "ublkshell: -t/--type: unknown target 'bogus' (choose from null, mem, loop, pattern)"),
     (["add", "-t", "mem"], "ublkshell: --size is required for the mem target (e.g. --size 1G)"),
     (["add", "-t", "mem", "--size", "1Q"], "ublkshell: --size: '1Q' is not a size (try 512, 4k, 64M, 1G)"),
     (["add", "-t", "mem", "--size", "1G", "-d", "4097"], "ublkshell: -d/--depth: 4097 is out of range (1..4096)"),
@@ -60,12 +60,13 @@ def test_human():
     (["recover", "x"], "ublkshell: argument ID: 'x' is not a device id (a number like 0, or fuseN for a FUSE device)"),
     (["kill", "0", "1"], "ublkshell: unrecognized arguments: 1"),
     (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--recovery"],
-     "ublkshell: --recovery is the kernel's ublk recovery: not for the FUSE transport"),
+     "ublkshell: --recovery is ublk's: its kernel driver holds IO while no daemon serves; a FUSE "
+     "connection ends with its daemon, so there is nothing to recover"),
     # faults and power cuts
     (["add", "-t", "null", "--size", "1G", "--powercut"],
      "ublkshell: --powercut needs a target that stores data (mem, loop), not null"),
-    (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--powercut"],
-     "ublkshell: --powercut is for ublk devices, not the FUSE transport"),
+    (["add", "--transport", "fuse", "-t", "pattern", "--size", "1G", "--powercut"],
+     "ublkshell: --powercut needs a target that stores data (mem, loop), not pattern"),
     (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--no-records"],
      "ublkshell: --no-records is for ublk devices, not the FUSE transport"),
     (["powercut", "0", "--keep", "2"], "ublkshell: --keep: 2 is outside 0..1"),

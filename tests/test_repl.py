@@ -267,7 +267,7 @@ def test_completion_candidates(monkeypatch):
     monkeypatch.setattr(sh, "device_ids", lambda: [0, 7, 12])
     assert candidates(sh, [], "st") == ["stats"]
     assert candidates(sh, [], "in") == ["inflight", "info"]
-    assert candidates(sh, ["add", "-t"], "") == ["null", "mem", "loop"]
+    assert candidates(sh, ["add", "-t"], "") == ["null", "mem", "loop", "pattern"]
     assert candidates(sh, ["add", "--type"], "m") == ["mem"]
     assert "--depth" in candidates(sh, ["add"], "--d") and "--json" in candidates(sh, ["stats", "7"], "-")
     assert candidates(sh, ["stats"], "") == ["0", "7", "12"]

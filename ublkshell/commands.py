@@ -4,6 +4,7 @@ are then checked once more, by the same rules for every face, in verbs.call (val
 import argparse
 
 from .devices import ids as devids
+from .devices.targets import TARGETS as target_table
 from .errors import UsageError
 from .faults.grammar import ACTIONS
 from .faults.verbs import add_parsers as add_fault_parsers
@@ -26,7 +27,7 @@ ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VE
 ID_VERBS |= {"kill", "recover"}
 RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
-TARGETS = ("null", "mem", "loop")
+TARGETS = tuple(target_table)  # the native target table names them (native/targets.c)
 
 EPILOG = """\
 examples:
@@ -81,7 +82,7 @@ def cli_parser() -> argparse.ArgumentParser:
                                    "targets as a file in a FUSE mount (device ids fuse0, fuse1, ...), "
                                    "and --loop makes that file a block device (/dev/loopN).")
     a.add_argument("-t", "--type", required=True, metavar="TARGET",
-                   help="null (completes at once, reads zeros), mem (RAM, sparse), loop (a file or block device)")
+                   help="; ".join(f"{name}: {t.help}" for name, t in target_table.items()))
     a.add_argument("-f", "--file", help="loop: the backing file or block device")
     a.add_argument("--size", help="device size, e.g. 512M, 1G (loop: defaults to the file's size)")
     a.add_argument("-q", "--queues", type=int, default=1, help="hardware queues, one thread each (default 1)")

@@ -108,3 +108,19 @@ def test_features_names_what_the_kernel_says(devices):
     assert js["features"]["cmd_ioctl_encode"] and js["features"]["user_recovery"]
     text = cli("features").stdout
     assert f"0x{js['mask']:x}" in text
+
+
+def pattern_bytes(offset: int, nbytes: int) -> bytes:
+    """What the pattern target reads: every 8-byte word is its own byte offset, big-endian."""
+    return b"".join((offset + i).to_bytes(8, "big") for i in range(0, nbytes, 8))
+
+
+@pytest.mark.parametrize("queues,depth", [(1, 128), (2, 1)])
+def test_pattern_reads_its_offsets_and_is_read_only(devices, queues, depth):
+    dev = devices.add("-t", "pattern", "--size", "64M", "-q", str(queues), "-d", str(depth))
+    assert pread_direct(dev["path"], 1 << 20, 5 << 20) == pattern_bytes(5 << 20, 1 << 20)
+    assert pread_direct(dev["path"], 4096, (64 << 20) - 4096) == pattern_bytes((64 << 20) - 4096, 4096)
+    with open(f"/sys/block/{os.path.basename(dev['path'])}/ro") as f:
+        assert f.read().strip() == "1"
+    with pytest.raises(OSError):
+        pwrite_direct(dev["path"], bytes(4096), 0)

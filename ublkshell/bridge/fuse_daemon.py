@@ -31,6 +31,7 @@ from ..observe import shm
 # FUSE worker threads: the host has few cores and each request is a short copy
 MAX_THREADS = 16
 _stop = []
+_powercut = []
 
 
 def _on_signal(signum, frame):
@@ -89,6 +90,11 @@ class FuseDaemon:
         cfg.depth = depth
         cfg.max_threads = min(depth, MAX_THREADS)
         cfg.shm = self.stats.base
+        cfg.backing_bytes = self.target.backing_bytes
+        cfg.backing_in_memory = 1 if getattr(self.target, "in_memory", False) else 0
+        if spec.get("powercut"):
+            cfg.write_log_bytes = int(spec["powercut"])
+            cfg.write_log_fd = self.target.write_log_fd()
         err = ffi.new("char[256]")
         self.fuse = lib.us_fuse_start(cfg, self.mount.encode(), f"ublkshell-{self.name}".encode(),
                                       err, len(err))
@@ -128,6 +134,8 @@ class FuseDaemon:
     def serve(self) -> int:
         """Wait for a stop signal, or for the mount to go away under us."""
         while not _stop:
+            if _powercut:
+                self.powercut()
             if lib.us_fuse_wait(self.fuse, 200):
                 _log(f"{self.name}: the FUSE session ended (unmounted or aborted from outside)")
                 self.teardown(delete=False)
@@ -136,7 +144,23 @@ class FuseDaemon:
         self.teardown(delete=True)
         return 0
 
+    def powercut(self) -> None:
+        """SIGUSR1 (faults/powercut.py): as bridge/daemon.py's, through the FUSE queue."""
+        area = self.stats.fault_area()
+        keep = int(area.powercut_keep) if area != ffi.NULL else 0
+        n = lib.us_fuse_powercut(self.fuse, keep, int(area.seed) if area != ffi.NULL else 0, area)
+        if n < 0:
+            _log(f"{self.name}: powercut: {os.strerror(-n)}")
+        else:
+            _log(f"{self.name}: powercut: {n} unflushed writes undone, "
+                 f"{int(area.pc_kept)} kept; dying without a word")
+        # like a machine losing power: no unmount, no loop detach; `del` cleans up
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def teardown(self, delete: bool) -> None:
+        # the IO first: hung or delayed IO ends (EIO) so the loop device's detach cannot wait on it
+        if self.fuse != ffi.NULL:
+            lib.us_fuse_stop_io(self.fuse)
         # the loop device first: releasing it still goes through our (running) session
         if self.loopdev:
             try:
@@ -163,11 +187,15 @@ class FuseDaemon:
             _log(f"{self.name}: deleted")
 
 
+def _on_powercut(signum, frame):
+    _powercut.append(signum)
+
+
 def main(argv=None) -> int:
     from .daemon import daemon_main
 
     stop = {s: _on_signal for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    return daemon_main(argv, "ublkshell-fuse-daemon", FuseDaemon, stop)
+    return daemon_main(argv, "ublkshell-fuse-daemon", FuseDaemon, {**stop, signal.SIGUSR1: _on_powercut})
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def loop_seq(loopdev: str):
 
 def attach_loop(path: str, block_size: int) -> tuple[str, int | None]:
     """losetup the disk file; returns the loop device and its diskseq (what proves it ours later)."""
-    cmd = ["losetup", "--find", "--show", "--sector-size", str(block_size), path]
+    # direct IO: no second page cache under the loop device, and its requests reach the FUSE
+    # queue concurrently (buffered, the loop worker serves them one at a time)
+    cmd = ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", str(block_size), path]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     except FileNotFoundError:

@@ -1,8 +1,11 @@
-"""The built-in targets, Python half: validate options, open the backing store,
-choose device parameters. The IO itself is C (native/target_*.c).
+"""The targets, Python half: validate options, open the backing store, choose
+device parameters. The IO itself is C (native/target_*.c), and the C table
+(native/targets.c) is the list of targets: its entries say which options a
+target takes and where its data lives (us_target_info).
 
-Adding a target is one C file with a `struct us_target_ops` plus one class
-here registered in TARGETS.
+The classes here are per kind of backing store, not per target: what Python
+has to open (nothing, a mem file, the user's file). A new target with one of
+those kinds needs nothing here (docs/design.md, "How to write the next target").
 """
 import fcntl
 import os
@@ -12,7 +15,7 @@ import struct
 from . import ids as devids
 from .paths import mem_path
 from .. import files
-from .._native import lib
+from .._native import ffi, lib
 from ..errors import UblkError, UsageError
 from ..units import parse_size
 from .recovery_modes import check_mode
@@ -22,9 +25,12 @@ _BLKSSZGET = 0x1268
 
 
 class Target:
+    """A target whose data lives nowhere (null, pattern): only a size."""
     name = ""
-    kind = -1
+    kind = -1   # index in the C table
     needs_size = True
+    read_only = False
+    help = ""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -73,6 +79,8 @@ class Target:
         p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_DISCARD
         # a volatile cache + FUA so that FLUSH and FUA reach the target
         p.basic.attrs = lib.UBLK_ATTR_VOLATILE_CACHE | lib.UBLK_ATTR_FUA
+        if self.read_only:
+            p.basic.attrs |= lib.UBLK_ATTR_READ_ONLY
         p.basic.logical_bs_shift = shift
         p.basic.physical_bs_shift = max(shift, 12)
         p.basic.io_min_shift = shift
@@ -85,14 +93,10 @@ class Target:
         p.discard.max_discard_segments = 1
 
 
-class NullTarget(Target):
-    name = "null"
-    kind = lib.US_TGT_NULL
 
 
 class MemTarget(Target):
-    name = "mem"
-    kind = lib.US_TGT_MEM
+    """Data in a tmpfs file of the data dir that outlives the daemon (recovery)."""
 
     def attach(self, dev_id: int) -> None:
         path = mem_path(dev_id)
@@ -125,15 +129,14 @@ class MemTarget(Target):
 
 
 class LoopTarget(Target):
-    name = "loop"
-    kind = lib.US_TGT_LOOP
+    """Data in the user's file or block device (-f)."""
     needs_size = False
 
     @classmethod
     def validate(cls, spec: dict) -> None:
         path = spec.get("file")
         if not path:
-            raise UsageError("the loop target needs a backing file: -f/--file PATH")
+            raise UsageError(f"the {cls.name} target needs a backing file: -f/--file PATH")
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -180,7 +183,7 @@ class LoopTarget(Target):
         self.in_memory = bool(lib.us_fd_in_memory(fd))
 
     def describe(self) -> str:
-        return f"loop {self.spec['file']}"
+        return f"{self.name} {self.spec['file']}"
 
     def write_log_fd(self) -> int:
         # the IO fd may be O_DIRECT, whose alignment rules the log's reads need not follow
@@ -197,7 +200,27 @@ class LoopTarget(Target):
         return {"direct_io": self.direct, "in_memory": self.in_memory}
 
 
-TARGETS = {t.name: t for t in (NullTarget, MemTarget, LoopTarget)}
+_BACKING = {lib.US_BACKING_NONE: Target, lib.US_BACKING_MEM: MemTarget, lib.US_BACKING_FILE: LoopTarget}
+
+
+def _from_table() -> dict:
+    """{name: class} for every target in the C table, each a subclass of its backing's class."""
+    out, i = {}, 0
+    while (info := lib.us_target_info(i)) != ffi.NULL:
+        name = ffi.string(info.name).decode()
+        base = _BACKING.get(info.backing)
+        if base is None:
+            raise RuntimeError(f"target {name}: backing {info.backing} has no Python side")
+        out[name] = type(f"{name.title()}Target", (base,), {
+            "name": name, "kind": i, "help": ffi.string(info.help).decode() if info.help else "",
+            "needs_size": bool(info.options & lib.US_OPT_SIZE),
+            "read_only": bool(info.flags & lib.US_TGT_F_READ_ONLY),
+            "stores_data": info.backing != lib.US_BACKING_NONE})
+        i += 1
+    return out
+
+
+TARGETS = _from_table()
 
 
 POWERCUT_LOG = 256 << 20
@@ -239,20 +262,21 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
     spec["max_io"] = mio
     if "size" in spec and spec["size"] % bs:
         raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
-    if transport == "fuse" and (powercut or no_records):
-        raise UsageError(f"--{'powercut' if powercut else 'no-records'} is for ublk devices, "
-                         "not the FUSE transport")
+    if transport == "fuse" and no_records:
+        raise UsageError("--no-records is for ublk devices, not the FUSE transport")
     if no_records:
         spec["no_records"] = True
     if powercut:
-        if target == "null":
-            raise UsageError("--powercut needs a target that stores data (mem, loop), not null")
+        if not TARGETS[target].stores_data:
+            keep = ", ".join(n for n, t in TARGETS.items() if t.stores_data)
+            raise UsageError(f"--powercut needs a target that stores data ({keep}), not {target}")
         spec["powercut"] = POWERCUT_LOG
     TARGETS[target].validate(spec)
 
     mode = check_mode(recovery)
     if mode and transport == "fuse":
-        raise UsageError("--recovery is the kernel's ublk recovery: not for the FUSE transport")
+        raise UsageError("--recovery is ublk's: its kernel driver holds IO while no daemon serves; a FUSE "
+                         "connection ends with its daemon, so there is nothing to recover")
     if mode:
         spec["recovery"] = mode
     return spec

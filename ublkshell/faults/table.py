@@ -12,17 +12,12 @@ from contextlib import contextmanager
 from .._native import ffi, lib
 from ..devices.paths import stats_path
 from ..observe.shm import Shm
-from ..devices import ids as devids
 from ..errors import UblkError
 from . import grammar
 
 
 @contextmanager
 def locked(dev_id: int):
-    if devids.is_fuse(dev_id):
-        # its handlers run no fault rules: accepting one would be a silent no-op
-        raise UblkError(f"{devids.name(dev_id)}: fault injection is for ublk devices; "
-                        "the FUSE transport has none")
     path = stats_path(dev_id)
     try:
         # Shm opens and checks the file (no symlink, no device node, the exact layout) before

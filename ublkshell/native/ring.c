@@ -28,19 +28,6 @@ static size_t page_round(size_t n)
 	return (n + pg - 1) & ~(pg - 1);
 }
 
-struct io_uring_sqe *us_get_sqe(struct us_queue *q)
-{
-	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
-
-	if (!sqe) {
-		io_uring_submit(&q->ring);
-		sqe = io_uring_get_sqe(&q->ring);
-	}
-	if (sqe)
-		us_sqe128_zero(sqe);
-	return sqe;
-}
-
 static void prep_uring_cmd(struct us_queue *q, struct io_uring_sqe *sqe, unsigned tag, unsigned op,
 			   int result, unsigned kind)
 {
@@ -71,7 +58,7 @@ static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int r
 	prep_uring_cmd(q, sqe, tag, op, result, UD_CMD);
 }
 
-void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result)
+static void ublk_link(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result)
 {
 	struct us_io *io = &q->ios[tag];
 	/*
@@ -91,82 +78,31 @@ void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head,
 	prep_uring_cmd(q, sqe, tag, q->dev->op_commit, result, UD_LINKED);
 }
 
-static void commit(struct us_queue *q, unsigned tag, int result)
+static void ublk_complete(struct us_queue *q, unsigned tag, int result)
 {
-	struct us_io *io = &q->ios[tag];
-
-	if (io->fh.action)
-		result = us_fault_finish(q, tag, io, result);
-	if (q->dev->wlog)
-		us_wlog_end(q, io, result);
-	us_rec_end(q, tag, io, result);
 	queue_uring_cmd(q, tag, q->dev->op_commit, result);
-}
-
-void us_start_target(struct us_queue *q, unsigned tag)
-{
-	int r;
-
-	if (q->dev->wlog)
-		us_wlog_begin(q, &q->ios[tag]);
-	r = q->dev->tgt->queue_io(q, tag, &q->ios[tag]);
-
-	if (r != US_QUEUED)
-		commit(q, tag, r);
 }
 
 static void serve(struct us_queue *q, unsigned tag)
 {
 	const struct ublksrv_io_desc *iod = &q->iods[tag];
 	struct us_io *io = &q->ios[tag];
-	int r;
 
 	io->op_flags = iod->op_flags;
 	io->nr_sectors = iod->nr_sectors;
 	io->start_sector = iod->start_sector;
-	io->done = 0;
-	io->attempt = 0;
-	io->fault = 0;
-	us_rec_begin(q, tag, io);
-	r = us_fault_start(q, tag, io);
-	if (r == US_FAULT_PASS)
-		us_start_target(q, tag);
-	else if (r != US_QUEUED)
-		commit(q, tag, r);
+	us_io_start(q, tag);
 }
 
-static void handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
+/* the driver's answers to our commands, and the stop poll */
+static void ublk_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 {
 	unsigned tag = us_ud_tag(cqe->user_data);
-	int r;
 
 	switch (us_ud_kind(cqe->user_data)) {
 	case UD_STOP:
 		q->stopping = 2;
 		return;
-	case UD_DELAY:
-		q->tgt_inflight--;
-		/* cancelled: the ring is going away and the driver aborts the request */
-		if (cqe->res != -ECANCELED)
-			us_start_target(q, tag);
-		return;
-	case UD_TICK:
-		us_fault_tick(q);
-		return;
-	case UD_TGT: {
-		struct us_io *io = &q->ios[tag];
-		int link_ok = io->linked && cqe->res == io->link_expect;
-
-		q->tgt_inflight--;
-		/* a failed or short head cancels the linked commit: commit the real result later */
-		io->linked = 0;
-		r = q->dev->tgt->io_done(q, tag, io, cqe->res);
-		if (link_ok)
-			us_rec_end(q, tag, io, io->link_expect);
-		else if (r != US_QUEUED)
-			commit(q, tag, r);
-		return;
-	}
 	case UD_LINKED:
 		if (cqe->res == -ECANCELED) {
 			q->cmd_inflight--;
@@ -189,18 +125,19 @@ static void handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 	}
 }
 
+static const struct us_frontend ublk_frontend = {
+	.name = "ublk",
+	.complete = ublk_complete,
+	.link = ublk_link,
+	.cqe = ublk_cqe,
+};
+
 static int queue_setup(struct us_queue *q)
 {
 	struct us_dev *d = q->dev;
 	const struct us_dev_cfg *c = &d->cfg;
-	struct io_uring_params p;
-	/*
-	 * a tag has at most one command and one target SQE (or delay timeout) in
-	 * flight, plus the stop poll and the hung-IO timer
-	 */
-	unsigned entries = 2 * c->depth + 3;
 	size_t stride;
-	int ret, i;
+	int ret;
 
 	if (q->cpu >= 0) {
 		cpu_set_t set;
@@ -211,29 +148,10 @@ static int queue_setup(struct us_queue *q)
 		sched_setaffinity(0, sizeof(set), &set);
 	}
 
-	memset(&p, 0, sizeof(p));
-	p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN |
-		IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
-	p.cq_entries = 2 * entries;
-	ret = io_uring_queue_init_params(entries, &q->ring, &p);
-	if (ret == -EINVAL) {
-		/* kernels before 6.1 know no DEFER_TASKRUN */
-		memset(&p, 0, sizeof(p));
-		p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
-		p.cq_entries = 2 * entries;
-		ret = io_uring_queue_init_params(entries, &q->ring, &p);
-	}
-	if (ret < 0)
+	/* the stop poll and the hung-IO timer besides the IOs */
+	ret = us_queue_init(q, 3);
+	if (ret)
 		return ret;
-	q->ring_ok = 1;
-
-	/* fixed files and a registered ring fd spare an fget/fput per SQE and per enter */
-	{
-		int fds[2] = { c->cdev_fd, c->backing_fd };
-
-		q->fixed_files = io_uring_register_files(&q->ring, fds, c->backing_fd >= 0 ? 2 : 1) == 0;
-	}
-	io_uring_register_ring_fd(&q->ring);
 
 	/* the driver lays the queues out at a stride sized for the largest depth */
 	stride = page_round(UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc));
@@ -244,22 +162,7 @@ static int queue_setup(struct us_queue *q)
 		q->iods = NULL;
 		return -errno;
 	}
-
-	q->ios = calloc(c->depth, sizeof(*q->ios));
-	if (!q->ios)
-		return -ENOMEM;
-	q->bufs_len = (size_t)c->depth * c->max_io_bytes;
-	q->bufs = mmap(NULL, q->bufs_len, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (q->bufs == MAP_FAILED) {
-		q->bufs = NULL;
-		return -ENOMEM;
-	}
-	for (i = 0; i < c->depth; i++)
-		q->ios[i].buf = q->bufs + (size_t)i * c->max_io_bytes;
-	if (c->shm && !c->no_records)
-		us_shm_attach(q, c->shm);
-	return c->shm ? us_fault_attach(q, c->shm) : 0;
+	return 0;
 }
 
 static int queue_stop_poll(struct us_queue *q)
@@ -300,7 +203,7 @@ static void queue_loop(struct us_queue *q)
 			break;
 		}
 		io_uring_for_each_cqe(&q->ring, head, cqe) {
-			handle_cqe(q, cqe);
+			us_handle_cqe(q, cqe);
 			n++;
 		}
 		io_uring_cq_advance(&q->ring, n);
@@ -310,21 +213,10 @@ static void queue_loop(struct us_queue *q)
 static void queue_teardown(struct us_queue *q)
 {
 	/* exiting the ring cancels what is still outstanding: the driver sees an abort */
-	if (q->ring_ok)
-		io_uring_queue_exit(&q->ring);
-	q->ring_ok = 0;
+	us_queue_exit(q);
 	if (q->iods)
 		munmap((void *)q->iods, q->iods_len);
 	q->iods = NULL;
-	if (q->bufs)
-		munmap(q->bufs, q->bufs_len);
-	q->bufs = NULL;
-	free(q->ios);
-	q->ios = NULL;
-	if (q->fa && q->nr_hung)
-		__atomic_fetch_sub(&q->fa->hung, q->nr_hung, __ATOMIC_RELAXED);
-	q->nr_hung = 0;
-	us_fault_detach(q);
 }
 
 static void *queue_thread(void *arg)
@@ -353,16 +245,6 @@ static void *queue_thread(void *arg)
 	d->nr_exited++;
 	pthread_cond_broadcast(&d->cond);
 	pthread_mutex_unlock(&d->lock);
-	return NULL;
-}
-
-static const struct us_target_ops *target_ops(int kind)
-{
-	switch (kind) {
-	case US_TGT_NULL: return &us_target_null;
-	case US_TGT_MEM: return &us_target_mem;
-	case US_TGT_LOOP: return &us_target_loop;
-	}
 	return NULL;
 }
 
@@ -397,7 +279,7 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 
 	*err = 0;
 	if (cfg->nr_queues < 1 || cfg->depth < 1 || cfg->depth > UBLK_MAX_QUEUE_DEPTH ||
-	    cfg->max_io_bytes < 512 || !target_ops(cfg->target)) {
+	    cfg->max_io_bytes < 512 || !us_target_type(cfg->target)) {
 		*err = -EINVAL;
 		return NULL;
 	}
@@ -407,19 +289,26 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 		return NULL;
 	}
 	d->cfg = *cfg;
-	d->tgt = target_ops(cfg->target);
+	d->fe = &ublk_frontend;
+	*err = us_dev_target_init(d);
+	if (*err) {
+		free(d);
+		return NULL;
+	}
 	d->op_fetch = cfg->ioctl_encode ? UBLK_U_IO_FETCH_REQ : UBLK_IO_FETCH_REQ;
 	d->op_commit = cfg->ioctl_encode ? UBLK_U_IO_COMMIT_AND_FETCH_REQ :
 		UBLK_IO_COMMIT_AND_FETCH_REQ;
 	d->stop_efd = eventfd(0, EFD_CLOEXEC);
 	if (d->stop_efd < 0) {
 		*err = -errno;
+		us_dev_target_deinit(d);
 		free(d);
 		return NULL;
 	}
 	*err = -sync_init(d);
 	if (*err) {
 		close(d->stop_efd);
+		us_dev_target_deinit(d);
 		free(d);
 		return NULL;
 	}
@@ -430,6 +319,7 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 			close(d->stop_efd);
 			pthread_mutex_destroy(&d->lock);
 			pthread_cond_destroy(&d->cond);
+			us_dev_target_deinit(d);
 			free(d);
 			return NULL;
 		}
@@ -469,6 +359,7 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 		us_wlog_free(d->wlog);
 		pthread_mutex_destroy(&d->lock);
 		pthread_cond_destroy(&d->cond);
+		us_dev_target_deinit(d);
 		free(d);
 		return NULL;
 	}
@@ -516,7 +407,9 @@ void us_dev_free(struct us_dev *d)
 		pthread_join(d->q[i].thr, NULL);
 	close(d->stop_efd);
 	us_wlog_free(d->wlog);
+	us_dev_target_deinit(d);
 	pthread_mutex_destroy(&d->lock);
 	pthread_cond_destroy(&d->cond);
-	free(d);
+	us_dev_target_deinit(d);
+		free(d);
 }

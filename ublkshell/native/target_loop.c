@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * loop: a file or block device, through io_uring on the queue's own ring.
- * FLUSH -> fdatasync, FUA -> RWF_DSYNC on the write, DISCARD -> punch a hole,
+ * FLUSH -> fdatasync, FUA -> RWF_DSYNC on the write, DISCARD -> punch a hole
+ * (zero range where the store cannot punch: the FUSE front end's punch must read zeros),
  * WRITE_ZEROES -> zero range (punch when the request allows unmapping).
  * Reads at or past the backing file's end return zeros. Files on tmpfs are
  * served synchronously in the queue thread.
@@ -52,8 +53,9 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 		io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
 		break;
 	case UBLK_IO_OP_DISCARD:
-		io_uring_prep_fallocate(sqe, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-					off, len);
+		/* attempt 1: the store cannot punch; zeroing keeps a discarded range from reading stale */
+		io_uring_prep_fallocate(sqe, fd, (io->attempt ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE) |
+					FALLOC_FL_KEEP_SIZE, off, len);
 		break;
 	case UBLK_IO_OP_WRITE_ZEROES:
 		/* attempt 0 follows the request's wish, attempt 1 tries the other way */
@@ -75,6 +77,11 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 	if (link)
 		us_link_commit(q, tag, sqe, op <= UBLK_IO_OP_WRITE ? (int)len : 0);
 	return US_QUEUED;
+}
+
+static int loop_init(struct us_dev *d)
+{
+	return d->cfg.backing_fd >= 0 ? 0 : -EINVAL;
 }
 
 static int loop_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
@@ -116,7 +123,11 @@ static int loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int 
 		io->done += res;
 		return io->done < len ? loop_submit(q, tag, io) : (int)len;
 	case UBLK_IO_OP_DISCARD:
-		/* discard is advisory: a backing store that cannot punch just keeps the data */
+		if (res == -EOPNOTSUPP && !io->attempt) {
+			io->attempt = 1;
+			return loop_submit(q, tag, io);
+		}
+		/* discard is advisory: a store that can neither punch nor zero keeps the data */
 		return res == -EOPNOTSUPP ? 0 : (res < 0 ? res : 0);
 	case UBLK_IO_OP_WRITE_ZEROES:
 		if (res == -EOPNOTSUPP && !io->attempt) {
@@ -129,8 +140,16 @@ static int loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int 
 	return res < 0 ? res : 0;
 }
 
-const struct us_target_ops us_target_loop = {
-	.name = "loop",
+const struct us_target_type us_target_loop = {
+	.info = {
+		.name = "loop",
+		.help = "a file or block device (-f), through io_uring",
+		.backing = US_BACKING_FILE,
+		.options = US_OPT_FILE,
+		/* the IO; its linked commit is the front end's and counted there */
+		.sqes_per_io = 1,
+	},
+	.init = loop_init,
 	.queue_io = loop_queue_io,
 	.io_done = loop_io_done,
 };

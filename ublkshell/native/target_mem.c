@@ -78,14 +78,19 @@ static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 	return -EOPNOTSUPP;
 }
 
-static int mem_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int res)
+static int mem_init(struct us_dev *d)
 {
-	(void)q; (void)tag; (void)io;
-	return res;
+	return d->cfg.backing_fd >= 0 ? 0 : -EINVAL;
 }
 
-const struct us_target_ops us_target_mem = {
-	.name = "mem",
+const struct us_target_type us_target_mem = {
+	.info = {
+		.name = "mem",
+		.help = "RAM (a sparse tmpfs file that outlives the daemon)",
+		.backing = US_BACKING_MEM,
+		.options = US_OPT_SIZE,
+		.sqes_per_io = 0,
+	},
 	.queue_io = mem_queue_io,
-	.io_done = mem_io_done,
+	.init = mem_init,
 };

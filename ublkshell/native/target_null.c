@@ -29,14 +29,13 @@ static int null_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 	return -EOPNOTSUPP;
 }
 
-static int null_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int res)
-{
-	(void)q; (void)tag; (void)io;
-	return res;
-}
-
-const struct us_target_ops us_target_null = {
-	.name = "null",
+const struct us_target_type us_target_null = {
+	.info = {
+		.name = "null",
+		.help = "reads are zeros, writes are thrown away",
+		.backing = US_BACKING_NONE,
+		.options = US_OPT_SIZE,
+		.sqes_per_io = 0,
+	},
 	.queue_io = null_queue_io,
-	.io_done = null_io_done,
 };

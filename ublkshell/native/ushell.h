@@ -17,6 +17,7 @@
 #include "records.h"
 #include "faults.h"
 #include "ushell_api.h"
+#include "target.h"
 
 /* a target's queue_io/io_done returns this when it left IO in flight on the ring */
 #define US_QUEUED	(-0x7fffffff)
@@ -28,9 +29,10 @@
 /*
  * UD_LINKED: a COMMIT_AND_FETCH linked behind the target SQE that produces its result.
  * UD_DELAY: a delay fault's timeout for that tag; UD_TICK: the queue's timer that
- * lets go of hung IOs once their rule is cleared.
+ * lets go of hung IOs once their rule is cleared. UD_FE: the front end's own
+ * (the FUSE front end's doorbell).
  */
-enum us_ud_kind { UD_CMD = 0, UD_TGT = 1, UD_STOP = 2, UD_LINKED = 3, UD_DELAY = 4, UD_TICK = 5 };
+enum us_ud_kind { UD_CMD = 0, UD_TGT = 1, UD_STOP = 2, UD_LINKED = 3, UD_DELAY = 4, UD_TICK = 5, UD_FE = 6 };
 
 static inline uint64_t us_ud(unsigned tag, unsigned kind)
 {
@@ -78,17 +80,22 @@ struct us_io {
 
 struct us_queue;
 
-struct us_target_ops {
+/*
+ * A front end brings requests in and takes results back out: ring.c (ublk)
+ * and fuse_transport.c (FUSE). The pipeline (pipeline.c) calls these on the
+ * queue thread.
+ */
+struct us_frontend {
 	const char *name;
-	/* start an IO: return the commit result, or US_QUEUED */
-	int (*queue_io)(struct us_queue *q, unsigned tag, struct us_io *io);
-	/* a target SQE of this tag completed: commit result, or US_QUEUED */
-	int (*io_done)(struct us_queue *q, unsigned tag, struct us_io *io, int res);
+	/* the IO's final result: hand it back to whoever asked (the tag is then the front end's) */
+	void (*complete)(struct us_queue *q, unsigned tag, int result);
+	/* optional: queue that completion linked behind head, to run if head returns result */
+	void (*link)(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result);
+	/* a CQE of one of the front end's own kinds (UD_CMD, UD_LINKED, UD_STOP, UD_FE) */
+	void (*cqe)(struct us_queue *q, const struct io_uring_cqe *cqe);
 };
 
-extern const struct us_target_ops us_target_null;
-extern const struct us_target_ops us_target_mem;
-extern const struct us_target_ops us_target_loop;
+extern const struct us_target_type us_target_mem;
 
 struct us_dev;
 
@@ -127,7 +134,10 @@ struct us_queue {
 
 struct us_dev {
 	struct us_dev_cfg cfg;
-	const struct us_target_ops *tgt;
+	const struct us_target_type *tgt;
+	void		*tgt_data;	/* the target's, from its init */
+	const struct us_frontend *fe;
+	void		*fe_data;	/* the front end's */
 	unsigned	op_fetch, op_commit;
 	int		stop_efd;
 	pthread_mutex_t	lock;
@@ -179,8 +189,30 @@ static inline void us_deadline(struct timespec *ts, clockid_t clock, int timeout
 	}
 }
 
-/* ring.c: hand an IO to the target (after a delay or a hang ends) */
+/*
+ * pipeline.c: the one path of every IO, whichever front end brought it.
+ * us_io_start: the front end filled op_flags, start_sector and nr_sectors
+ * (and a write's data in buf); record, faults, target, and in the end the
+ * front end's complete().
+ */
+void us_io_start(struct us_queue *q, unsigned tag);
+/* hand an IO to the target (after a delay or a hang ends) */
 void us_start_target(struct us_queue *q, unsigned tag);
+/* a result for the IO: fault finish, power-cut log, record end, front end */
+void us_io_complete(struct us_queue *q, unsigned tag, int result);
+/* every CQE of a queue's ring: the pipeline's kinds here, the rest to the front end */
+void us_handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe);
+/*
+ * The queue's ring (sized for depth IOs of the target's SQEs, plus extra
+ * entries the front end keeps armed), fixed files, tag buffers and shared
+ * memory. 0 or -errno; us_queue_exit undoes whatever was done.
+ */
+int us_queue_init(struct us_queue *q, unsigned extra);
+void us_queue_exit(struct us_queue *q);
+/* the device's target from cfg.target, its init; 0 or -errno */
+int us_dev_target_init(struct us_dev *d);
+/* after the queue threads are gone */
+void us_dev_target_deinit(struct us_dev *d);
 
 enum { US_FIXED_CDEV = 0, US_FIXED_BACKING = 1 };
 

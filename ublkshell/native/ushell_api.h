@@ -7,7 +7,35 @@
 #define USHELL_API_H
 #include <stdint.h>
 
-enum us_target_kind { US_TGT_NULL = 0, US_TGT_MEM = 1, US_TGT_LOOP = 2 };
+/*
+ * What Python needs to know about a target (target.h has the hooks): its
+ * table entry holds one of these. us_target_info(i) walks the table.
+ */
+/* where the data lives, which is what Python must open before the device starts */
+enum us_backing {
+	US_BACKING_NONE = 0,	/* nothing: the target makes its data up (null, pattern) */
+	US_BACKING_MEM = 1,	/* a tmpfs file the daemon creates (DATA/NAME.mem), kept for recovery */
+	US_BACKING_FILE = 2,	/* the user's file or block device (-f), its size the default */
+};
+/* which of add's generic options the target takes: the option schema */
+enum us_target_opts {
+	US_OPT_SIZE = 1,	/* --size is required */
+	US_OPT_FILE = 2,	/* -f/--file is required (--size then optional: at most the file) */
+};
+enum us_target_flags {
+	US_TGT_F_READ_ONLY = 1,	/* writes fail with EROFS; the device is announced read-only */
+};
+struct us_target_info {
+	const char	*name;
+	const char	*help;		/* one line for `add --help` and completion */
+	uint32_t	backing;	/* enum us_backing */
+	uint32_t	options;	/* enum us_target_opts */
+	uint32_t	flags;		/* enum us_target_flags */
+	uint32_t	sqes_per_io;	/* most SQEs one IO has in flight at once (0: serves in the thread) */
+};
+/* the idx-th registered target, NULL past the last */
+const struct us_target_info *us_target_info(int idx);
+
 
 struct us_dev_cfg {
 	int		dev_id;
@@ -17,7 +45,7 @@ struct us_dev_cfg {
 	uint64_t	dev_flags;	/* the UBLK_F_* the device was added with */
 	int		ioctl_encode;	/* 1: UBLK_U_IO_* opcodes, 0: legacy numbers */
 	int		cdev_fd;	/* /dev/ublkcN, opened once and shared */
-	int		target;		/* enum us_target_kind */
+	int		target;		/* index in the target table (us_target_info) */
 	int		backing_fd;	/* loop: file or block device; mem: its shm file */
 	uint64_t	dev_bytes;
 	uint64_t	backing_bytes;	/* loop: reads at or past this are zeros */

@@ -1,0 +1,217 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The one IO pipeline. A front end (ring.c for ublk, fuse_transport.c for
+ * FUSE) fills a tag's us_io and calls us_io_start on its queue thread; from
+ * there every IO takes the same path whatever brought it:
+ *
+ *   record begin -> fault rules -> power-cut log -> target (queue_io, io_done)
+ *   -> fault finish -> power-cut log -> record end -> front end's complete()
+ *
+ * Delays and hangs park the IO on the same ring (faults.c), so a front end
+ * gets them for free as long as it reaps its ring through us_handle_cqe.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "ushell.h"
+
+struct io_uring_sqe *us_get_sqe(struct us_queue *q)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+
+	if (!sqe) {
+		io_uring_submit(&q->ring);
+		sqe = io_uring_get_sqe(&q->ring);
+	}
+	if (sqe)
+		us_sqe128_zero(sqe);
+	return sqe;
+}
+
+void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result)
+{
+	/* a front end that cannot link completes from the head's CQE like any other IO */
+	if (q->dev->fe->link)
+		q->dev->fe->link(q, tag, head, result);
+}
+
+/* everything but handing the result back: also what a linked completion still needs */
+static int io_end(struct us_queue *q, unsigned tag, int result)
+{
+	struct us_io *io = &q->ios[tag];
+
+	if (io->fh.action)
+		result = us_fault_finish(q, tag, io, result);
+	if (q->dev->wlog)
+		us_wlog_end(q, io, result);
+	us_rec_end(q, tag, io, result);
+	return result;
+}
+
+void us_io_complete(struct us_queue *q, unsigned tag, int result)
+{
+	q->dev->fe->complete(q, tag, io_end(q, tag, result));
+}
+
+void us_start_target(struct us_queue *q, unsigned tag)
+{
+	int r;
+
+	if (q->dev->wlog)
+		us_wlog_begin(q, &q->ios[tag]);
+	r = q->dev->tgt->queue_io(q, tag, &q->ios[tag]);
+
+	if (r != US_QUEUED)
+		us_io_complete(q, tag, r);
+}
+
+void us_io_start(struct us_queue *q, unsigned tag)
+{
+	struct us_io *io = &q->ios[tag];
+	int r;
+
+	io->done = 0;
+	io->attempt = 0;
+	io->fault = 0;
+	us_rec_begin(q, tag, io);
+	r = us_fault_start(q, tag, io);
+	if (r == US_FAULT_PASS)
+		us_start_target(q, tag);
+	else if (r != US_QUEUED)
+		us_io_complete(q, tag, r);
+}
+
+void us_handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
+{
+	unsigned tag = us_ud_tag(cqe->user_data);
+	struct us_io *io;
+	int r, link_ok;
+
+	switch (us_ud_kind(cqe->user_data)) {
+	case UD_DELAY:
+		q->tgt_inflight--;
+		/* cancelled: the ring is going away and the front end ends the request */
+		if (cqe->res != -ECANCELED)
+			us_start_target(q, tag);
+		return;
+	case UD_TICK:
+		us_fault_tick(q);
+		return;
+	case UD_TGT:
+		io = &q->ios[tag];
+		link_ok = io->linked && cqe->res == io->link_expect;
+		q->tgt_inflight--;
+		/* a failed or short head cancels the linked completion: complete the real result later */
+		io->linked = 0;
+		if (!q->dev->tgt->io_done) {
+			/* a target that queued SQEs without io_done broke the contract: do not lose the tag */
+			r = cqe->res;
+		} else {
+			r = q->dev->tgt->io_done(q, tag, io, cqe->res);
+		}
+		if (link_ok)
+			io_end(q, tag, io->link_expect);
+		else if (r != US_QUEUED)
+			us_io_complete(q, tag, r);
+		return;
+	}
+	q->dev->fe->cqe(q, cqe);
+}
+
+int us_dev_target_init(struct us_dev *d)
+{
+	d->tgt = us_target_type(d->cfg.target);
+	if (!d->tgt || !d->tgt->queue_io)
+		return -EINVAL;
+	return d->tgt->init ? d->tgt->init(d) : 0;
+}
+
+void us_dev_target_deinit(struct us_dev *d)
+{
+	if (d->tgt && d->tgt->deinit)
+		d->tgt->deinit(d);
+	d->tgt_data = NULL;
+}
+
+static unsigned ring_entries(const struct us_queue *q, unsigned extra)
+{
+	unsigned per_io = q->dev->tgt->info.sqes_per_io;
+
+	if (per_io > US_MAX_SQES_PER_IO)
+		per_io = US_MAX_SQES_PER_IO;
+	/*
+	 * A tag has its front end's command (or linked completion) plus the
+	 * target's SQEs or a delay timeout in flight; us_get_sqe submits when the
+	 * SQ fills, so this bounds the CQ, which must never overflow.
+	 */
+	return q->dev->cfg.depth * (1 + (per_io ? per_io : 1)) + extra;
+}
+
+int us_queue_init(struct us_queue *q, unsigned extra)
+{
+	const struct us_dev_cfg *c = &q->dev->cfg;
+	struct io_uring_params p;
+	unsigned entries = ring_entries(q, extra);
+	int ret, i;
+
+	memset(&p, 0, sizeof(p));
+	p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN |
+		IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+	p.cq_entries = 2 * entries;
+	ret = io_uring_queue_init_params(entries, &q->ring, &p);
+	if (ret == -EINVAL) {
+		/* kernels before 6.1 know no DEFER_TASKRUN */
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
+		p.cq_entries = 2 * entries;
+		ret = io_uring_queue_init_params(entries, &q->ring, &p);
+	}
+	if (ret < 0)
+		return ret;
+	q->ring_ok = 1;
+
+	/* fixed files and a registered ring fd spare an fget/fput per SQE and per enter */
+	if (c->backing_fd >= 0 || c->cdev_fd >= 0) {
+		/* -1 leaves a slot empty (the FUSE front end has no char device) */
+		int fds[2] = { c->cdev_fd, c->backing_fd };
+
+		q->fixed_files = io_uring_register_files(&q->ring, fds, c->backing_fd >= 0 ? 2 : 1) == 0;
+	}
+	io_uring_register_ring_fd(&q->ring);
+
+	q->ios = calloc(c->depth, sizeof(*q->ios));
+	if (!q->ios)
+		return -ENOMEM;
+	q->bufs_len = (size_t)c->depth * c->max_io_bytes;
+	q->bufs = mmap(NULL, q->bufs_len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (q->bufs == MAP_FAILED) {
+		q->bufs = NULL;
+		return -ENOMEM;
+	}
+	for (i = 0; i < c->depth; i++)
+		q->ios[i].buf = q->bufs + (size_t)i * c->max_io_bytes;
+	if (c->shm && !c->no_records)
+		us_shm_attach(q, c->shm);
+	return c->shm ? us_fault_attach(q, c->shm) : 0;
+}
+
+void us_queue_exit(struct us_queue *q)
+{
+	/* exiting the ring cancels what is still outstanding (ublk: the driver sees an abort) */
+	if (q->ring_ok)
+		io_uring_queue_exit(&q->ring);
+	q->ring_ok = 0;
+	if (q->bufs)
+		munmap(q->bufs, q->bufs_len);
+	q->bufs = NULL;
+	free(q->ios);
+	q->ios = NULL;
+	if (q->fa && q->nr_hung)
+		__atomic_fetch_sub(&q->fa->hung, q->nr_hung, __ATOMIC_RELAXED);
+	q->nr_hung = 0;
+	us_fault_detach(q);
+}
