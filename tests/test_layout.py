@@ -19,7 +19,7 @@ LAYERS = [
     {"bridge"},
     {"repl", "cli", "pytest_plugin", "__main__", "__init__"},
 ]
-MAX_LINES = 400
+MAX_LINES = 420  # about 400: a file may say at its top why it is longer
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -105,9 +105,9 @@ def test_the_walk_sees_the_whole_package():
 
 def test_modules_are_small_or_say_why():
     big = []
-    for path in PKG.rglob("*.py"):
+    for path in list(PKG.rglob("*.py")) + list((PKG / "native").glob("*.[ch]")):
         text = path.read_text()
-        head = "\n".join(text.splitlines()[:15]).lower()
+        head = "\n".join(text.splitlines()[:40]).lower()
         if text.count("\n") > MAX_LINES and "longer than" not in head:
             big.append(f"{path.relative_to(PKG.parent)}: {text.count(chr(10))} lines")
     assert not big, (f"over {MAX_LINES} lines without a reason at the top "

@@ -26,6 +26,10 @@
  * Stopping (us_fuse_stop_io, on delete and power cut) ends every IO the queue
  * still holds, hung ones included, with EIO, as the ublk driver's abort does,
  * and any IO arriving later gets EIO at once.
+ *
+ * Longer than 400 lines: the tag hand-over, the queue thread and the request
+ * handlers all work on one struct us_fuse under one lock; apart, each would
+ * have to expose that lock's rules to the others.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 312

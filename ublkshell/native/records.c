@@ -208,82 +208,6 @@ uint64_t us_hist_low(int idx)
 	return ((uint64_t)((1 << US_HIST_SUB_BITS) + m)) << (e - US_HIST_SUB_BITS);
 }
 
-/*
- * The names readers show for the codes records.h, faults.h and uapi.h define:
- * the one place they are spelled. Python reads them through the functions
- * below (observe/names.py), so every face shows and accepts the same words.
- */
-static const struct {
-	int		code;	/* UBLK_IO_OP_*, -1: every op the others do not name */
-	const char	*name;
-} op_table[US_NR_OPS] = {
-	{ UBLK_IO_OP_READ, "read" },
-	{ UBLK_IO_OP_WRITE, "write" },
-	{ UBLK_IO_OP_FLUSH, "flush" },
-	{ UBLK_IO_OP_DISCARD, "discard" },
-	{ UBLK_IO_OP_WRITE_ZEROES, "write_zeroes" },
-	[US_OP_OTHER] = { -1, "other" },
-};
-
-static const struct {
-	uint32_t	bit;
-	const char	*name;
-} flag_table[] = {
-	{ UBLK_IO_F_FUA, "fua" },
-	{ UBLK_IO_F_NOUNMAP, "nounmap" },
-	{ UBLK_IO_F_FAILFAST_DEV, "failfast" },
-	{ UBLK_IO_F_META, "meta" },
-	{ UBLK_IO_F_SWAP, "swap" },
-};
-
-static const char *const action_table[] = {
-	[US_FA_DELAY] = "delay",
-	[US_FA_FAIL] = "fail",
-	[US_FA_DROP] = "drop",
-	[US_FA_CORRUPT] = "corrupt",
-	[US_FA_TORN] = "torn",
-	[US_FA_HANG] = "hang",
-	[US_FA_FLAKEY] = "flakey",
-	[US_FA_BAD] = "badblocks",
-};
-
-#define NELEM(a) ((int)(sizeof(a) / sizeof((a)[0])))
-
-const char *us_op_name(int idx)
-{
-	return idx >= 0 && idx < US_NR_OPS ? op_table[idx].name : NULL;
-}
-
-int us_op_code(int idx)
-{
-	return idx >= 0 && idx < US_NR_OPS ? op_table[idx].code : -1;
-}
-
-const char *us_io_flag_name(int i)
-{
-	return i >= 0 && i < NELEM(flag_table) ? flag_table[i].name : NULL;
-}
-
-uint32_t us_io_flag_bit(int i)
-{
-	return i >= 0 && i < NELEM(flag_table) ? flag_table[i].bit : 0;
-}
-
-const char *us_fault_action_name(uint32_t action)
-{
-	return action < (uint32_t)NELEM(action_table) ? action_table[action] : NULL;
-}
-
-static int op_index(uint32_t op_flags)
-{
-	int op = op_flags & 0xff, i;
-
-	for (i = 0; i < US_OP_OTHER; i++)
-		if (op_table[i].code == op)
-			return i;
-	return US_OP_OTHER;
-}
-
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io)
 {
 	struct us_tag_state *t;
@@ -313,7 +237,7 @@ void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result)
 		return;
 	now = us_now_ns();
 	lat = now - io->t_start_ns;
-	os = &sq->ops[op_index(io->op_flags)];
+	os = &sq->ops[us_op_index(io->op_flags)];
 	WR(os->ios, RD(os->ios) + 1);
 	if (result < 0)
 		WR(os->errors, RD(os->errors) + 1);

@@ -157,6 +157,8 @@ void us_shm_attach(struct us_queue *q, void *base);
 int us_shm_fault_off_ok(const struct us_shm_hdr *h);
 void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io);
 void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result);
+/* names.c: the counter slot of a request's op (US_OP_*) */
+int us_op_index(uint32_t op_flags);
 
 /* faults.c: the queue side of the rule engine */
 int us_fault_attach(struct us_queue *q, void *shm_base);
