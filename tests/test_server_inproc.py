@@ -487,6 +487,15 @@ async def test_trace_of_a_device_without_statistics_is_one_error(verbs, autojump
 
 
 # -- supervision ----------------------------------------------------------------
+@pytest.fixture
+def watch_clock():
+    """trio's clock, jumping ahead only after 10 ms of real idleness. The watch waits on
+    worker threads (the registry, the kernel, a recovery): with a clock that jumps the moment
+    every task waits, the watch's sleeps would race through minutes of trio time during one
+    thread hop, and a fail_after on that clock would fire while nothing is wrong."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
 class FakeRegistry:
     """registry.all_entries and procs.entry_daemon_alive over a dict the test changes. The
     watch reads the registry in a worker thread: each look takes the entries and whether
@@ -551,7 +560,7 @@ async def wait_for(pred) -> None:
         await trio.sleep(WATCH_S / 4)
 
 
-async def test_watch_reports_added_died_recovered_killed_deleted_in_order(monkeypatch, shm, autojump_clock):
+async def test_watch_reports_added_died_recovered_killed_deleted_in_order(monkeypatch, shm, watch_clock):
     reg = FakeRegistry(monkeypatch)
     events = Events()
     shm.queue(1).inflight = 2  # the tags the dead daemon was serving
@@ -586,7 +595,7 @@ async def test_watch_reports_added_died_recovered_killed_deleted_in_order(monkey
     assert deleted == {"kind": "device-deleted", "id": DEV}
 
 
-async def test_a_kill_marked_after_the_watch_read_the_registry_is_still_a_kill(monkeypatch, shm, autojump_clock):
+async def test_a_kill_marked_after_the_watch_read_the_registry_is_still_a_kill(monkeypatch, shm, watch_clock):
     reg = FakeRegistry(monkeypatch)
     events = Events()
     sup = Supervisor(events, FakeSource({DEV: shm}))
@@ -604,7 +613,7 @@ async def test_a_kill_marked_after_the_watch_read_the_registry_is_still_a_kill(m
     assert kinds(events) == ["device-added", "daemon-killed"]
 
 
-async def test_keep_restarts_a_loop_that_raised_and_logs_it(capsys, autojump_clock):
+async def test_keep_restarts_a_loop_that_raised_and_logs_it(capsys, watch_clock):
     runs = []
 
     async def loop(arg):
@@ -621,7 +630,7 @@ async def test_keep_restarts_a_loop_that_raised_and_logs_it(capsys, autojump_clo
     assert "RuntimeError: boom 2" in err and "Traceback" in err
 
 
-async def test_the_watch_goes_on_after_the_registry_could_not_be_read(monkeypatch, capsys, autojump_clock):
+async def test_the_watch_goes_on_after_the_registry_could_not_be_read(monkeypatch, capsys, watch_clock):
     reg = FakeRegistry(monkeypatch)
     reg.fail_next = 2
     events = Events()
@@ -656,7 +665,7 @@ class FakeRecover:
         return {"pid": 100 + n, "old_pid": 99 + n, "recoveries": n, "abandoned": 0, "seconds": 0.5}
 
 
-async def test_auto_recover_recovers_once_per_death(monkeypatch, autojump_clock):
+async def test_auto_recover_recovers_once_per_death(monkeypatch, watch_clock):
     reg = FakeRegistry(monkeypatch)
     rec = FakeRecover(monkeypatch)
     events = Events()
@@ -696,7 +705,7 @@ async def test_auto_recover_recovers_once_per_death(monkeypatch, autojump_clock)
     (UblkError("device 3: no recovery mode"), "device 3: no recovery mode"),
     (KeyError("pid"), "internal error: KeyError: 'pid'"),
 ])
-async def test_a_failed_auto_recover_is_reported(monkeypatch, autojump_clock, exc, error):
+async def test_a_failed_auto_recover_is_reported(monkeypatch, watch_clock, exc, error):
     reg = FakeRegistry(monkeypatch)
     rec = FakeRecover(monkeypatch, raises=exc)
     rec.release.set()
@@ -716,7 +725,7 @@ async def test_a_failed_auto_recover_is_reported(monkeypatch, autojump_clock, ex
     assert events.recent[-1]["error"] == error
 
 
-async def test_no_auto_recover_without_a_recovery_mode_or_for_a_dead_device(monkeypatch, autojump_clock):
+async def test_no_auto_recover_without_a_recovery_mode_or_for_a_dead_device(monkeypatch, watch_clock):
     reg = FakeRegistry(monkeypatch)
     rec = FakeRecover(monkeypatch)
     rec.release.set()
@@ -737,7 +746,7 @@ async def test_no_auto_recover_without_a_recovery_mode_or_for_a_dead_device(monk
     assert rec.calls == []
 
 
-async def test_no_second_recovery_while_one_runs(monkeypatch, autojump_clock):
+async def test_no_second_recovery_while_one_runs(monkeypatch, watch_clock):
     reg = FakeRegistry(monkeypatch)
     rec = FakeRecover(monkeypatch)
     events = Events()
