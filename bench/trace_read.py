@@ -29,15 +29,7 @@ from ublkshell.observe import shm as shm_mod  # noqa: E402
 from ublkshell.observe.names import flag_names, op_name  # noqa: E402
 from ublkshell.observe.trace import Cursor  # noqa: E402
 
-
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
+from common import positive_int  # noqa: E402
 
 
 def fill(s, per_queue: int) -> None:

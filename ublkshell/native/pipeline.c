@@ -121,6 +121,29 @@ void us_handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 	q->dev->fe->cqe(q, cqe);
 }
 
+/*
+ * One turn of a queue thread, whichever front end runs it: send what the last
+ * turn produced, wait for a completion, then reap every CQE there is before
+ * the next submit. Nonzero (q->error set) when the ring itself failed.
+ */
+int us_queue_turn(struct us_queue *q)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+	int ret = io_uring_submit_and_wait(&q->ring, 1);
+
+	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+		q->error = ret;
+		return ret;
+	}
+	io_uring_for_each_cqe(&q->ring, head, cqe) {
+		us_handle_cqe(q, cqe);
+		n++;
+	}
+	io_uring_cq_advance(&q->ring, n);
+	return 0;
+}
+
 int us_dev_target_init(struct us_dev *d)
 {
 	d->tgt = us_target_type(d->cfg.target);

@@ -189,24 +189,12 @@ static void queue_loop(struct us_queue *q)
 		queue_uring_cmd(q, i, q->dev->op_fetch, 0);
 
 	for (;;) {
-		struct io_uring_cqe *cqe;
-		unsigned head, n = 0;
-		int ret;
-
 		if (q->stopping == 2)
 			break;
 		if (q->stopping && !q->cmd_inflight && !q->tgt_inflight)
 			break;
-		ret = io_uring_submit_and_wait(&q->ring, 1);
-		if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
-			q->error = ret;
+		if (us_queue_turn(q))
 			break;
-		}
-		io_uring_for_each_cqe(&q->ring, head, cqe) {
-			us_handle_cqe(q, cqe);
-			n++;
-		}
-		io_uring_cq_advance(&q->ring, n);
 	}
 }
 

@@ -204,6 +204,8 @@ void us_start_target(struct us_queue *q, unsigned tag);
 void us_io_complete(struct us_queue *q, unsigned tag, int result);
 /* every CQE of a queue's ring: the pipeline's kinds here, the rest to the front end */
 void us_handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe);
+/* submit, wait for one completion, reap them all; nonzero when the ring failed (q->error) */
+int us_queue_turn(struct us_queue *q);
 /*
  * The queue's ring (sized for depth IOs of the target's SQEs, plus extra
  * entries the front end keeps armed), fixed files, tag buffers and shared
