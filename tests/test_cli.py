@@ -67,8 +67,6 @@ def test_human():
      "ublkshell: --powercut needs a target that stores data (mem, loop), not null"),
     (["add", "--transport", "fuse", "-t", "pattern", "--size", "1G", "--powercut"],
      "ublkshell: --powercut needs a target that stores data (mem, loop), not pattern"),
-    (["add", "--transport", "fuse", "-t", "mem", "--size", "1G", "--no-records"],
-     "ublkshell: --no-records is for ublk devices, not the FUSE transport"),
     (["powercut", "0", "--keep", "2"], "ublkshell: --keep: 2 is outside 0..1"),
     (["powercut", "0", "--partial", "--keep", "0.3"], "ublkshell: powercut: --partial or --keep P, not both"),
     (["fail", "0", "op=wrte"],

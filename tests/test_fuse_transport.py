@@ -292,6 +292,21 @@ def test_null_reads_zeros_and_drops_writes(env):
     assert_gone(env, dev)
 
 
+def test_no_records_keeps_no_counters_and_faults_still_apply(env):
+    dev = env.add("-t", "mem", "--size", "16M", "--loop", "--no-records")
+    data = os.urandom(MiB)
+    pwrite_direct(dev["loop"], 0, data)
+    assert pread_direct(dev["loop"], 0, MiB) == data
+    assert all(o["ios"] == 0 for o in env.json("stats", "fuse0")["ops"].values())
+    env.run("fail", "fuse0", "op=read", "count=1")
+    with pytest.raises(OSError) as e:
+        pread_direct(dev["loop"], 0, 4096)
+    assert e.value.errno == errno.EIO
+    assert pread_direct(dev["loop"], 0, 4096) == data[:4096]
+    env.run("del", "fuse0")
+    assert_gone(env, dev)
+
+
 def test_without_loop_the_file_is_the_device(env):
     dev = env.add("-t", "mem", "--size", "16M")
     assert dev["loop"] is None and env.json("list")[0]["loop"] is None

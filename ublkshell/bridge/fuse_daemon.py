@@ -90,6 +90,7 @@ class FuseDaemon:
         cfg.depth = depth
         cfg.max_threads = min(depth, MAX_THREADS)
         cfg.shm = self.stats.base
+        cfg.no_records = 1 if spec.get("no_records") else 0
         cfg.backing_bytes = self.target.backing_bytes
         cfg.backing_in_memory = 1 if getattr(self.target, "in_memory", False) else 0
         if spec.get("powercut"):

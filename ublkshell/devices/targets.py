@@ -262,8 +262,6 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
     spec["max_io"] = mio
     if "size" in spec and spec["size"] % bs:
         raise UsageError(f"--size: {size} is not a multiple of the block size ({bs})")
-    if transport == "fuse" and no_records:
-        raise UsageError("--no-records is for ublk devices, not the FUSE transport")
     if no_records:
         spec["no_records"] = True
     if powercut:

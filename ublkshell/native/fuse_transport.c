@@ -261,6 +261,7 @@ struct us_dev *fx_dev_new(struct us_fuse *f, int *err)
 	d->cfg.backing_bytes = c->backing_bytes;
 	d->cfg.backing_in_memory = c->backing_in_memory;
 	d->cfg.shm = c->shm;
+	d->cfg.no_records = c->no_records;
 	d->cfg.write_log_bytes = c->write_log_bytes;
 	d->cfg.write_log_fd = c->write_log_fd;
 	d->fe = &fuse_frontend;
