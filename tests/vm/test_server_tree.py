@@ -32,6 +32,9 @@ def server(scratch):
     if p.poll() is None:
         p.terminate()
         p.wait(timeout=60)
+    # the server is crash-only (its stop keeps the devices): a test that failed halfway must
+    # not leave its device to the next tests
+    run([sys.executable, "-m", "ublkshell", "del", "-a"], check=False)
     assert not os.path.ismount(mnt), "the stats tree is still mounted"
 
 
@@ -73,7 +76,7 @@ def test_tree_and_shell_show_real_io_and_survive_a_killed_daemon(server):
     deadline = time.monotonic() + 15
     while True:
         events = json.loads(subprocess.run(
-            [sys.executable, "-c", "import json,sys; from ublkshell.client import Client; "
+            [sys.executable, "-c", "import json,sys; from ublkshell.bridge.client import Client; "
              "print(json.dumps(Client(sys.argv[1]).call('events')))", sock],
             capture_output=True, text=True, timeout=60).stdout)
         if any(e["kind"] == "daemon-died" and e["id"] == dev["id"] for e in events):
