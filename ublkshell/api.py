@@ -142,11 +142,13 @@ for _a in ("fail", "drop", "corrupt", "torn", "hang", "flakey"):
 
 
 def device(target: str = "mem", *, size=None, file=None, queues: int = 1, depth: int = 128,
-           block_size=None, max_io: str = "512k", recovery=None, powercut: bool = False) -> Device:
-    """Add a device (its IO daemon outlives this process until deleted); use it with `with`."""
+           block_size=None, max_io: str = "512k", recovery=None, powercut: bool = False,
+           io_mode: str = "auto", coalesce=0) -> Device:
+    """Add a device (its IO daemon outlives this process until deleted); use it with `with`.
+    io_mode and coalesce are `add --io-mode` and `add --coalesce`."""
     args = {"target": target, "size": None if size is None else str(size), "file": file,
             "queues": queues, "depth": depth, "block_size": block_size, "max_io": max_io,
-            "dev_id": -1, "powercut": powercut}
+            "dev_id": -1, "powercut": powercut, "io_mode": io_mode, "coalesce": coalesce}
     if recovery:
         args["recovery"] = "requeue" if recovery is True else recovery
     return Device(_verb("add")(args))

@@ -110,6 +110,16 @@ def cli_parser() -> argparse.ArgumentParser:
                         "requeue (the default MODE): IO waits meanwhile, IO the dead daemon held fails; "
                         "reissue: IO waits, IO the dead daemon held is issued again; "
                         "fail: IO fails at once (EREMOTEIO) until recovered")
+    a.add_argument("--io-mode", default="auto", metavar="auto|batch|per-tag",
+                   help="how requests and results cross to the kernel. batch: many tags per command "
+                        "each way (UBLK_F_BATCH_IO, Linux 6.19+); per-tag: one command per IO; auto "
+                        "(default): batch where the kernel offers it. `list` and `info` show the mode")
+    a.add_argument("--coalesce", default="0", metavar="DURATION",
+                   help="when a queue is busy (turns bring several IOs), wait up to DURATION (e.g. "
+                        "200us, at most 10ms; a bare number counts microseconds) after the first "
+                        "completion for more, so that one "
+                        "io_uring_enter serves many IOs; fewer crossings at depth, more latency at "
+                        "low depth. 0 (default): never wait (see docs/benchmarks.md)")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
 
     d = sub.add_parser("del", help="delete devices",

@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple
 
 from .devices import ids as devids
 from .errors import UsageError
+from .devices.io_modes import MAX_COALESCE_NS
 from .observe.names import MAX_DEPTH
 from .observe.render import (render_add, render_del, render_features, render_inflight, render_lat,
                              render_list, render_stats)
@@ -21,7 +22,8 @@ def run_add(a: dict) -> dict:
     spec = build_spec(a["target"], file=a["file"], size=a["size"], queues=a["queues"], depth=a["depth"],
                       block_size=a["block_size"], max_io=a["max_io"], dev_id=a["dev_id"],
                       transport=a["transport"], loop=a["loop"], powercut=a["powercut"],
-                      no_records=a["no_records"], recovery=a["recovery"])
+                      no_records=a["no_records"], recovery=a["recovery"], io_mode=a["io_mode"],
+                      coalesce_ns=a["coalesce"])
     return add(spec)
 
 
@@ -39,6 +41,8 @@ ADD_ARGS = {
     "powercut": Arg("--powercut", flag, False),
     "no_records": Arg("--no-records", flag, False),
     "recovery": Arg("--recovery", text_or_flag()),
+    "io_mode": Arg("--io-mode", text(64), "auto"),
+    "coalesce": Arg("--coalesce", duration("us", hi=MAX_COALESCE_NS), 0),
     **JSON,
 }
 

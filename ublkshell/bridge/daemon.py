@@ -27,6 +27,7 @@ from .._native import ffi, lib
 from ..kernel.ctrl import Control, CtrlError
 from ..errors import UblkError
 from ..devices.paths import forget
+from ..devices.io_modes import io_mode_flags, io_mode_of
 from ..devices.recovery_modes import recovery_flags, recovery_mode
 from ..devices.targets import make_target
 from ..devices import registry
@@ -117,6 +118,7 @@ class Daemon:
         spec = self.spec
         self.target.open()
         flags = recovery_flags(spec.get("recovery"), self.ctrl.features)
+        flags |= io_mode_flags(spec.get("io_mode", "auto"), self.ctrl.features)
         if self.ctrl.ioctl_encode:
             flags |= lib.UBLK_F_CMD_IOCTL_ENCODE
         info = self.ctrl.add_dev(spec.get("dev_id", -1), spec["queues"], spec["depth"],
@@ -200,6 +202,7 @@ class Daemon:
         cfg.backing_in_memory = 1 if getattr(self.target, "in_memory", False) else 0
         cfg.shm = self.stats.base
         cfg.no_records = 1 if spec.get("no_records") else 0
+        cfg.coalesce_us = int(spec.get("coalesce_us", 0))
         if spec.get("powercut"):
             cfg.write_log_bytes = int(spec["powercut"])
             cfg.write_log_fd = self.target.write_log_fd()
@@ -225,6 +228,7 @@ class Daemon:
             "max_io": int(info.max_io_buf_bytes),
             "flags": int(info.flags),
             "recovery": recovery_mode(int(info.flags)),
+            "io_mode": io_mode_of(int(info.flags)),
             "recoveries": int(self.spec.get("recoveries", 0)),
             "abandoned": self.abandoned,
             "spec": spec,

@@ -19,6 +19,7 @@ from .._native import ffi, lib
 from ..errors import UblkError, UsageError
 from ..units import parse_size
 from .recovery_modes import check_mode
+from .io_modes import IO_MODES
 
 _BLKGETSIZE64 = 0x80081272
 _BLKSSZGET = 0x1268
@@ -231,7 +232,7 @@ TRANSPORTS = ("ublk", "fuse")
 
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
                max_io="512k", dev_id=-1, transport="ublk", loop=False, powercut=False,
-               no_records=False, recovery=None) -> dict:
+               no_records=False, recovery=None, io_mode="auto", coalesce_ns=0) -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -277,6 +278,15 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
                          "connection ends with its daemon, so there is nothing to recover")
     if mode:
         spec["recovery"] = mode
+    io_mode = io_mode or "auto"
+    if io_mode not in IO_MODES:
+        raise UsageError(f"--io-mode: unknown mode {io_mode!r} (choose from {', '.join(IO_MODES)})")
+    if transport == "fuse" and io_mode == "batch":
+        raise UsageError("--io-mode batch is ublk's (UBLK_F_BATCH_IO); the FUSE transport has its own")
+    if transport != "fuse":
+        spec["io_mode"] = io_mode
+    if coalesce_ns:
+        spec["coalesce_us"] = max(1, coalesce_ns // 1000)
     return spec
 
 

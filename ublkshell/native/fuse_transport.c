@@ -127,6 +127,8 @@ static void fuse_complete(struct us_queue *q, unsigned tag, int result)
 		fuse_reply_write(req, result);
 	else
 		fuse_reply_err(req, 0);
+	q->ctr.commits++;
+	q->ctr.committed++;
 	pthread_mutex_lock(&f->lock);
 	put_tag_locked(f, tag);
 	pthread_mutex_unlock(&f->lock);
@@ -166,6 +168,8 @@ static void fuse_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 			q->error = -EBUSY;
 			q->stopping = 2;
 		}
+		if (n)
+			q->ctr.fetches++;
 		for (i = 0; i < n; i++)
 			us_io_start(q, f->batch[i]);
 		return;

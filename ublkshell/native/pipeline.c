@@ -14,9 +14,14 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 
 #include "ushell.h"
+
+#define US_FEAT_MIN_TIMEOUT	(1U << 15)	/* IORING_FEAT_MIN_TIMEOUT */
+
 
 struct io_uring_sqe *us_get_sqe(struct us_queue *q)
 {
@@ -24,6 +29,7 @@ struct io_uring_sqe *us_get_sqe(struct us_queue *q)
 
 	if (!sqe) {
 		io_uring_submit(&q->ring);
+		q->ctr.enters++;
 		sqe = io_uring_get_sqe(&q->ring);
 	}
 	if (sqe)
@@ -76,6 +82,7 @@ void us_io_start(struct us_queue *q, unsigned tag)
 	io->done = 0;
 	io->attempt = 0;
 	io->fault = 0;
+	q->turn_ios++;
 	us_rec_begin(q, tag, io);
 	r = us_fault_start(q, tag, io);
 	if (r == US_FAULT_PASS)
@@ -126,13 +133,99 @@ void us_handle_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
  * turn produced, wait for a completion, then reap every CQE there is before
  * the next submit. Nonzero (q->error set) when the ring itself failed.
  */
+static void publish_counters(struct us_queue *q)
+{
+	struct us_shm_queue *sq = q->shmq;
+
+	if (!sq)
+		return;
+	/* single writer; a reader may see one counter a turn ahead of another */
+	__atomic_store_n(&sq->enters, q->ctr.enters, __ATOMIC_RELAXED);
+	__atomic_store_n(&sq->cqes, q->ctr.cqes, __ATOMIC_RELAXED);
+	__atomic_store_n(&sq->fetches, q->ctr.fetches, __ATOMIC_RELAXED);
+	__atomic_store_n(&sq->commits, q->ctr.commits, __ATOMIC_RELAXED);
+	__atomic_store_n(&sq->committed, q->ctr.committed, __ATOMIC_RELAXED);
+}
+
+/*
+ * Submit and wait like io_uring_submit_and_wait(wait_nr), but once one CQE is
+ * there give others min_wait_us to join it (the kernel's min-wait, 6.13+).
+ * liburing 2.3 cannot pass it, so the SQ is flushed here as liburing does.
+ */
+static int submit_and_wait_min(struct us_queue *q, unsigned wait_nr, unsigned min_wait_us)
+{
+	struct io_uring_sq *sq = &q->ring.sq;
+	struct io_uring_getevents_arg arg;
+	unsigned tail = sq->sqe_tail, submit;
+	unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
+	long ret;
+
+	if (sq->sqe_head != tail) {
+		sq->sqe_head = tail;
+		io_uring_smp_store_release(sq->ktail, tail);
+	}
+	submit = tail - io_uring_smp_load_acquire(sq->khead);
+	memset(&arg, 0, sizeof(arg));
+	arg.pad = min_wait_us;	/* min_wait_usec in newer headers */
+	if (q->ring_fd_registered)
+		flags |= IORING_ENTER_REGISTERED_RING;
+	ret = syscall(__NR_io_uring_enter, q->ring.enter_ring_fd, submit, wait_nr, flags,
+		      &arg, sizeof(arg));
+	return ret < 0 ? -errno : (int)ret;
+}
+
+/*
+ * Under load a turn that wakes for the first CQE serves one IO per enter.
+ * When recent turns each brought several IOs, the queue is busy and more are
+ * on their way: wait for one more than the recent turns brought (so the batch
+ * grows while the load allows), but never longer than coalesce_us after the
+ * first. busy_avg over 9 is more than ~1.1 IOs per turn: a queue at depth 1
+ * never waits, as its next IO cannot come before this one ends. Returns the
+ * CQEs to wait for (0: an ordinary wait for one), *min_wait the cap.
+ */
+static unsigned coalesce(struct us_queue *q, unsigned *min_wait)
+{
+	unsigned want;
+
+	q->busy_avg = q->busy_avg - q->busy_avg / 8 + q->turn_ios;
+	q->turn_ios = 0;
+	*min_wait = q->dev->cfg.coalesce_us;
+	if (!q->min_wait_ok || !*min_wait || q->busy_avg <= 9)
+		return 0;
+	want = q->busy_avg / 8 + 1;
+	return want < 2 ? 2 : want > (unsigned)q->dev->cfg.depth ? (unsigned)q->dev->cfg.depth : want;
+}
+
 int us_queue_turn(struct us_queue *q)
 {
 	struct io_uring_cqe *cqe;
-	unsigned head, n = 0;
-	int ret = io_uring_submit_and_wait(&q->ring, 1);
+	unsigned head, n = 0, quiet = 0, min_wait, want;
+	int ret;
 
-	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+	if (q->dev->fe->flush)
+		quiet = q->dev->fe->flush(q);
+	/* a stopping queue waits for exactly those answers: nothing else may come */
+	if (q->stopping)
+		quiet = 0;
+	/* everything up to here is counted before the turn may block */
+	publish_counters(q);
+	/*
+	 * With a wait count liburing always enters: one turn is one io_uring_enter.
+	 * A batched commit completes inline, so waiting for one CQE would wake
+	 * on its own answer and cost a second enter for the work that follows.
+	 */
+	want = coalesce(q, &min_wait);
+	if (want) {
+		ret = submit_and_wait_min(q, want + quiet, min_wait);
+		if (ret == -EINVAL) {
+			/* a kernel that takes the flag but not the argument: plain waits from now on */
+			q->min_wait_ok = 0;
+			ret = 0;
+		}
+	} else
+		ret = io_uring_submit_and_wait(&q->ring, 1 + quiet);
+	q->ctr.enters++;
+	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
 		q->error = ret;
 		return ret;
 	}
@@ -141,6 +234,7 @@ int us_queue_turn(struct us_queue *q)
 		n++;
 	}
 	io_uring_cq_advance(&q->ring, n);
+	q->ctr.cqes += n;
 	return 0;
 }
 
@@ -203,7 +297,8 @@ int us_queue_init(struct us_queue *q, unsigned extra)
 
 		q->fixed_files = io_uring_register_files(&q->ring, fds, c->backing_fd >= 0 ? 2 : 1) == 0;
 	}
-	io_uring_register_ring_fd(&q->ring);
+	q->ring_fd_registered = io_uring_register_ring_fd(&q->ring) == 1;
+	q->min_wait_ok = !!(p.features & US_FEAT_MIN_TIMEOUT);
 
 	q->ios = calloc(c->depth, sizeof(*q->ios));
 	if (!q->ios)

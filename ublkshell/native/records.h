@@ -66,7 +66,17 @@ struct us_rec {
 struct us_shm_queue {
 	uint64_t	rec_head;	/* records written so far */
 	uint64_t	inflight;	/* tags being served now */
-	uint64_t	pad[6];
+	/*
+	 * What the queue cost in crossings, the unit of cost under emulation:
+	 * io_uring_enter calls, CQEs reaped, completions that brought requests
+	 * in, commands that took results back and the IOs those carried.
+	 */
+	uint64_t	enters;
+	uint64_t	cqes;
+	uint64_t	fetches;
+	uint64_t	commits;
+	uint64_t	committed;
+	uint64_t	pad[1];
 	struct us_op_stats ops[US_NR_OPS];
 	/* followed by: struct us_tag_state tags[depth]; struct us_rec recs[rec_entries] */
 };

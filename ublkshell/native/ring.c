@@ -43,6 +43,10 @@ static void prep_uring_cmd(struct us_queue *q, struct io_uring_sqe *sqe, unsigne
 	cmd->result = result;
 	cmd->addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
 	q->cmd_inflight++;
+	if (op == q->dev->op_commit) {
+		q->ctr.commits++;
+		q->ctr.committed++;
+	}
 }
 
 static void queue_uring_cmd(struct us_queue *q, unsigned tag, unsigned op, int result)
@@ -83,7 +87,7 @@ static void ublk_complete(struct us_queue *q, unsigned tag, int result)
 	queue_uring_cmd(q, tag, q->dev->op_commit, result);
 }
 
-static void serve(struct us_queue *q, unsigned tag)
+void us_ublk_serve(struct us_queue *q, unsigned tag)
 {
 	const struct ublksrv_io_desc *iod = &q->iods[tag];
 	struct us_io *io = &q->ios[tag];
@@ -105,7 +109,10 @@ static void ublk_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 		return;
 	case UD_LINKED:
 		if (cqe->res == -ECANCELED) {
+			/* never sent: the IO commits again, unlinked */
 			q->cmd_inflight--;
+			q->ctr.commits--;
+			q->ctr.committed--;
 			return;
 		}
 		break;
@@ -113,7 +120,8 @@ static void ublk_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 
 	q->cmd_inflight--;
 	if (cqe->res == UBLK_IO_RES_OK) {
-		serve(q, tag);
+		q->ctr.fetches++;
+		us_ublk_serve(q, tag);
 	} else if (cqe->res == UBLK_IO_RES_ABORT) {
 		/* the device is going away (STOP_DEV, or we are being torn down) */
 		q->stopping = 1;
@@ -125,11 +133,22 @@ static void ublk_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 	}
 }
 
+/* one FETCH per tag; each result goes back with that tag's next fetch */
+static int ublk_queue_start(struct us_queue *q)
+{
+	int i;
+
+	for (i = 0; i < q->dev->cfg.depth; i++)
+		queue_uring_cmd(q, i, q->dev->op_fetch, 0);
+	return q->error;
+}
+
 static const struct us_frontend ublk_frontend = {
 	.name = "ublk",
 	.complete = ublk_complete,
 	.link = ublk_link,
 	.cqe = ublk_cqe,
+	.queue_start = ublk_queue_start,
 };
 
 static int queue_setup(struct us_queue *q)
@@ -162,7 +181,8 @@ static int queue_setup(struct us_queue *q)
 		q->iods = NULL;
 		return -errno;
 	}
-	return 0;
+	/* the first commands wait in the SQ until the loop's first submit, after every queue is set up */
+	return d->fe->queue_start(q);
 }
 
 static int queue_stop_poll(struct us_queue *q)
@@ -178,15 +198,10 @@ static int queue_stop_poll(struct us_queue *q)
 
 static void queue_loop(struct us_queue *q)
 {
-	const struct us_dev_cfg *c = &q->dev->cfg;
-	int i;
-
 	/* an empty ring has room; without the poll us_dev_abort could not reach this queue */
 	q->error = queue_stop_poll(q);
 	if (q->error)
 		return;
-	for (i = 0; i < c->depth; i++)
-		queue_uring_cmd(q, i, q->dev->op_fetch, 0);
 
 	for (;;) {
 		if (q->stopping == 2)
@@ -202,6 +217,8 @@ static void queue_teardown(struct us_queue *q)
 {
 	/* exiting the ring cancels what is still outstanding: the driver sees an abort */
 	us_queue_exit(q);
+	if (q->dev->fe->queue_exit)
+		q->dev->fe->queue_exit(q);
 	if (q->iods)
 		munmap((void *)q->iods, q->iods_len);
 	q->iods = NULL;
@@ -277,7 +294,8 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 		return NULL;
 	}
 	d->cfg = *cfg;
-	d->fe = &ublk_frontend;
+	/* the device was added with BATCH_IO or not: the kernel takes only that protocol */
+	d->fe = cfg->dev_flags & UBLK_F_BATCH_IO ? &us_ublk_batch_frontend : &ublk_frontend;
 	*err = us_dev_target_init(d);
 	if (*err) {
 		free(d);
@@ -398,6 +416,5 @@ void us_dev_free(struct us_dev *d)
 	us_dev_target_deinit(d);
 	pthread_mutex_destroy(&d->lock);
 	pthread_cond_destroy(&d->cond);
-	us_dev_target_deinit(d);
-		free(d);
+	free(d);
 }

@@ -93,6 +93,25 @@ struct us_frontend {
 	void (*link)(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result);
 	/* a CQE of one of the front end's own kinds (UD_CMD, UD_LINKED, UD_STOP, UD_FE) */
 	void (*cqe)(struct us_queue *q, const struct io_uring_cqe *cqe);
+	/*
+	 * optional: before each submit, send what complete() gathered (batched
+	 * commits). Returns how many CQEs those commands will post that bring no
+	 * work, so that the turn waits past them instead of waking for them.
+	 */
+	unsigned (*flush)(struct us_queue *q);
+	/* ublk only: after us_queue_init, the queue's own state and its first commands; 0 or -errno */
+	int (*queue_start)(struct us_queue *q);
+	/* ublk only: free what queue_start made, after the ring is gone */
+	void (*queue_exit)(struct us_queue *q);
+};
+
+/* the ring's cost, counted by the queue thread and published to shared memory each turn */
+struct us_ring_counters {
+	uint64_t	enters;
+	uint64_t	cqes;
+	uint64_t	fetches;
+	uint64_t	commits;
+	uint64_t	committed;
 };
 
 extern const struct us_target_type us_target_mem;
@@ -112,6 +131,8 @@ struct us_queue {
 	char		*bufs;
 	size_t		bufs_len;
 	struct us_io	*ios;
+	void		*fe_q;		/* the front end's per-queue state */
+	struct us_ring_counters ctr;
 	unsigned	cmd_inflight;
 	unsigned	tgt_inflight;
 	int		stopping;
@@ -129,6 +150,11 @@ struct us_queue {
 	uint32_t	rng_seed_gen;	/* the area's seed_gen + 1 this rng started from, 0 none */
 	unsigned	nr_hung;
 	int		tick_armed;
+	/* coalescing (pipeline.c): the kernel's min-wait, and how busy recent turns were */
+	int		ring_fd_registered;
+	int		min_wait_ok;
+	unsigned	turn_ios;	/* IOs started this turn */
+	unsigned	busy_avg;	/* 8 x the recent IOs per turn (a moving average) */
 	struct __kernel_timespec tick_ts;
 };
 
@@ -149,6 +175,11 @@ struct us_dev {
 	struct us_wlog	*wlog;		/* --powercut: what unflushed writes overwrote */
 	struct us_queue	q[];
 };
+
+/* the two ublk front ends: one command per tag (ring.c), or batches of tags (ring_batch.c) */
+extern const struct us_frontend us_ublk_batch_frontend;
+/* ring.c: the driver handed tag over: copy its descriptor and start the IO */
+void us_ublk_serve(struct us_queue *q, unsigned tag);
 
 /* queue the tag's COMMIT_AND_FETCH(result) linked behind the SQE just prepared */
 void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result);

@@ -55,6 +55,8 @@ struct us_dev_cfg {
 	int		no_records;	/* 1: keep no counters or records (benchmarks); faults still apply */
 	uint64_t	write_log_bytes; /* powercut: log unflushed writes up to this much, 0 off */
 	int		write_log_fd;	/* powercut: reads old data and puts it back (buffered) */
+	/* a busy queue waits this long for more completions before serving (us), 0 never */
+	unsigned	coalesce_us;
 };
 
 struct us_dev;

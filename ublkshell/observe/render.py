@@ -14,6 +14,7 @@ def render_add(dev: dict) -> str:
     q = dev["queues"]
     return (f"dev {dev['id']} -> /dev/ublkb{dev['id']} ({dev['describe']}, {human(dev['size'])}, "
             f"{q} queue{'s' if q > 1 else ''} x {dev['depth']}"
+            + (f", {dev['io_mode']} IO" if dev.get("io_mode") else "")
             + (f", recovery {dev['recovery']}" if dev.get("recovery") else "") + ")")
 
 
@@ -38,12 +39,12 @@ def render_list(devs: list) -> str:
     devs = [d for d in devs if d.get("transport") != "fuse"]
     if not devs:
         return render_fuse_list(fuse)
-    lines = [f"{'ID':>3} {'STATE':<8} {'SIZE':>7} {'Q x D':>9} {'PID':>7}  {'TARGET':<28} FEATURES"]
+    lines = [f"{'ID':>3} {'STATE':<8} {'SIZE':>7} {'Q x D':>9} {'IO':<7} {'PID':>7}  {'TARGET':<28} FEATURES"]
     for d in devs:
         pid = str(d["pid"]) if d["daemon_alive"] else f"{d['pid']}†" if d["pid"] > 0 else "-"
         size = human(d["size"]) if d["size"] is not None else "?"
         lines.append(f"{d['id']:>3} {d['state']:<8} {size:>7} {str(d['queues']) + ' x ' + str(d['depth']):>9} "
-                     f"{pid:>7}  {d['target']:<28} {','.join(d['flags']) or '-'}")
+                     f"{d.get('io_mode', '-'):<7} {pid:>7}  {d['target']:<28} {','.join(d['flags']) or '-'}")
     lines += dead_daemon_notes(devs)
     return "\n".join(lines + ([render_fuse_list(fuse)] if fuse else []))
 
@@ -100,7 +101,21 @@ def render_stats(r: dict, queues: bool = False) -> str:
     rows = [("", r["ops"])]
     if queues:
         rows += [(f"q{q['queue']} ", q["ops"]) for q in r["queues"]]
-    return stats_table(f"dev {devids.name(r['device'])}: {r['inflight']} in flight", rows)
+    lines = [stats_table(f"dev {devids.name(r['device'])}: {r['inflight']} in flight", rows)]
+    if "ring" in r:
+        lines.append(ring_line("ring", r["ring"]))
+        if queues:
+            lines += [ring_line(f"q{q['queue']} ring", q["ring"]) for q in r["queues"] if "ring" in q]
+    return "\n".join(lines)
+
+
+def ring_line(label: str, ring: dict) -> str:
+    """What the IO cost in crossings: the figures that do not move with the host's noise."""
+    def ratio(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    return (f"{label}: {ring['enters']} io_uring_enter, {ratio(ring['enters_per_io'], '.3f')} per IO; "
+            f"{ratio(ring['cqes_per_enter'], '.1f')} CQEs per enter; "
+            f"{ring['commits']} commits, {ratio(ring['ios_per_commit'], '.1f')} IOs per commit")
 
 
 def render_lat(r: dict) -> str:

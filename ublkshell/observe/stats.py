@@ -28,7 +28,8 @@ def snapshot(s: Shm) -> dict:
     queues = []
     for q in range(s.nr_queues):
         sq = s.queue(q)
-        qd = {"queue": q, "inflight": int(sq.inflight), "ops": {}}
+        qd = {"queue": q, "inflight": int(sq.inflight), "ops": {},
+              "ring": {k: int(getattr(sq, k)) for k in RING_COUNTERS}}
         for i, name in enumerate(OPS):
             o = sq.ops[i]
             hist = list(ffi.unpack(o.hist, lib.US_HIST_BUCKETS))
@@ -42,7 +43,20 @@ def snapshot(s: Shm) -> dict:
             t["hist"] = [a + b for a, b in zip(t["hist"], hist)]
         queues.append(qd)
     return {"ops": ops, "queues": queues, "inflight": sum(q["inflight"] for q in queues),
+            "ring": {k: sum(q["ring"][k] for q in queues) for k in RING_COUNTERS},
             "at_ns": lib.us_now_ns()}
+
+
+# what the queue threads cost in user/kernel crossings (records.h, struct us_shm_queue)
+RING_COUNTERS = ("enters", "cqes", "fetches", "commits", "committed")
+
+
+def ring_costs(ring: dict) -> dict:
+    """The counters and their ratios: io_uring_enter calls per IO, CQEs per enter, IOs per commit."""
+    ios, enters, commits = ring["committed"], ring["enters"], ring["commits"]
+    return dict(ring, enters_per_io=round(enters / ios, 4) if ios else None,
+                cqes_per_enter=round(ring["cqes"] / enters, 2) if enters else None,
+                ios_per_commit=round(ios / commits, 2) if commits else None)
 
 
 def summarize(op: dict) -> dict:
@@ -57,9 +71,10 @@ def stats_of(dev_id: int, shm) -> dict:
     """Summaries per op, for the device and for each queue (the `stats --json` shape)."""
     snap = snapshot(shm)
     return {"device": dev_id, "inflight": snap["inflight"],
-            "ops": {n: summarize(o) for n, o in snap["ops"].items()},
+            "ops": {n: summarize(o) for n, o in snap["ops"].items()}, "ring": ring_costs(snap["ring"]),
             "queues": [{"queue": q["queue"], "inflight": q["inflight"],
-                        "ops": {n: summarize(o) for n, o in q["ops"].items()}} for q in snap["queues"]]}
+                        "ops": {n: summarize(o) for n, o in q["ops"].items()},
+                        "ring": ring_costs(q["ring"])} for q in snap["queues"]]}
 
 
 def inflight(s: Shm) -> list[dict]:

@@ -7,12 +7,13 @@ from typing import Protocol
 from ..._native import lib
 from ... import procs
 from ...devices.ids import stem
+from ...devices.io_modes import io_mode_of
 from ...errors import UsageError
 from ...kernel.uapi import feature_names
 from ...observe.names import OPS
 from ...observe.shm import Shm
-from ...observe.render import hist_bars, pow2_hist, stats_table, tags_table
-from ...observe.stats import fmt_ns, inflight, percentile, snapshot, stats_of, summarize
+from ...observe.render import hist_bars, pow2_hist, ring_line, stats_table, tags_table
+from ...observe.stats import fmt_ns, inflight, percentile, ring_costs, snapshot, stats_of, summarize
 from ...units import human
 
 FAULTS_HELP = ("# one rule per line, e.g. `delay 5ms op=write`, `fail lba 2048..4095 op=read`;\n"
@@ -41,7 +42,8 @@ def _info(dev, entry, s):
             "queues": entry.get("queues"), "depth": entry.get("depth"),
             "pid": pid, "daemon_alive": procs.entry_daemon_alive(entry),
             "flags": flags, "flag_names": feature_names(flags),
-            "recovery": entry.get("recovery"), "recoveries": entry.get("recoveries", 0)}
+            "recovery": entry.get("recovery"), "recoveries": entry.get("recoveries", 0),
+            "io_mode": entry.get("io_mode") or (io_mode_of(flags) if entry.get("transport") != "fuse" else None)}
 
 
 def info_text(dev, entry, s):
@@ -54,7 +56,8 @@ def info_text(dev, entry, s):
             f"size        {size_s}\n"
             f"block size  {i['block_size'] if i['block_size'] is not None else '?'}\n"
             f"queues      {i['queues']} x {i['depth']}\n"
-            f"daemon      pid {i['pid']} ({'alive' if i['daemon_alive'] else 'dead'})\n"
+            + (f"io mode     {i['io_mode']}\n" if i["io_mode"] else "")
+            + f"daemon      pid {i['pid']} ({'alive' if i['daemon_alive'] else 'dead'})\n"
             f"flags       {i['flags']:#x} {names}\n"
             + f"recovery    {i['recovery'] or 'none'}"
               f"{', recovered ' + str(i['recoveries']) + ' times' if i['recoveries'] else ''}\n"
@@ -93,7 +96,8 @@ def _need(s):
 
 def stats_text(dev, entry, s):
     r = stats_of(dev, _need(s))
-    return stats_table(f"{stem(dev)}: {r['inflight']} in flight", [("", r["ops"])], all_ops=True) + "\n"
+    return (stats_table(f"{stem(dev)}: {r['inflight']} in flight", [("", r["ops"])], all_ops=True) + "\n"
+            + ring_line("ring", r["ring"]) + "\n")
 
 
 def stats_json(dev, entry, s):
@@ -190,12 +194,13 @@ def _queue_snap(s, q):
 def q_stats_text(dev, entry, s, q):
     qs = _queue_snap(s, q)
     ops = {n: summarize(o) for n, o in qs["ops"].items()}
-    return stats_table(f"{stem(dev)} queue {q}: {qs['inflight']} in flight", [("", ops)], all_ops=True) + "\n"
+    return (stats_table(f"{stem(dev)} queue {q}: {qs['inflight']} in flight", [("", ops)], all_ops=True) + "\n"
+            + ring_line("ring", ring_costs(qs["ring"])) + "\n")
 
 
 def q_stats_json(dev, entry, s, q):
     qs = _queue_snap(s, q)
-    return _dump({"device": dev, "queue": q, "inflight": qs["inflight"],
+    return _dump({"device": dev, "queue": q, "inflight": qs["inflight"], "ring": ring_costs(qs["ring"]),
                   "ops": {n: summarize(o) for n, o in qs["ops"].items()}})
 
 

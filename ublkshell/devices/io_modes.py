@@ -1,0 +1,31 @@
+"""How a device's requests and results cross to the kernel (`add --io-mode`).
+
+per-tag: one FETCH per tag, each result back with that tag's COMMIT_AND_FETCH.
+batch: UBLK_F_BATCH_IO: one multishot fetch brings many tags per completion,
+one COMMIT_IO_CMDS takes back every result a ring turn produced. The kernel
+takes only the protocol the device was added with, so the mode is fixed at
+ADD_DEV and read back from the device's flags (a recovering daemon follows it).
+"""
+from .._native import lib
+from ..errors import UblkError
+
+IO_MODES = ("auto", "batch", "per-tag")
+# `add --coalesce`: the longest a busy queue waits for more completions
+MAX_COALESCE_NS = 10_000_000
+
+
+def io_mode_flags(mode: str, features: int) -> int:
+    """The ADD_DEV flags for a mode, given what the kernel offers (GET_FEATURES)."""
+    if mode == "per-tag":
+        return 0
+    if features & lib.UBLK_F_BATCH_IO:
+        return lib.UBLK_F_BATCH_IO
+    if mode == "batch":
+        raise UblkError("--io-mode batch: this kernel's ublk_drv does not offer batch IO "
+                        "(UBLK_F_BATCH_IO, Linux 6.19 and later); use --io-mode per-tag or auto")
+    return 0
+
+
+def io_mode_of(flags: int) -> str:
+    """The mode a device was added with, from its flags."""
+    return "batch" if flags & lib.UBLK_F_BATCH_IO else "per-tag"
