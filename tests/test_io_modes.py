@@ -28,6 +28,10 @@ def test_batch_on_a_kernel_without_it_names_the_way_out():
 @pytest.mark.parametrize("kw,msg", [
     ({"io_mode": "sideways"}, "unknown mode"),
     ({"io_mode": "batch", "transport": "fuse"}, "FUSE"),
+    ({"io_mode": "per-tag", "transport": "fuse"}, "FUSE"),
+    ({"io_mode": ""}, "unknown mode"),
+    ({"coalesce_ns": 1500}, "whole number of microseconds"),
+    ({"coalesce_ns": 1000, "transport": "fuse"}, "FUSE"),
 ])
 def test_bad_modes_are_usage_errors(kw, msg):
     with pytest.raises(UsageError, match=msg):

@@ -115,9 +115,9 @@ def cli_parser() -> argparse.ArgumentParser:
                         "each way (UBLK_F_BATCH_IO, Linux 6.19+); per-tag: one command per IO; auto "
                         "(default): batch where the kernel offers it. `list` and `info` show the mode")
     a.add_argument("--coalesce", default="0", metavar="DURATION",
-                   help="when a queue is busy (turns bring several IOs), wait up to DURATION (e.g. "
-                        "200us, at most 10ms; a bare number counts microseconds) after the first "
-                        "completion for more, so that one "
+                   help="when a queue is busy (turns bring several IOs), let its wait for more "
+                        "completions last up to DURATION (e.g. 200us, at most 10ms; a bare number "
+                        "counts microseconds), so that one "
                         "io_uring_enter serves many IOs; fewer crossings at depth, more latency at "
                         "low depth. 0 (default): never wait (see docs/benchmarks.md)")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")

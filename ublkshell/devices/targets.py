@@ -278,15 +278,18 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
                          "connection ends with its daemon, so there is nothing to recover")
     if mode:
         spec["recovery"] = mode
-    io_mode = io_mode or "auto"
     if io_mode not in IO_MODES:
         raise UsageError(f"--io-mode: unknown mode {io_mode!r} (choose from {', '.join(IO_MODES)})")
-    if transport == "fuse" and io_mode == "batch":
-        raise UsageError("--io-mode batch is ublk's (UBLK_F_BATCH_IO); the FUSE transport has its own")
+    if transport == "fuse" and io_mode != "auto":
+        raise UsageError(f"--io-mode {io_mode} is ublk's; the FUSE transport has its own protocol")
     if transport != "fuse":
         spec["io_mode"] = io_mode
+    if coalesce_ns and transport == "fuse":
+        raise UsageError("--coalesce is for ublk queues; the FUSE transport's queue answers as it goes")
+    if coalesce_ns % 1000:
+        raise UsageError(f"--coalesce: {coalesce_ns}ns is not a whole number of microseconds")
     if coalesce_ns:
-        spec["coalesce_us"] = max(1, coalesce_ns // 1000)
+        spec["coalesce_us"] = coalesce_ns // 1000
     return spec
 
 

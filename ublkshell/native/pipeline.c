@@ -147,15 +147,26 @@ static void publish_counters(struct us_queue *q)
 	__atomic_store_n(&sq->committed, q->ctr.committed, __ATOMIC_RELAXED);
 }
 
+/* struct io_uring_getevents_arg as 6.13+ lays it out (older headers name min_wait_usec "pad") */
+struct us_getevents_arg {
+	uint64_t	sigmask;
+	uint32_t	sigmask_sz;
+	uint32_t	min_wait_usec;
+	uint64_t	ts;
+};
+
 /*
- * Submit and wait like io_uring_submit_and_wait(wait_nr), but once one CQE is
- * there give others min_wait_us to join it (the kernel's min-wait, 6.13+).
- * liburing 2.3 cannot pass it, so the SQ is flushed here as liburing does.
+ * Submit and wait for wait_nr CQEs, for at most timeout_ms; with min_wait_us,
+ * once that long has passed since the wait began, any one CQE ends it (the
+ * kernel's min-wait, 6.13+). One io_uring_enter; liburing 2.3 cannot pass
+ * min-wait, so the SQ is flushed here as liburing's own submit does.
  */
-static int submit_and_wait_min(struct us_queue *q, unsigned wait_nr, unsigned min_wait_us)
+static int submit_and_wait_ext(struct us_queue *q, unsigned wait_nr, unsigned min_wait_us,
+			       unsigned timeout_ms)
 {
 	struct io_uring_sq *sq = &q->ring.sq;
-	struct io_uring_getevents_arg arg;
+	struct __kernel_timespec ts = { timeout_ms / 1000, (long long)(timeout_ms % 1000) * 1000000 };
+	struct us_getevents_arg arg = { 0, 0, min_wait_us, (uint64_t)(uintptr_t)&ts };
 	unsigned tail = sq->sqe_tail, submit;
 	unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
 	long ret;
@@ -165,8 +176,6 @@ static int submit_and_wait_min(struct us_queue *q, unsigned wait_nr, unsigned mi
 		io_uring_smp_store_release(sq->ktail, tail);
 	}
 	submit = tail - io_uring_smp_load_acquire(sq->khead);
-	memset(&arg, 0, sizeof(arg));
-	arg.pad = min_wait_us;	/* min_wait_usec in newer headers */
 	if (q->ring_fd_registered)
 		flags |= IORING_ENTER_REGISTERED_RING;
 	ret = syscall(__NR_io_uring_enter, q->ring.enter_ring_fd, submit, wait_nr, flags,
@@ -178,19 +187,18 @@ static int submit_and_wait_min(struct us_queue *q, unsigned wait_nr, unsigned mi
  * Under load a turn that wakes for the first CQE serves one IO per enter.
  * When recent turns each brought several IOs, the queue is busy and more are
  * on their way: wait for one more than the recent turns brought (so the batch
- * grows while the load allows), but never longer than coalesce_us after the
- * first. busy_avg over 9 is more than ~1.1 IOs per turn: a queue at depth 1
- * never waits, as its next IO cannot come before this one ends. Returns the
- * CQEs to wait for (0: an ordinary wait for one), *min_wait the cap.
+ * grows while the load allows), but once coalesce_us have passed since the
+ * wait began, go with whatever came. busy_avg over 9 is more than ~1.1 IOs
+ * per turn: a queue at depth 1 never waits, as its next IO cannot come before
+ * this one ends. Returns the CQEs to wait for (0: an ordinary wait for one).
  */
-static unsigned coalesce(struct us_queue *q, unsigned *min_wait)
+static unsigned coalesce(struct us_queue *q)
 {
 	unsigned want;
 
 	q->busy_avg = q->busy_avg - q->busy_avg / 8 + q->turn_ios;
 	q->turn_ios = 0;
-	*min_wait = q->dev->cfg.coalesce_us;
-	if (!q->min_wait_ok || !*min_wait || q->busy_avg <= 9)
+	if (!q->min_wait_ok || !q->dev->cfg.coalesce_us || q->busy_avg <= 9)
 		return 0;
 	want = q->busy_avg / 8 + 1;
 	return want < 2 ? 2 : want > (unsigned)q->dev->cfg.depth ? (unsigned)q->dev->cfg.depth : want;
@@ -199,7 +207,7 @@ static unsigned coalesce(struct us_queue *q, unsigned *min_wait)
 int us_queue_turn(struct us_queue *q)
 {
 	struct io_uring_cqe *cqe;
-	unsigned head, n = 0, quiet = 0, min_wait, want;
+	unsigned head, n = 0, quiet = 0, want;
 	int ret;
 
 	if (q->dev->fe->flush)
@@ -214,15 +222,14 @@ int us_queue_turn(struct us_queue *q)
 	 * A batched commit completes inline, so waiting for one CQE would wake
 	 * on its own answer and cost a second enter for the work that follows.
 	 */
-	want = coalesce(q, &min_wait);
-	if (want) {
-		ret = submit_and_wait_min(q, want + quiet, min_wait);
-		if (ret == -EINVAL) {
-			/* a kernel that takes the flag but not the argument: plain waits from now on */
-			q->min_wait_ok = 0;
-			ret = 0;
-		}
-	} else
+	want = coalesce(q);
+	if (want)
+		/* an idle queue still wakes once a second, and then stops waiting (busy_avg 0) */
+		ret = submit_and_wait_ext(q, want + quiet, q->dev->cfg.coalesce_us, 1000);
+	else if (quiet && q->ext_arg_ok)
+		/* a commit refused at once is an error the queue must see: do not sleep past it */
+		ret = submit_and_wait_ext(q, 1 + quiet, 0, 100);
+	else
 		ret = io_uring_submit_and_wait(&q->ring, 1 + quiet);
 	q->ctr.enters++;
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
@@ -235,6 +242,8 @@ int us_queue_turn(struct us_queue *q)
 	}
 	io_uring_cq_advance(&q->ring, n);
 	q->ctr.cqes += n;
+	if (!n)
+		q->busy_avg = 0;
 	return 0;
 }
 
@@ -299,6 +308,7 @@ int us_queue_init(struct us_queue *q, unsigned extra)
 	}
 	q->ring_fd_registered = io_uring_register_ring_fd(&q->ring) == 1;
 	q->min_wait_ok = !!(p.features & US_FEAT_MIN_TIMEOUT);
+	q->ext_arg_ok = !!(p.features & IORING_FEAT_EXT_ARG);
 
 	q->ios = calloc(c->depth, sizeof(*q->ios));
 	if (!q->ios)
@@ -314,6 +324,14 @@ int us_queue_init(struct us_queue *q, unsigned extra)
 		q->ios[i].buf = q->bufs + (size_t)i * c->max_io_bytes;
 	if (c->shm && !c->no_records)
 		us_shm_attach(q, c->shm);
+	if (q->shmq) {
+		/* a recovered device's counters carry on, as its op counters do */
+		q->ctr.enters = q->shmq->enters;
+		q->ctr.cqes = q->shmq->cqes;
+		q->ctr.fetches = q->shmq->fetches;
+		q->ctr.commits = q->shmq->commits;
+		q->ctr.committed = q->shmq->committed;
+	}
 	return c->shm ? us_fault_attach(q, c->shm) : 0;
 }
 

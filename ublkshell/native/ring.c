@@ -206,7 +206,7 @@ static void queue_loop(struct us_queue *q)
 	for (;;) {
 		if (q->stopping == 2)
 			break;
-		if (q->stopping && !q->cmd_inflight && !q->tgt_inflight)
+		if (q->stopping && !q->cmd_inflight && !q->tgt_inflight && !q->results_pending)
 			break;
 		if (us_queue_turn(q))
 			break;

@@ -37,6 +37,15 @@ enum { SUB_PREP = 1, SUB_COMMIT = 2, SUB_FETCH = 3 };
 #define SUB_SHIFT	12
 #define SUB_IDX_MASK	((1u << SUB_SHIFT) - 1)
 
+/* struct io_uring_buf_reg as 6.x lays it out (liburing 2.3 names flags "pad", 2.4+ "flags") */
+struct us_buf_reg {
+	uint64_t	ring_addr;
+	uint32_t	ring_entries;
+	uint16_t	bgid;
+	uint16_t	flags;
+	uint64_t	resv[3];
+};
+
 /* UBLK_BATCH_F_HAS_BUF_ADDR: the element carries the tag's buffer after its header */
 struct batch_elem {
 	struct ublk_elem_header h;
@@ -137,6 +146,7 @@ static unsigned batch_flush(struct us_queue *q)
 	q->ctr.committed += b->nr;
 	b->cur = next;
 	b->nr = 0;
+	q->results_pending = 0;
 	return 1;
 }
 
@@ -150,6 +160,7 @@ static void batch_complete(struct us_queue *q, unsigned tag, int result)
 	e->h.buf_index = 0;
 	e->h.result = result;
 	e->buf_addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
+	q->results_pending = b->nr;
 }
 
 static void fail(struct us_queue *q, int err)
@@ -271,7 +282,7 @@ static void batch_queue_exit(struct us_queue *q)
 
 static int register_fetch_ring(struct us_queue *q, struct us_batch *b, unsigned i)
 {
-	struct io_uring_buf_reg reg;
+	struct us_buf_reg reg;
 	int ret;
 
 	b->br[i] = mmap(NULL, b->br_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -286,9 +297,9 @@ static int register_fetch_ring(struct us_queue *q, struct us_batch *b, unsigned 
 	reg.ring_addr = (uint64_t)(uintptr_t)b->br[i];
 	reg.ring_entries = 1;
 	reg.bgid = i;
-	/* the flags field (named pad in older headers): tags from many CQEs share one buffer */
-	memcpy(&reg.pad, &(uint16_t){ IOU_PBUF_RING_INC }, sizeof(reg.pad));
-	ret = io_uring_register_buf_ring(&q->ring, &reg, 0);
+	/* tags from many CQEs share one buffer */
+	reg.flags = IOU_PBUF_RING_INC;
+	ret = io_uring_register_buf_ring(&q->ring, (void *)&reg, 0);
 	if (ret)
 		return ret;
 	renew_fetch_buf(b, i);
@@ -330,6 +341,7 @@ static int batch_queue_start(struct us_queue *q)
 	b->commit_busy = 1;
 	b->cur = 1;
 	b->nr = 0;
+	q->results_pending = 0;
 	return 0;
 }
 

@@ -153,6 +153,8 @@ struct us_queue {
 	/* coalescing (pipeline.c): the kernel's min-wait, and how busy recent turns were */
 	int		ring_fd_registered;
 	int		min_wait_ok;
+	int		ext_arg_ok;	/* waits with a timeout in one enter (5.11+) */
+	unsigned	results_pending; /* results a front end holds for its next flush */
 	unsigned	turn_ios;	/* IOs started this turn */
 	unsigned	busy_avg;	/* 8 x the recent IOs per turn (a moving average) */
 	struct __kernel_timespec tick_ts;
