@@ -89,11 +89,12 @@ def wait_for_node(path: str, seconds: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def fio(dev: str, rw: str, qd: int, runtime: int, size: int | None = None) -> float:
-    """IOPS of one time-based 4k fio job; size= keeps it inside [0, size) of the device."""
+def fio(dev: str, rw: str, qd: int, runtime: int, size: int | None = None, jobs: int = 1) -> float:
+    """IOPS of a time-based 4k fio run (jobs processes, summed); size= keeps it inside [0, size)."""
     area = [f"--size={size}"] if size else []
     out = run(["fio", "--name=bench", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
-               "--bs=4k", f"--rw={rw}", f"--iodepth={qd}", "--numjobs=1", "--time_based",
+               "--bs=4k", f"--rw={rw}", f"--iodepth={qd}", f"--numjobs={jobs}", "--group_reporting",
+               "--time_based",
                f"--runtime={runtime}", "--randrepeat=0", "--norandommap", *area,
                "--output-format=json"],
               f"fio {rw} qd{qd} on {dev}", timeout=runtime * 10 + 60)
