@@ -205,13 +205,13 @@ static void fetch_cqe(struct us_queue *q, unsigned i, const struct io_uring_cqe 
 	}
 	if (q->stopping)
 		return;
+	/*
+	 * Renew the buffer only once it is used up: while it has room it is still
+	 * in the ring (the driver ends a fetch with -ENOBUFS also when it could not
+	 * post a CQE, and keeps those tags for the next one).
+	 */
 	if (b->fetch_off[i] >= FETCH_BUF_BYTES)
 		renew_fetch_buf(b, i);
-	else if (cqe->res == -ENOBUFS) {
-		/* no tags fit in what is left, yet the kernel kept the buffer: not a state we know */
-		fail(q, -EPROTO);
-		return;
-	}
 	if (arm_fetch(q, i))
 		fail(q, -EBUSY);
 }
