@@ -15,6 +15,10 @@ def test_auto_takes_batch_where_offered():
     assert io_mode_flags("auto", NEW_KERNEL) == lib.UBLK_F_BATCH_IO
     assert io_mode_flags("auto", OLD_KERNEL) == 0
     assert io_mode_flags("per-tag", NEW_KERNEL) == 0
+    # the driver refuses batch IO at depth 1: auto falls back, batch says so
+    assert io_mode_flags("auto", NEW_KERNEL, 1) == 0
+    with pytest.raises(UblkError, match="depth 2 or more"):
+        io_mode_flags("batch", NEW_KERNEL, 1)
     assert io_mode_of(lib.UBLK_F_BATCH_IO | lib.UBLK_F_USER_RECOVERY) == "batch"
     assert io_mode_of(lib.UBLK_F_USER_RECOVERY) == "per-tag"
 

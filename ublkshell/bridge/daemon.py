@@ -118,7 +118,7 @@ class Daemon:
         spec = self.spec
         self.target.open()
         flags = recovery_flags(spec.get("recovery"), self.ctrl.features)
-        flags |= io_mode_flags(spec.get("io_mode", "auto"), self.ctrl.features)
+        flags |= io_mode_flags(spec.get("io_mode", "auto"), self.ctrl.features, spec["depth"])
         if self.ctrl.ioctl_encode:
             flags |= lib.UBLK_F_CMD_IOCTL_ENCODE
         info = self.ctrl.add_dev(spec.get("dev_id", -1), spec["queues"], spec["depth"],

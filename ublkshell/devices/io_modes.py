@@ -14,9 +14,15 @@ IO_MODES = ("auto", "batch", "per-tag")
 MAX_COALESCE_NS = 10_000_000
 
 
-def io_mode_flags(mode: str, features: int) -> int:
-    """The ADD_DEV flags for a mode, given what the kernel offers (GET_FEATURES)."""
+def io_mode_flags(mode: str, features: int, depth: int = 128) -> int:
+    """The ADD_DEV flags for a mode, given what the kernel offers (GET_FEATURES) and the depth."""
     if mode == "per-tag":
+        return 0
+    if depth < 2:
+        # the driver refuses batch IO on a queue of one tag (ADD_DEV: EINVAL)
+        if mode == "batch":
+            raise UblkError("--io-mode batch needs -d/--depth 2 or more (the driver refuses batch IO "
+                            "on a queue of one tag); use --io-mode per-tag or auto")
         return 0
     if features & lib.UBLK_F_BATCH_IO:
         return lib.UBLK_F_BATCH_IO
