@@ -10,6 +10,7 @@ import pytest
 
 from .conftest import cli, pattern, pread_direct, pwrite_direct, run
 from .test_consumers import fio_verify
+from .test_faults import delayed_tag_never_stalls_the_others
 
 KB = 1024
 MODES = ["batch", "per-tag"]
@@ -55,25 +56,7 @@ def test_verify_and_counters(devices, backing, mode, target, bs):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_delayed_tag_never_stalls_the_others(devices, mode):
-    dev = devices.add("-t", "mem", "--size", "16M", "--io-mode", mode)
-    cli("delay", str(dev["id"]), "2s", "lba", "0..7")
-    done = {}
-
-    def slow():
-        t = time.monotonic()
-        pread_direct(dev["path"], 4 * KB, 0)
-        done["slow"] = time.monotonic() - t
-
-    th = threading.Thread(target=slow)
-    th.start()
-    time.sleep(0.3)
-    t = time.monotonic()
-    for i in range(1, 20):
-        pread_direct(dev["path"], 4 * KB, i * 4 * KB)
-    others = time.monotonic() - t
-    assert "slow" not in done, "the delayed read finished early"
-    th.join(10)
-    assert others < 1.5 and 2.0 <= done["slow"] < 6, (others, done)
+    delayed_tag_never_stalls_the_others(devices.add("-t", "mem", "--size", "16M", "--io-mode", mode))
 
 
 @pytest.mark.parametrize("mode", MODES)
