@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +45,16 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return n
+
+
+def add_matrix_options(p: argparse.ArgumentParser, size: str, runtime: int, rounds: int = 2,
+                       size_help: str = "backing file size on /dev/shm") -> None:
+    """--size, --runtime and --rounds of a script that runs a matrix of fio jobs in rounds."""
+    p.add_argument("--size", type=parse_size, default=parse_size(size), help=f"{size_help} (default {size})")
+    p.add_argument("--runtime", type=positive_int, default=runtime,
+                   help=f"seconds per fio run (default {runtime})")
+    p.add_argument("--rounds", type=positive_int, default=rounds,
+                   help=f"times the whole matrix is repeated; medians are reported (default {rounds})")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -89,11 +100,12 @@ def wait_for_node(path: str, seconds: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def fio(dev: str, rw: str, qd: int, runtime: int, size: int | None = None, jobs: int = 1) -> float:
-    """IOPS of a time-based 4k fio run (jobs processes, summed); size= keeps it inside [0, size)."""
+def fio(dev: str, rw: str, qd: int, runtime: int, size: int | None = None, jobs: int = 1,
+        bs: str = "4k") -> float:
+    """IOPS of a time-based fio run of bs blocks (jobs processes, summed); size= keeps it inside [0, size)."""
     area = [f"--size={size}"] if size else []
     out = run(["fio", "--name=bench", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
-               "--bs=4k", f"--rw={rw}", f"--iodepth={qd}", f"--numjobs={jobs}", "--group_reporting",
+               f"--bs={bs}", f"--rw={rw}", f"--iodepth={qd}", f"--numjobs={jobs}", "--group_reporting",
                "--time_based",
                f"--runtime={runtime}", "--randrepeat=0", "--norandommap", *area,
                "--output-format=json"],
@@ -206,3 +218,23 @@ def main_loop(prog: str, script: str, tools: tuple[str, ...], args, measure: Cal
     if result is not None:
         print(json.dumps(result, indent=2) if args.json else render(result))
     return status
+
+
+def median(values) -> float | None:
+    """The median of the values that were measured (None: not measured), or None."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def paired(a: list, b: list) -> float | None:
+    """The median of per-round ratios a/b: each pair was measured back to back."""
+    return median([x / y if y else None for x, y in zip(a, b)])
+
+
+def ratio(v, fmt=".2f", suffix="x") -> str:
+    return "-" if v is None else f"{v:{fmt}}{suffix}"
+
+
+def ring_of(devices: UblkDevices, dev_id: int) -> dict:
+    """A device's crossing counters (`stats --json`'s ring)."""
+    return json.loads(devices.ublkshell("stats", str(dev_id), "--json"))["ring"]

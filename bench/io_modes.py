@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import statistics
 import sys
 
-from common import (BenchError, add_output_options, fio, main_loop, parse_size, positive_int,
-                    render_table)
+from common import (BenchError, add_matrix_options, add_output_options, fio, main_loop, median,
+                    paired, ratio, render_table, ring_of)
 from loop_vs_kernel import Bench, check_shm
 
 MODES = ("per-tag", "batch")
@@ -47,19 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
             "ublk_drv:\n"
             "  .venv/bin/ublkshell vm -- .venv/bin/python bench/io_modes.py --markdown"),
     )
-    p.add_argument("--size", type=parse_size, default=parse_size("256M"),
-                   help="backing file size on /dev/shm (default 256M)")
-    p.add_argument("--runtime", type=positive_int, default=5, help="seconds per fio run (default 5)")
-    p.add_argument("--rounds", type=positive_int, default=2,
-                   help="times the whole matrix is repeated; medians are reported (default 2)")
+    add_matrix_options(p, "256M", 5)
     p.add_argument("--coalesce", default="0",
                    help="pass `add --coalesce` to every ublkshell device (default 0: off)")
     add_output_options(p)
     return p
-
-
-def ring(bench: Bench, dev_id: int) -> dict:
-    return json.loads(bench.ublkshell("stats", str(dev_id), "--json"))["ring"]
 
 
 def measure(args, bench: Bench) -> dict:
@@ -84,9 +74,9 @@ def measure(args, bench: Bench) -> dict:
             for (mode, target, nq), (dev_id, node) in devs.items():
                 if nq != q:
                     continue
-                before = ring(bench, dev_id)
+                before = ring_of(bench, dev_id)
                 iops = fio(node, rw, qd, args.runtime, jobs=q)
-                after = ring(bench, dev_id)
+                after = ring_of(bench, dev_id)
                 ios = after["committed"] - before["committed"]
                 key = f"{mode} {target}"
                 s.setdefault(key, []).append(iops)
@@ -97,21 +87,14 @@ def measure(args, bench: Bench) -> dict:
                 log(f"round {r}/{args.rounds}  {name:<18} {key:<14} {iops:>9.0f} IOPS")
             log(f"round {r}/{args.rounds}  {name:<18} {'kernel loop':<14} {s['kernel'][-1]:>9.0f} IOPS")
 
-    def med(values):
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
-
-    def paired(a, b):
-        return med([x / y if y else None for x, y in zip(a, b)])
-
     rows = []
     for name, s in samples.items():
-        row = {"workload": name, "kernel_loop_iops": med(s["kernel"]), "samples": s}
+        row = {"workload": name, "kernel_loop_iops": median(s["kernel"]), "samples": s}
         for mode in MODES:
             for target in ("loop", "null"):
                 key = f"{mode} {target}"
-                row[key] = {"iops": med(s[key]), "enters_per_io": med(s[key + " enters/io"]),
-                            "ios_per_commit": med(s[key + " ios/commit"])}
+                row[key] = {"iops": median(s[key]), "enters_per_io": median(s[key + " enters/io"]),
+                            "ios_per_commit": median(s[key + " ios/commit"])}
             row[f"{mode} loop/kernel"] = paired(s[f"{mode} loop"], s["kernel"])
         for target in ("loop", "null"):
             row[f"batch/per-tag {target}"] = paired(s[f"batch {target}"], s[f"per-tag {target}"])
@@ -127,10 +110,6 @@ def measure(args, bench: Bench) -> dict:
             "rows": rows, "scaling_1_to_2_queues": scaling}
 
 
-def _x(v, fmt=".2f", suffix="x"):
-    return "-" if v is None else f"{v:{fmt}}{suffix}"
-
-
 def render(result: dict, markdown: bool) -> str:
     head = ["workload", "kernel loop", "per-tag loop", "batch loop", "batch/per-tag loop",
             "per-tag null", "batch null", "batch/per-tag null", "enters/IO per-tag, batch (null)",
@@ -138,19 +117,19 @@ def render(result: dict, markdown: bool) -> str:
     body = []
     for r in result["rows"]:
         body.append([r["workload"], f"{r['kernel_loop_iops']:.0f}",
-                     f"{r['per-tag loop']['iops']:.0f} ({_x(r['per-tag loop/kernel'])})",
-                     f"{r['batch loop']['iops']:.0f} ({_x(r['batch loop/kernel'])})",
-                     _x(r["batch/per-tag loop"]), f"{r['per-tag null']['iops']:.0f}",
-                     f"{r['batch null']['iops']:.0f}", _x(r["batch/per-tag null"]),
-                     f"{_x(r['per-tag null']['enters_per_io'], '.3f', '')}, "
-                     f"{_x(r['batch null']['enters_per_io'], '.3f', '')}",
-                     _x(r["batch null"]["ios_per_commit"], ".1f", "")])
+                     f"{r['per-tag loop']['iops']:.0f} ({ratio(r['per-tag loop/kernel'])})",
+                     f"{r['batch loop']['iops']:.0f} ({ratio(r['batch loop/kernel'])})",
+                     ratio(r["batch/per-tag loop"]), f"{r['per-tag null']['iops']:.0f}",
+                     f"{r['batch null']['iops']:.0f}", ratio(r["batch/per-tag null"]),
+                     f"{ratio(r['per-tag null']['enters_per_io'], '.3f', '')}, "
+                     f"{ratio(r['batch null']['enters_per_io'], '.3f', '')}",
+                     ratio(r["batch null"]["ios_per_commit"], ".1f", "")])
     setup = (f"{result['file_size'] >> 20} MiB file on tmpfs, fio 4k io_uring direct, "
              f"{result['runtime_s']} s per run, median of {result['rounds']} rounds, {result['cpus']} CPUs, "
              f"--coalesce {result['coalesce']}, kernel loop dio={result['kernel_loop_dio']}; "
              "IOPS (loop: ratio to kernel loop in brackets)")
     scale = "scaling from 1 to 2 queues (2 jobs) at qd64: " + "; ".join(
-        f"{rw}: " + ", ".join(f"{k} {_x(v)}" for k, v in s.items())
+        f"{rw}: " + ", ".join(f"{k} {ratio(v)}" for k, v in s.items())
         for rw, s in result["scaling_1_to_2_queues"].items())
     if markdown:
         return "\n".join([f"Measured {result['date']}, kernel `{result['kernel']}`: {setup}.", "",

@@ -15,8 +15,8 @@ import statistics
 import sys
 import tempfile
 
-from common import (BenchError, UblkDevices, add_output_options, fio, main_loop, parse_size,
-                    positive_int, render_table, run)
+from common import (BenchError, UblkDevices, add_matrix_options, add_output_options, fio, main_loop,
+                    render_table, run)
 
 SHM = "/dev/shm"
 WORKLOADS = [(rw, qd) for rw in ("randread", "randwrite") for qd in (1, 64)]
@@ -41,12 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Needs root, /dev/ublk-control, fio and losetup. On a kernel without ublk_drv:\n"
             "  .venv/bin/ublkshell vm -- .venv/bin/python bench/loop_vs_kernel.py --markdown"),
     )
-    p.add_argument("--size", type=parse_size, default=parse_size("512M"),
-                   help="backing file size on /dev/shm (default 512M)")
-    p.add_argument("--runtime", type=positive_int, default=6,
-                   help="seconds per fio run (default 6)")
-    p.add_argument("--rounds", type=positive_int, default=2,
-                   help="times the whole matrix is repeated; the median is reported (default 2)")
+    add_matrix_options(p, "512M", 6)
     add_output_options(p)
     return p
 

@@ -143,12 +143,13 @@ for _a in ("fail", "drop", "corrupt", "torn", "hang", "flakey"):
 
 def device(target: str = "mem", *, size=None, file=None, queues: int = 1, depth: int = 128,
            block_size=None, max_io: str = "512k", recovery=None, powercut: bool = False,
-           io_mode: str = "auto", coalesce=0) -> Device:
+           io_mode: str = "auto", coalesce=0, zero_copy: str = "auto") -> Device:
     """Add a device (its IO daemon outlives this process until deleted); use it with `with`.
-    io_mode and coalesce are `add --io-mode` and `add --coalesce`."""
+    io_mode, coalesce and zero_copy are `add --io-mode`, `--coalesce` and `--zero-copy`."""
     args = {"target": target, "size": None if size is None else str(size), "file": file,
             "queues": queues, "depth": depth, "block_size": block_size, "max_io": max_io,
-            "dev_id": -1, "powercut": powercut, "io_mode": io_mode, "coalesce": coalesce}
+            "dev_id": -1, "powercut": powercut, "io_mode": io_mode, "coalesce": coalesce,
+            "zero_copy": zero_copy}
     if recovery:
         args["recovery"] = "requeue" if recovery is True else recovery
     return Device(_verb("add")(args))

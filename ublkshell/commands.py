@@ -120,6 +120,14 @@ def cli_parser() -> argparse.ArgumentParser:
                         "counts microseconds), so that one "
                         "io_uring_enter serves many IOs; fewer crossings at depth, more latency at "
                         "low depth. 0 (default): never wait (see docs/benchmarks.md)")
+    a.add_argument("--zero-copy", default="auto", metavar="auto|on|off|fallback",
+                   help="on: the kernel registers each READ's and WRITE's pages with the queue's "
+                        "io_uring and loop and mem move them with fixed-buffer IO, never copying "
+                        "through the daemon (UBLK_F_AUTO_BUF_REG, Linux 6.16+); IO a corrupt fault "
+                        "edits still takes the copy path (`stats` counts it). auto (default): on for "
+                        "loop on a file or device not in RAM, where the kernel offers it. off: the "
+                        "driver copies. fallback: every registration fails on purpose, so every IO "
+                        "takes the driver's fallback and the copy path (for testing that path)")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
 
     d = sub.add_parser("del", help="delete devices",

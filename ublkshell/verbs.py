@@ -23,7 +23,7 @@ def run_add(a: dict) -> dict:
                       block_size=a["block_size"], max_io=a["max_io"], dev_id=a["dev_id"],
                       transport=a["transport"], loop=a["loop"], powercut=a["powercut"],
                       no_records=a["no_records"], recovery=a["recovery"], io_mode=a["io_mode"],
-                      coalesce_ns=a["coalesce"])
+                      coalesce_ns=a["coalesce"], zero_copy=a["zero_copy"])
     return add(spec)
 
 
@@ -43,6 +43,7 @@ ADD_ARGS = {
     "recovery": Arg("--recovery", text_or_flag()),
     "io_mode": Arg("--io-mode", text(64), "auto"),
     "coalesce": Arg("--coalesce", duration("us", hi=MAX_COALESCE_NS), 0),
+    "zero_copy": Arg("--zero-copy", text(64), "auto"),
     **JSON,
 }
 

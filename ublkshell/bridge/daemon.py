@@ -27,7 +27,7 @@ from .._native import ffi, lib
 from ..kernel.ctrl import Control, CtrlError
 from ..errors import UblkError
 from ..devices.paths import forget
-from ..devices.io_modes import io_mode_flags, io_mode_of
+from ..devices.io_modes import io_mode_flags, io_mode_of, zero_copy_flags, zero_copy_of
 from ..devices.recovery_modes import recovery_flags, recovery_mode
 from ..devices.targets import make_target
 from ..devices import registry
@@ -119,6 +119,8 @@ class Daemon:
         self.target.open()
         flags = recovery_flags(spec.get("recovery"), self.ctrl.features)
         flags |= io_mode_flags(spec.get("io_mode", "auto"), self.ctrl.features, spec["depth"])
+        flags |= zero_copy_flags(spec.get("zero_copy", "auto"), self.ctrl.features,
+                                 self.target.zero_copy_pays())
         if self.ctrl.ioctl_encode:
             flags |= lib.UBLK_F_CMD_IOCTL_ENCODE
         info = self.ctrl.add_dev(spec.get("dev_id", -1), spec["queues"], spec["depth"],
@@ -126,7 +128,7 @@ class Daemon:
         self.dev_id = info.dev_id
         self.target.attach(self.dev_id)
         params = ffi.new("struct ublk_params *")
-        self.target.fill_params(params, info.max_io_buf_bytes)
+        self.target.fill_params(params, info.max_io_buf_bytes, zero_copy_of(int(info.flags)))
         self.ctrl.set_params(self.dev_id, params)
         return info
 
@@ -203,6 +205,10 @@ class Daemon:
         cfg.shm = self.stats.base
         cfg.no_records = 1 if spec.get("no_records") else 0
         cfg.coalesce_us = int(spec.get("coalesce_us", 0))
+        cfg.zc_fallback = 1 if spec.get("zero_copy") == "fallback" else 0
+        if info.flags & lib.UBLK_F_AUTO_BUF_REG and not info.flags & lib.UBLK_F_USER_COPY:
+            raise UblkError(f"device {self.dev_id} was added with zero copy (UBLK_F_AUTO_BUF_REG) but "
+                            "without user copy (UBLK_F_USER_COPY), which ublkshell's copy path needs")
         if spec.get("powercut"):
             cfg.write_log_bytes = int(spec["powercut"])
             cfg.write_log_fd = self.target.write_log_fd()
@@ -229,6 +235,7 @@ class Daemon:
             "flags": int(info.flags),
             "recovery": recovery_mode(int(info.flags)),
             "io_mode": io_mode_of(int(info.flags)),
+            "zero_copy": zero_copy_of(int(info.flags)),
             "recoveries": int(self.spec.get("recoveries", 0)),
             "abandoned": self.abandoned,
             "spec": spec,

@@ -6,7 +6,7 @@ from . import fuse as fusedev, ids as devids, paths, registry, spawn
 from .. import procs
 from ..kernel.ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
 from ..errors import UblkError
-from .io_modes import io_mode_of
+from .io_modes import io_mode_of, zero_copy_of
 from .recovery_modes import recovery_mode
 from ..kernel.uapi import STATES, feature_names
 
@@ -41,6 +41,7 @@ def describe(ctrl: Control, dev_id: int) -> dict:
         "daemon_alive": procs.is_daemon(int(info.ublksrv_pid)),
         "recovery": recovery_mode(int(info.flags)),
         "io_mode": io_mode_of(int(info.flags)),
+        "zero_copy": zero_copy_of(int(info.flags)),
     }
     try:
         p = ctrl.get_params(dev_id)

@@ -19,7 +19,7 @@ from .._native import ffi, lib
 from ..errors import UblkError, UsageError
 from ..units import parse_size
 from .recovery_modes import check_mode
-from .io_modes import IO_MODES
+from .io_modes import IO_MODES, ZERO_COPY_MODES
 
 _BLKGETSIZE64 = 0x80081272
 _BLKSSZGET = 0x1268
@@ -75,7 +75,11 @@ class Target:
         """powercut: a buffered fd on the data, to read what writes overwrite and put it back."""
         raise UsageError(f"--powercut needs a target that stores data (mem, loop), not {self.name}")
 
-    def fill_params(self, p, max_io_bytes: int) -> None:
+    def zero_copy_pays(self) -> bool:
+        """`--zero-copy auto`: does registering the request's pages beat the driver's copy here?"""
+        return False
+
+    def fill_params(self, p, max_io_bytes: int, zero_copy: bool = False) -> None:
         shift = self.block_size.bit_length() - 1
         p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_DISCARD
         # a volatile cache + FUA so that FLUSH and FUA reach the target
@@ -117,6 +121,8 @@ class MemTarget(Target):
                 os.ftruncate(self.fd, self.size)
             except OSError as e:
                 raise UblkError(f"mem: cannot make {path} {self.size} bytes: {e.strerror}") from None
+        # the file is the device's size: a zero-copy read through the ring never comes back short
+        self.backing_bytes = self.size
         self.path = path
 
     def state(self) -> dict:
@@ -186,6 +192,19 @@ class LoopTarget(Target):
     def describe(self) -> str:
         return f"{self.name} {self.spec['file']}"
 
+    def zero_copy_pays(self) -> bool:
+        # a file in RAM is copied in the queue thread; through io_uring its IO goes to worker
+        # threads, which costs more than the copy at low depth (docs/benchmarks.md)
+        return self.zero_copy and not self.in_memory
+
+    def fill_params(self, p, max_io_bytes: int, zero_copy: bool = False) -> None:
+        super().fill_params(p, max_io_bytes, zero_copy)
+        if zero_copy and self.direct:
+            # the client's own pages go to an O_DIRECT store: ask for the alignment it needs
+            # (the driver's default is 4 bytes); a store that still refuses gets the copy path
+            p.types |= lib.UBLK_PARAM_TYPE_DMA_ALIGN
+            p.dma.alignment = max(self.block_size, 512) - 1
+
     def write_log_fd(self) -> int:
         # the IO fd may be O_DIRECT, whose alignment rules the log's reads need not follow
         self.log_fd = os.open(self.spec["file"], os.O_RDWR | os.O_CLOEXEC)
@@ -216,6 +235,7 @@ def _from_table() -> dict:
             "name": name, "kind": i, "help": ffi.string(info.help).decode() if info.help else "",
             "needs_size": bool(info.options & lib.US_OPT_SIZE),
             "read_only": bool(info.flags & lib.US_TGT_F_READ_ONLY),
+            "zero_copy": bool(info.flags & lib.US_TGT_F_ZERO_COPY),
             "stores_data": info.backing != lib.US_BACKING_NONE})
         i += 1
     return out
@@ -232,7 +252,8 @@ TRANSPORTS = ("ublk", "fuse")
 
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
                max_io="512k", dev_id=-1, transport="ublk", loop=False, powercut=False,
-               no_records=False, recovery=None, io_mode="auto", coalesce_ns=0) -> dict:
+               no_records=False, recovery=None, io_mode="auto", coalesce_ns=0,
+               zero_copy="auto") -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -290,7 +311,25 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
         raise UsageError(f"--coalesce: {coalesce_ns}ns is not a whole number of microseconds")
     if coalesce_ns:
         spec["coalesce_us"] = coalesce_ns // 1000
+    check_zero_copy(zero_copy, target, transport)
+    if transport != "fuse":
+        spec["zero_copy"] = zero_copy
     return spec
+
+
+def check_zero_copy(mode: str, target: str, transport: str) -> None:
+    """`--zero-copy`: what the kernel offers is known only in the daemon (io_modes.zero_copy_flags)."""
+    if mode not in ZERO_COPY_MODES:
+        raise UsageError(f"--zero-copy: unknown mode {mode!r} (choose from {', '.join(ZERO_COPY_MODES)})")
+    if mode in ("auto", "off"):
+        return
+    if transport == "fuse":
+        raise UsageError(f"--zero-copy {mode} is ublk's (the request's pages registered with io_uring); "
+                         "the FUSE transport copies")
+    if not TARGETS[target].zero_copy:
+        keep = ", ".join(n for n, t in TARGETS.items() if t.zero_copy)
+        raise UsageError(f"--zero-copy {mode}: the {target} target makes its data in the daemon; "
+                         f"zero copy is for targets that move it ({keep})")
 
 
 def make_target(spec: dict) -> Target:

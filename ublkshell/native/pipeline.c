@@ -53,6 +53,8 @@ static int io_end(struct us_queue *q, unsigned tag, int result)
 		result = us_fault_finish(q, tag, io, result);
 	if (q->dev->wlog)
 		us_wlog_end(q, io, result);
+	if (io->bounce)
+		result = us_io_copy_out(q, tag, io, result);
 	us_rec_end(q, tag, io, result);
 	return result;
 }
@@ -62,13 +64,32 @@ void us_io_complete(struct us_queue *q, unsigned tag, int result)
 	q->dev->fe->complete(q, tag, io_end(q, tag, result));
 }
 
+/*
+ * Zero copy, but this IO's data must pass through here: a corrupt fault edits
+ * it, the target computes it, or the driver could not register the request's
+ * pages (ublk_buffers.c). The power-cut log keeps only what a write overwrites,
+ * read from the store, so it needs no copy.
+ */
+static int must_copy(const struct us_queue *q, const struct us_io *io)
+{
+	return !q->dev->tgt_zc || io->fh.action == US_FA_CORRUPT || io->op_flags & UBLK_IO_F_NEED_REG_BUF;
+}
+
 void us_start_target(struct us_queue *q, unsigned tag)
 {
+	struct us_io *io = &q->ios[tag];
 	int r;
 
+	if (io->zc && must_copy(q, io)) {
+		r = us_io_bounce(q, tag, io);
+		if (r) {
+			us_io_complete(q, tag, r);
+			return;
+		}
+	}
 	if (q->dev->wlog)
-		us_wlog_begin(q, &q->ios[tag]);
-	r = q->dev->tgt->queue_io(q, tag, &q->ios[tag]);
+		us_wlog_begin(q, io);
+	r = q->dev->tgt->queue_io(q, tag, io);
 
 	if (r != US_QUEUED)
 		us_io_complete(q, tag, r);
@@ -82,6 +103,7 @@ void us_io_start(struct us_queue *q, unsigned tag)
 	io->done = 0;
 	io->attempt = 0;
 	io->fault = 0;
+	io->bounce = 0;
 	q->turn_ios++;
 	us_rec_begin(q, tag, io);
 	r = us_fault_start(q, tag, io);
@@ -145,6 +167,7 @@ static void publish_counters(struct us_queue *q)
 	__atomic_store_n(&sq->fetches, q->ctr.fetches, __ATOMIC_RELAXED);
 	__atomic_store_n(&sq->commits, q->ctr.commits, __ATOMIC_RELAXED);
 	__atomic_store_n(&sq->committed, q->ctr.committed, __ATOMIC_RELAXED);
+	__atomic_store_n(&sq->copied, q->ctr.copied, __ATOMIC_RELAXED);
 }
 
 /* struct io_uring_getevents_arg as 6.13+ lays it out (older headers name min_wait_usec "pad") */
@@ -252,6 +275,7 @@ int us_dev_target_init(struct us_dev *d)
 	d->tgt = us_target_type(d->cfg.target);
 	if (!d->tgt || !d->tgt->queue_io)
 		return -EINVAL;
+	d->tgt_zc = !!(d->tgt->info.flags & US_TGT_F_ZERO_COPY);
 	return d->tgt->init ? d->tgt->init(d) : 0;
 }
 
@@ -307,6 +331,9 @@ int us_queue_init(struct us_queue *q, unsigned extra)
 		q->fixed_files = io_uring_register_files(&q->ring, fds, c->backing_fd >= 0 ? 2 : 1) == 0;
 	}
 	q->ring_fd_registered = io_uring_register_ring_fd(&q->ring) == 1;
+	ret = us_zc_queue_init(q);
+	if (ret)
+		return ret;
 	q->min_wait_ok = !!(p.features & US_FEAT_MIN_TIMEOUT);
 	q->ext_arg_ok = !!(p.features & IORING_FEAT_EXT_ARG);
 
@@ -331,6 +358,7 @@ int us_queue_init(struct us_queue *q, unsigned extra)
 		q->ctr.fetches = q->shmq->fetches;
 		q->ctr.commits = q->shmq->commits;
 		q->ctr.committed = q->shmq->committed;
+		q->ctr.copied = q->shmq->copied;
 	}
 	return c->shm ? us_fault_attach(q, c->shm) : 0;
 }

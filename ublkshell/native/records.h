@@ -69,14 +69,15 @@ struct us_shm_queue {
 	/*
 	 * What the queue cost in crossings, the unit of cost under emulation:
 	 * io_uring_enter calls, CQEs reaped, completions that brought requests
-	 * in, commands that took results back and the IOs those carried.
+	 * in, commands that took results back and the IOs those carried; and
+	 * the IOs of a zero-copy device that were copied after all.
 	 */
 	uint64_t	enters;
 	uint64_t	cqes;
 	uint64_t	fetches;
 	uint64_t	commits;
 	uint64_t	committed;
-	uint64_t	pad[1];
+	uint64_t	copied;
 	struct us_op_stats ops[US_NR_OPS];
 	/* followed by: struct us_tag_state tags[depth]; struct us_rec recs[rec_entries] */
 };

@@ -41,7 +41,10 @@ static void prep_uring_cmd(struct us_queue *q, struct io_uring_sqe *sqe, unsigne
 	cmd->q_id = q->q_id;
 	cmd->tag = tag;
 	cmd->result = result;
-	cmd->addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
+	/* zero copy: no buffer here; sqe->addr names the slot the tag's next request is registered at */
+	cmd->addr = q->dev->zc ? 0 : (uint64_t)(uintptr_t)q->ios[tag].buf;
+	if (q->dev->zc)
+		sqe->addr = us_zc_cmd_addr(q, tag);
 	q->cmd_inflight++;
 	if (op == q->dev->op_commit) {
 		q->ctr.commits++;
@@ -85,17 +88,6 @@ static void ublk_link(struct us_queue *q, unsigned tag, struct io_uring_sqe *hea
 static void ublk_complete(struct us_queue *q, unsigned tag, int result)
 {
 	queue_uring_cmd(q, tag, q->dev->op_commit, result);
-}
-
-void us_ublk_serve(struct us_queue *q, unsigned tag)
-{
-	const struct ublksrv_io_desc *iod = &q->iods[tag];
-	struct us_io *io = &q->ios[tag];
-
-	io->op_flags = iod->op_flags;
-	io->nr_sectors = iod->nr_sectors;
-	io->start_sector = iod->start_sector;
-	us_io_start(q, tag);
 }
 
 /* the driver's answers to our commands, and the stop poll */
@@ -296,6 +288,13 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 	d->cfg = *cfg;
 	/* the device was added with BATCH_IO or not: the kernel takes only that protocol */
 	d->fe = cfg->dev_flags & UBLK_F_BATCH_IO ? &us_ublk_batch_frontend : &ublk_frontend;
+	/* the copy path beside zero copy is user copy: without it a faulted IO could not be served */
+	d->zc = !!(cfg->dev_flags & UBLK_F_AUTO_BUF_REG);
+	if (d->zc && !(cfg->dev_flags & UBLK_F_USER_COPY)) {
+		*err = -EINVAL;
+		free(d);
+		return NULL;
+	}
 	*err = us_dev_target_init(d);
 	if (*err) {
 		free(d);

@@ -46,7 +46,11 @@ struct us_buf_reg {
 	uint64_t	resv[3];
 };
 
-/* UBLK_BATCH_F_HAS_BUF_ADDR: the element carries the tag's buffer after its header */
+/*
+ * UBLK_BATCH_F_HAS_BUF_ADDR: the element carries the tag's buffer after its
+ * header. A zero-copy device has no daemon buffers: its element is the header
+ * alone, whose buf_index names the slot the tag's pages are registered at.
+ */
 struct batch_elem {
 	struct ublk_elem_header h;
 	uint64_t	buf_addr;
@@ -57,7 +61,9 @@ struct us_batch {
 	size_t		br_len;
 	char		*fetch_buf[NR_FETCH];
 	unsigned	fetch_off[NR_FETCH];	/* where the next CQE's tags start */
-	struct batch_elem *commit_buf[NR_COMMIT_BUFS];
+	char		*commit_buf[NR_COMMIT_BUFS];
+	unsigned	elem_bytes;		/* 16 with the buffer's address, 8 without */
+	uint16_t	elem_flags;
 	unsigned	commit_busy;		/* bit i: buffer i is in a command in flight */
 	unsigned	commit_nr[NR_COMMIT_BUFS];	/* elements sent in it */
 	int		cur;			/* the buffer results are gathered in */
@@ -131,15 +137,15 @@ static unsigned batch_flush(struct us_queue *q)
 	next = free_commit_buf(b);
 	if (next < 0)
 		return 0;
-	sqe = batch_cmd(q, UBLK_U_IO_COMMIT_IO_CMDS, SUB_COMMIT, b->cur, b->nr,
-			sizeof(struct batch_elem), UBLK_BATCH_F_HAS_BUF_ADDR);
+	sqe = batch_cmd(q, UBLK_U_IO_COMMIT_IO_CMDS, SUB_COMMIT, b->cur, b->nr, b->elem_bytes,
+			b->elem_flags);
 	if (!sqe) {
 		q->error = -EBUSY;
 		q->stopping = 1;
 		return 0;
 	}
 	sqe->addr = (uint64_t)(uintptr_t)b->commit_buf[b->cur];
-	sqe->len = b->nr * sizeof(struct batch_elem);
+	sqe->len = b->nr * b->elem_bytes;
 	b->commit_busy |= 1u << b->cur;
 	b->commit_nr[b->cur] = b->nr;
 	q->ctr.commits++;
@@ -153,13 +159,15 @@ static unsigned batch_flush(struct us_queue *q)
 static void batch_complete(struct us_queue *q, unsigned tag, int result)
 {
 	struct us_batch *b = q->fe_q;
-	struct batch_elem *e = &b->commit_buf[b->cur][b->nr++];
+	struct batch_elem *e = (struct batch_elem *)(b->commit_buf[b->cur] + b->nr++ * b->elem_bytes);
 
 	/* a tag is ours once per fetch, so depth elements always fit */
 	e->h.tag = tag;
-	e->h.buf_index = 0;
+	/* zero copy: the slot unregistered now, and the one the tag's next request is registered at */
+	e->h.buf_index = us_zc_slot(q, tag);
 	e->h.result = result;
-	e->buf_addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
+	if (b->elem_bytes == sizeof(*e))
+		e->buf_addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
 	q->results_pending = b->nr;
 }
 
@@ -254,7 +262,7 @@ static void batch_cqe(struct us_queue *q, const struct io_uring_cqe *cqe)
 		/* a commit refused as the device goes away only ends the queue */
 		if (cqe->res == UBLK_IO_RES_ABORT)
 			q->stopping = q->stopping ? q->stopping : 1;
-		else if (cqe->res != (int)(b->commit_nr[idx] * sizeof(struct batch_elem)))
+		else if (cqe->res != (int)(b->commit_nr[idx] * b->elem_bytes))
 			/* short: an element the driver refused (a tag not ours), and those after it unsent */
 			fail(q, cqe->res < 0 ? cqe->res : -EPROTO);
 		return;
@@ -324,6 +332,14 @@ static int batch_queue_start(struct us_queue *q)
 		if (ret)
 			return ret;
 	}
+	if (q->dev->zc) {
+		b->elem_bytes = sizeof(struct ublk_elem_header);
+		/* a slot the kernel cannot fill brings the tag flagged NEED_REG_BUF: it takes the copy path */
+		b->elem_flags = UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK;
+	} else {
+		b->elem_bytes = sizeof(struct batch_elem);
+		b->elem_flags = UBLK_BATCH_F_HAS_BUF_ADDR;
+	}
 	for (i = 0; i < NR_COMMIT_BUFS; i++) {
 		b->commit_buf[i] = calloc(depth, sizeof(struct batch_elem));
 		if (!b->commit_buf[i])
@@ -332,12 +348,11 @@ static int batch_queue_start(struct us_queue *q)
 	/* buffer 0 carries the PREP; results gather in buffer 1 meanwhile */
 	for (i = 0; i < depth; i++)
 		batch_complete(q, i, 0);
-	sqe = batch_cmd(q, UBLK_U_IO_PREP_IO_CMDS, SUB_PREP, 0, depth, sizeof(struct batch_elem),
-			UBLK_BATCH_F_HAS_BUF_ADDR);
+	sqe = batch_cmd(q, UBLK_U_IO_PREP_IO_CMDS, SUB_PREP, 0, depth, b->elem_bytes, b->elem_flags);
 	if (!sqe)
 		return -EBUSY;
 	sqe->addr = (uint64_t)(uintptr_t)b->commit_buf[0];
-	sqe->len = depth * sizeof(struct batch_elem);
+	sqe->len = depth * b->elem_bytes;
 	b->commit_busy = 1;
 	b->cur = 1;
 	b->nr = 0;

@@ -5,7 +5,8 @@
  * (zero range where the store cannot punch: the FUSE front end's punch must read zeros),
  * WRITE_ZEROES -> zero range (punch when the request allows unmapping).
  * Reads at or past the backing file's end return zeros. Files on tmpfs are
- * served synchronously in the queue thread.
+ * served synchronously in the queue thread, unless the device is zero copy:
+ * then every READ and WRITE goes through the ring on the request's own pages.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,7 +35,7 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 	 * not be split across submissions, so make room for both SQEs first.
 	 */
 	link = !io->done && !io->attempt && !io->fh.nolink && op <= UBLK_IO_OP_WRITE_ZEROES && op != UBLK_IO_OP_WRITE_SAME &&
-		(op != UBLK_IO_OP_READ || off + len <= q->dev->cfg.backing_bytes);
+		(op != UBLK_IO_OP_READ || (off + len <= q->dev->cfg.backing_bytes && !io->bounce));
 	if (link && io_uring_sq_space_left(&q->ring) < 2)
 		io_uring_submit(&q->ring);
 	sqe = us_get_sqe(q);
@@ -42,10 +43,19 @@ static int loop_submit(struct us_queue *q, unsigned tag, struct us_io *io)
 		return -EBUSY;
 	switch (op) {
 	case UBLK_IO_OP_READ:
-		io_uring_prep_read(sqe, fd, io->buf + io->done, len, off);
+		if (io->zc)
+			/* the request's pages, registered at slot tag; addr is the offset into them */
+			io_uring_prep_read_fixed(sqe, fd, (void *)(uintptr_t)io->done, len, off,
+						 us_zc_slot(q, tag));
+		else
+			io_uring_prep_read(sqe, fd, io->buf + io->done, len, off);
 		break;
 	case UBLK_IO_OP_WRITE:
-		io_uring_prep_write(sqe, fd, io->buf + io->done, len, off);
+		if (io->zc)
+			io_uring_prep_write_fixed(sqe, fd, (void *)(uintptr_t)io->done, len, off,
+						  us_zc_slot(q, tag));
+		else
+			io_uring_prep_write(sqe, fd, io->buf + io->done, len, off);
 		if (io->op_flags & UBLK_IO_F_FUA)
 			sqe->rw_flags = RWF_DSYNC;
 		break;
@@ -91,12 +101,12 @@ static int loop_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 	 * tmpfs to a worker thread: copying right here is the short path (the
 	 * mem target's code does exactly that on its own tmpfs file).
 	 */
-	if (q->dev->cfg.backing_in_memory)
+	if (q->dev->cfg.backing_in_memory && !io->zc)
 		return us_target_mem.queue_io(q, tag, io);
 	return loop_submit(q, tag, io);
 }
 
-static int loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int res)
+int us_loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int res)
 {
 	unsigned op = io->op_flags & 0xff;
 	unsigned len = io->nr_sectors << 9;
@@ -106,6 +116,16 @@ static int loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int 
 		return -EOPNOTSUPP;
 	if (res == -EAGAIN || res == -EINTR)
 		return loop_submit(q, tag, io);
+	if (res == -EINVAL && io->zc && !io->done) {
+		/*
+		 * An O_DIRECT backing refused the request's own pages (their alignment
+		 * is the client's): move the data through our aligned buffer instead.
+		 * Not after part of a READ has landed in the pages: the copy-out would
+		 * write over it from a buffer that never held it.
+		 */
+		res = us_io_bounce(q, tag, io);
+		return res ? res : loop_submit(q, tag, io);
+	}
 
 	switch (op) {
 	case UBLK_IO_OP_READ:
@@ -113,7 +133,9 @@ static int loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int 
 			return res;
 		io->done += res;
 		if (io->done < len && (res == 0 || off + io->done >= q->dev->cfg.backing_bytes)) {
-			memset(io->buf + io->done, 0, len - io->done);
+			res = us_io_zero_tail(q, tag, io, io->done, len);
+			if (res)
+				return res;
 			io->done = len;
 		}
 		return io->done < len ? loop_submit(q, tag, io) : (int)len;
@@ -146,10 +168,11 @@ const struct us_target_type us_target_loop = {
 		.help = "a file or block device (-f), through io_uring",
 		.backing = US_BACKING_FILE,
 		.options = US_OPT_FILE,
+		.flags = US_TGT_F_ZERO_COPY,
 		/* the IO; its linked commit is the front end's and counted there */
 		.sqes_per_io = 1,
 	},
 	.init = loop_init,
 	.queue_io = loop_queue_io,
-	.io_done = loop_io_done,
+	.io_done = us_loop_io_done,
 };

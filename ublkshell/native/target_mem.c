@@ -13,7 +13,7 @@
 
 #include "ushell.h"
 
-int us_pread_zero(int fd, char *buf, size_t len, off_t off)
+static int pread_whole(int fd, char *buf, size_t len, off_t off, int zeros_past_end)
 {
 	size_t done = 0;
 	ssize_t n;
@@ -25,6 +25,8 @@ int us_pread_zero(int fd, char *buf, size_t len, off_t off)
 		if (n < 0)
 			return -errno;
 		if (n == 0) {
+			if (!zeros_past_end)
+				return -EIO;
 			/* past the end of the file (a loop file smaller than the device) */
 			memset(buf + done, 0, len - done);
 			break;
@@ -32,6 +34,16 @@ int us_pread_zero(int fd, char *buf, size_t len, off_t off)
 		done += n;
 	}
 	return 0;
+}
+
+int us_pread_zero(int fd, char *buf, size_t len, off_t off)
+{
+	return pread_whole(fd, buf, len, off, 1);
+}
+
+int us_pread_full(int fd, char *buf, size_t len, off_t off)
+{
+	return pread_whole(fd, buf, len, off, 0);
 }
 
 int us_pwrite_full(int fd, const char *buf, size_t len, off_t off)
@@ -57,7 +69,9 @@ static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 	size_t len = (size_t)io->nr_sectors << 9;
 	int r;
 
-	(void)tag;
+	/* zero copy: the request's pages to or from the tmpfs file, through the ring as loop does */
+	if (io->zc)
+		return us_target_loop.queue_io(q, tag, io);
 	switch (io->op_flags & 0xff) {
 	case UBLK_IO_OP_READ:
 		r = us_pread_zero(fd, io->buf, len, off);
@@ -89,8 +103,11 @@ const struct us_target_type us_target_mem = {
 		.help = "RAM (a sparse tmpfs file that outlives the daemon)",
 		.backing = US_BACKING_MEM,
 		.options = US_OPT_SIZE,
-		.sqes_per_io = 0,
+		.flags = US_TGT_F_ZERO_COPY,
+		/* the copying path serves in the thread; zero copy takes loop's one SQE */
+		.sqes_per_io = 1,
 	},
 	.queue_io = mem_queue_io,
+	.io_done = us_loop_io_done,
 	.init = mem_init,
 };

@@ -72,6 +72,10 @@ struct us_io {
 	 */
 	int32_t		link_expect;
 	uint8_t		linked;
+	/* zc: the data is the request's own pages, fixed buffer slot = tag, at offset 0 (ublk_buffers.c) */
+	uint8_t		zc;
+	/* bounce: a zero-copy device's IO served from buf; a READ's data goes out before the commit */
+	uint8_t		bounce;
 	struct us_fault_hit fh;
 	struct __kernel_timespec ts;	/* delay fault: read by the kernel at submit */
 	void		*wlog;		/* powercut: this write's entry in the write log */
@@ -112,9 +116,12 @@ struct us_ring_counters {
 	uint64_t	fetches;
 	uint64_t	commits;
 	uint64_t	committed;
+	uint64_t	copied;		/* zero copy: IOs that took the copy path */
 };
 
-extern const struct us_target_type us_target_mem;
+extern const struct us_target_type us_target_mem, us_target_loop;
+/* loop's completion, which mem's zero-copy path shares */
+int us_loop_io_done(struct us_queue *q, unsigned tag, struct us_io *io, int res);
 
 struct us_dev;
 
@@ -175,13 +182,30 @@ struct us_dev {
 	int		go;		/* 1: fetch and serve, -1: give up */
 	int		nr_exited;
 	struct us_wlog	*wlog;		/* --powercut: what unflushed writes overwrote */
+	int		zc;		/* UBLK_F_AUTO_BUF_REG: READ and WRITE arrive as registered pages */
+	int		tgt_zc;		/* the target serves such pages (US_TGT_F_ZERO_COPY) */
 	struct us_queue	q[];
 };
 
 /* the two ublk front ends: one command per tag (ring.c), or batches of tags (ring_batch.c) */
 extern const struct us_frontend us_ublk_batch_frontend;
-/* ring.c: the driver handed tag over: copy its descriptor and start the IO */
+/*
+ * ublk_buffers.c: where a request's data lives. us_ublk_serve: the driver
+ * handed tag over: copy its descriptor and start the IO.
+ */
 void us_ublk_serve(struct us_queue *q, unsigned tag);
+/* zero copy: the buffer table slot a tag's requests are registered at (the tag) */
+unsigned us_zc_slot(const struct us_queue *q, unsigned tag);
+/* zero copy: the sqe->addr that names it in FETCH and COMMIT_AND_FETCH */
+uint64_t us_zc_cmd_addr(const struct us_queue *q, unsigned tag);
+/* zero copy: the ring's buffer table, one slot per tag; 0 or -errno (0 without zero copy) */
+int us_zc_queue_init(struct us_queue *q);
+/* take the copy path for this zero-copy IO (a WRITE's data read in now); 0 or -errno, no-op if not zc */
+int us_io_bounce(struct us_queue *q, unsigned tag, struct us_io *io);
+/* a bounced READ's data into the request's pages; the result, or -EIO */
+int us_io_copy_out(struct us_queue *q, unsigned tag, struct us_io *io, int result);
+/* a READ's bytes from..len are zeros (past the end of a file), in buf or in the request's pages */
+int us_io_zero_tail(struct us_queue *q, unsigned tag, struct us_io *io, unsigned from, unsigned len);
 
 /* queue the tag's COMMIT_AND_FETCH(result) linked behind the SQE just prepared */
 void us_link_commit(struct us_queue *q, unsigned tag, struct io_uring_sqe *head, int result);
@@ -209,6 +233,8 @@ void us_wlog_end(struct us_queue *q, struct us_io *io, int result);
 
 /* target_mem.c: read len bytes whole, zeros past the end of the file; 0 or -errno */
 int us_pread_zero(int fd, char *buf, size_t len, off_t off);
+/* read len bytes whole; 0 or -errno (-EIO at the end of the file) */
+int us_pread_full(int fd, char *buf, size_t len, off_t off);
 /* write len bytes whole; 0 or -errno (-EIO if the file takes nothing) */
 int us_pwrite_full(int fd, const char *buf, size_t len, off_t off);
 

@@ -24,6 +24,8 @@ enum us_target_opts {
 };
 enum us_target_flags {
 	US_TGT_F_READ_ONLY = 1,	/* writes fail with EROFS; the device is announced read-only */
+	/* serves a READ or WRITE from the request's registered pages when io->zc (fixed buffer slot = tag) */
+	US_TGT_F_ZERO_COPY = 2,
 };
 struct us_target_info {
 	const char	*name;
@@ -57,6 +59,8 @@ struct us_dev_cfg {
 	int		write_log_fd;	/* powercut: reads old data and puts it back (buffered) */
 	/* a busy queue waits this long for more completions before serving (us), 0 never */
 	unsigned	coalesce_us;
+	/* zero copy: name slots the ring lacks, so every request takes the driver's fallback (NEED_REG_BUF) */
+	int		zc_fallback;
 };
 
 struct us_dev;

@@ -15,6 +15,7 @@ def render_add(dev: dict) -> str:
     return (f"dev {dev['id']} -> /dev/ublkb{dev['id']} ({dev['describe']}, {human(dev['size'])}, "
             f"{q} queue{'s' if q > 1 else ''} x {dev['depth']}"
             + (f", {dev['io_mode']} IO" if dev.get("io_mode") else "")
+            + (", zero copy" if dev.get("zero_copy") else "")
             + (f", recovery {dev['recovery']}" if dev.get("recovery") else "") + ")")
 
 
@@ -115,7 +116,8 @@ def ring_line(label: str, ring: dict) -> str:
         return "-" if v is None else format(v, fmt)
     return (f"{label}: {ring['enters']} io_uring_enter, {ratio(ring['enters_per_io'], '.3f')} per IO; "
             f"{ratio(ring['cqes_per_enter'], '.1f')} CQEs per enter; "
-            f"{ring['commits']} commits, {ratio(ring['ios_per_commit'], '.1f')} IOs per commit")
+            f"{ring['commits']} commits, {ratio(ring['ios_per_commit'], '.1f')} IOs per commit"
+            + (f"; {ring['copied']} IOs copied on a zero-copy device" if ring.get("copied") else ""))
 
 
 def render_lat(r: dict) -> str:

@@ -48,7 +48,7 @@ def snapshot(s: Shm) -> dict:
 
 
 # what the queue threads cost in user/kernel crossings (records.h, struct us_shm_queue)
-RING_COUNTERS = ("enters", "cqes", "fetches", "commits", "committed")
+RING_COUNTERS = ("enters", "cqes", "fetches", "commits", "committed", "copied")
 
 
 def ring_costs(ring: dict) -> dict:

@@ -7,7 +7,7 @@ from typing import Protocol
 from ..._native import lib
 from ... import procs
 from ...devices.ids import stem
-from ...devices.io_modes import io_mode_of
+from ...devices.io_modes import io_mode_of, zero_copy_of
 from ...errors import UsageError
 from ...kernel.uapi import feature_names
 from ...observe.names import OPS
@@ -43,7 +43,8 @@ def _info(dev, entry, s):
             "pid": pid, "daemon_alive": procs.entry_daemon_alive(entry),
             "flags": flags, "flag_names": feature_names(flags),
             "recovery": entry.get("recovery"), "recoveries": entry.get("recoveries", 0),
-            "io_mode": entry.get("io_mode") or (io_mode_of(flags) if entry.get("transport") != "fuse" else None)}
+            "io_mode": entry.get("io_mode") or (io_mode_of(flags) if entry.get("transport") != "fuse" else None),
+            "zero_copy": zero_copy_of(flags)}
 
 
 def info_text(dev, entry, s):
@@ -56,7 +57,7 @@ def info_text(dev, entry, s):
             f"size        {size_s}\n"
             f"block size  {i['block_size'] if i['block_size'] is not None else '?'}\n"
             f"queues      {i['queues']} x {i['depth']}\n"
-            + (f"io mode     {i['io_mode']}\n" if i["io_mode"] else "")
+            + (f"io mode     {i['io_mode']}{', zero copy' if i['zero_copy'] else ''}\n" if i["io_mode"] else "")
             + f"daemon      pid {i['pid']} ({'alive' if i['daemon_alive'] else 'dead'})\n"
             f"flags       {i['flags']:#x} {names}\n"
             + f"recovery    {i['recovery'] or 'none'}"
