@@ -164,7 +164,8 @@ def render(result: dict, markdown: bool) -> str:
     setup = (f"loop over a {result['file_size'] >> 20} MiB file on tmpfs and over one on ext4 (on a "
              f"kernel loop device over tmpfs), and a mem device of that size; fio io_uring direct, "
              f"{result['runtime_s']} s per run, median of {result['rounds']} rounds, {result['cpus']} CPUs, "
-             f"kernel loop dio={result['kernel_loop_dio']}; IOPS (ratio to kernel loop on the same file "
+             f"kernel loop dio: {', '.join(f'{k} {v}' for k, v in result['kernel_loop_dio'].items())}; "
+             "IOPS (ratio to kernel loop on the same file "
              "in brackets)")
     if markdown:
         return "\n".join([f"Measured {result['date']}, kernel `{result['kernel']}`: {setup}.", "",

@@ -38,7 +38,7 @@ if [ "${UBLKSHELL_SKIP_VM:-}" = 1 ]; then
   header "VM TESTS SKIPPED (UBLKSHELL_SKIP_VM=1): THIS IS NOT A FULL TEST RUN"
 else
   header "VM tests: pytest -m vm tests/vm, inside a VM with ublk_drv (first run fetches a kernel)"
-  "$py" -m ublkshell.vm --timeout 2400 -- "$py" -m pytest -m vm tests/vm -v --durations=20 "$@" || vm_rc=$?
+  "$py" -m ublkshell.vm --timeout 3300 -- "$py" -m pytest -m vm tests/vm -v --durations=20 "$@" || vm_rc=$?
   if [ "$vm_rc" -eq 5 ]; then
     echo "test: the VM run collected no tests; a VM suite that ran nothing is a failure" >&2
   fi

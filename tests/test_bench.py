@@ -79,3 +79,22 @@ def test_overhead_refuses_more_rules_than_a_device_holds():
     p = bench("overhead.py", "--rules", "257")
     assert p.returncode == 2
     assert "--rules: a device holds at most 256 fault rules" in p.stderr
+
+
+def test_zero_copy_table_has_ratios_and_no_peer_for_mem():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import zero_copy
+    finally:
+        sys.path.remove(str(BENCH))
+    side = lambda iops, vs, enters: {"iops": iops, "vs_kernel_loop": vs, "enters_per_io": enters}  # noqa: E731
+    rows = [{"store": "ext4", "workload": "randread 4k qd64", "kernel_loop_iops": 1000.0,
+             "off": side(400.0, 0.4, 0.5), "on": side(800.0, 0.8, 0.6), "on/off": 2.0},
+            {"store": "mem", "workload": "randread 4k qd64", "kernel_loop_iops": None,
+             "off": side(500.0, None, 0.5), "on": side(600.0, None, None), "on/off": 1.2}]
+    result = {"date": "2026-12-01", "kernel": "k", "cpus": 2, "file_size": 256 << 20, "runtime_s": 4,
+              "rounds": 2, "kernel_loop_dio": {"tmpfs": "1", "ext4": "1"}, "rows": rows}
+    md = zero_copy.render(result, True).splitlines()
+    assert "| ext4 | randread 4k qd64 | 1000 | 400 (0.40x) | 800 (0.80x) | 2.00x | 0.500, 0.600 |" in md
+    assert "| mem target | randread 4k qd64 | - | 500 | 600 | 1.20x | 0.500, - |" in md
+    assert "dio: tmpfs 1, ext4 1" in md[0]

@@ -33,7 +33,7 @@ def test_verify_and_counters(devices, backing, mode, target, bs):
     assert listed[dev["id"]]["io_mode"] == mode
     assert ("batch_io" in listed[dev["id"]]["flags"]) == (mode == "batch")
     # two jobs, each in its own half: the queues serve them at once
-    p = fio_verify(dev["path"], bs, size="32M", extra=("--numjobs=2", "--offset_increment=32M",
+    p = fio_verify(dev["path"], bs, size="16M", extra=("--numjobs=2", "--offset_increment=32M",
                                                          "--group_reporting"))
     # terse v3, one group: field 5 is the error count
     assert p.stdout.strip().splitlines()[-1].split(";")[4] == "0", p.stdout

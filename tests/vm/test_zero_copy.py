@@ -27,8 +27,8 @@ def listed(dev):
     return {d["id"]: d for d in json.loads(cli("list", "--json").stdout)}[dev["id"]]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("target,bs", [("mem", "4k"), ("loop", "128k")])
+# each IO mode on each target once (the fallback test runs both modes on loop again)
+@pytest.mark.parametrize("target,bs,mode", [("mem", "4k", "per-tag"), ("loop", "128k", "batch")])
 def test_verify_zero_copy(devices, backing, mode, target, bs):
     extra = ("-q", "2", "--io-mode", mode, "--zero-copy", "on")
     if target == "mem":

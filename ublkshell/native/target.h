@@ -14,7 +14,12 @@
  *
  * Units: a us_io is in 512-byte sectors whatever the device's block size.
  * io->buf holds up to the device's max_io_bytes: a WRITE's data on entry, a
- * READ's data on exit. Results: the byte count for READ and WRITE, 0 for
+ * READ's data on exit; except when io->zc is set (a zero-copy device, and only
+ * for targets whose info.flags have US_TGT_F_ZERO_COPY): then the data is the
+ * request's own pages, registered as the ring's fixed buffer us_zc_slot(q,
+ * tag), to be moved with READ_FIXED/WRITE_FIXED at an offset into it
+ * (ublk_buffers.c). A target that wants the data in buf after all calls
+ * us_io_bounce() first. Results: the byte count for READ and WRITE, 0 for
  * FLUSH, DISCARD and WRITE_ZEROES (a byte count overflows at 2 GiB), or a
  * negative errno. US_QUEUED means "SQEs of this tag are in flight".
  *
