@@ -40,8 +40,45 @@ def run(argv, timeout=120, check=True, **kw):
     return p
 
 
-def cli(*args, timeout=180, check=True):
-    return run([sys.executable, "-m", "ublkshell", *args], timeout=timeout, check=check)
+# Verbs that run until stopped, or start a server or shell, always get a process of their own.
+OWN_PROCESS = {"serve", "demo", "top", "vm", "trace"}
+
+
+def cli(*args, timeout=180, check=True, process=False):
+    """`ublkshell ARGS` -> a CompletedProcess.
+
+    Under software emulation a fresh interpreter costs 3-4 s before the verb
+    runs, most of a test's time; so a verb runs through the same entry point
+    (ublkshell.cli.main: parsing, validation, one-line errors, exit status) in
+    this process. process=True, and the long-running verbs, start the real
+    command; the tests of the command's own face (help, exit codes) use it."""
+    if process or not args or args[0].startswith("-") or args[0] in OWN_PROCESS:
+        return run([sys.executable, "-m", "ublkshell", *args], timeout=timeout, check=check)
+    return _cli_here(list(args), timeout, check)
+
+
+def _cli_here(argv, timeout, check):
+    import contextlib
+    import faulthandler
+    import io
+
+    from ublkshell.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    # a wedged verb must fail the run loudly (tracebacks, then exit), never hang it
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:  # argparse: --help, bad options
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    p = subprocess.CompletedProcess(["ublkshell", *argv], rc, out.getvalue(), err.getvalue())
+    if check and p.returncode:
+        raise AssertionError(f"{p.args} exited {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
+    return p
 
 
 class Devices:

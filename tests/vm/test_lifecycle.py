@@ -32,7 +32,7 @@ def test_del_idle_removes_device_and_daemon(devices):
 
 
 def test_del_unknown_device_is_one_line_error(devices):
-    p = cli("del", "4000", check=False)
+    p = cli("del", "4000", check=False, process=True)
     assert p.returncode == 1
     assert p.stderr.strip() == "ublkshell: device 4000 does not exist"
 

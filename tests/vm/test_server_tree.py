@@ -104,7 +104,7 @@ def test_a_killed_server_leaves_io_running_and_the_next_one_serves_the_device(sc
     srv = start_server(sock, mnt)
     dev = json.loads(shell(sock, "add -t mem --size 32M --json"))
     fio = subprocess.Popen(["fio", "--name=v", f"--filename=/dev/ublkb{dev['id']}", "--rw=randwrite", "--bs=4k",
-                            "--size=32M", "--time_based", "--runtime=60", "--ioengine=io_uring", "--direct=1",
+                            "--size=32M", "--time_based", "--runtime=30", "--ioengine=io_uring", "--direct=1",
                             "--iodepth=8", "--verify=crc32c", "--verify_backlog=64", "--verify_state_save=0",
                             "--output-format=json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
