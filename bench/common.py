@@ -101,9 +101,13 @@ def wait_for_node(path: str, seconds: float = 15.0) -> None:
 
 
 def fio(dev: str, rw: str, qd: int, runtime: int, size: int | None = None, jobs: int = 1,
-        bs: str = "4k") -> float:
-    """IOPS of a time-based fio run of bs blocks (jobs processes, summed); size= keeps it inside [0, size)."""
+        bs: str = "4k", batch: int = 1) -> float:
+    """IOPS of a time-based fio run of bs blocks (jobs processes, summed); size= keeps it inside
+    [0, size). batch > 1: fio submits IOs batch at a time and reaps them batch at a time (as a
+    client with many IOs ready at once does), not one by one as fio does by default."""
     area = [f"--size={size}"] if size else []
+    if batch > 1:
+        area += [f"--iodepth_batch_submit={batch}", f"--iodepth_batch_complete_min={batch}"]
     out = run(["fio", "--name=bench", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
                f"--bs={bs}", f"--rw={rw}", f"--iodepth={qd}", f"--numjobs={jobs}", "--group_reporting",
                "--time_based",
@@ -238,3 +242,15 @@ def ratio(v, fmt=".2f", suffix="x") -> str:
 def ring_of(devices: UblkDevices, dev_id: int) -> dict:
     """A device's crossing counters (`stats --json`'s ring)."""
     return json.loads(devices.ublkshell("stats", str(dev_id), "--json"))["ring"]
+
+
+def fio_crossings(devices: UblkDevices, dev_id: int, node: str, rw: str, qd: int, runtime: int,
+                  **kw) -> tuple[float, dict]:
+    """fio()'s IOPS on a ublkshell device, and what its IOs cost: io_uring_enter calls per IO
+    and IOs per commit (None where the run committed nothing)."""
+    before = ring_of(devices, dev_id)
+    iops = fio(node, rw, qd, runtime, **kw)
+    after = ring_of(devices, dev_id)
+    d = {k: after[k] - before[k] for k in ("committed", "enters", "commits")}
+    return iops, {"enters/io": d["enters"] / d["committed"] if d["committed"] else None,
+                  "ios/commit": d["committed"] / d["commits"] if d["commits"] else None}

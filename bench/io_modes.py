@@ -14,14 +14,20 @@ import os
 import platform
 import sys
 
-from common import (BenchError, add_matrix_options, add_output_options, fio, main_loop, median,
-                    paired, ratio, render_table, ring_of)
+from common import (BenchError, add_matrix_options, add_output_options, fio, fio_crossings, main_loop,
+                    median, paired, ratio, render_table)
 from loop_vs_kernel import Bench, check_shm
 
 MODES = ("per-tag", "batch")
-# (rw, iodepth, queues): fio runs one job per queue
-WORKLOADS = [(rw, qd, 1) for rw in ("randread", "randwrite") for qd in (1, 64)]
-WORKLOADS += [(rw, 64, 2) for rw in ("randread", "randwrite")]
+# (rw, iodepth, queues, client batch): fio runs one job per queue; a client batch of 16 submits
+# and reaps 16 IOs at a time, so that the block layer hands the queue many tags at once
+WORKLOADS = [(rw, qd, 1, 1) for rw in ("randread", "randwrite") for qd in (1, 64)]
+WORKLOADS += [(rw, 64, 1, 16) for rw in ("randread", "randwrite")]
+WORKLOADS += [(rw, 64, 2, 1) for rw in ("randread", "randwrite")]
+
+
+def workload_name(rw: str, qd: int, q: int, batch: int) -> str:
+    return f"{rw} qd{qd}" + (f" b{batch}" if batch > 1 else "") + f" x{q}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Measure 4k random IO (fio, io_uring, O_DIRECT) for each ublkshell IO mode\n"
             "(`add --io-mode per-tag` and `--io-mode batch`) on the loop target over a file on\n"
             "/dev/shm and on the null target, beside the kernel loop driver on the same file:\n"
-            "randread and randwrite at iodepth 1 and 64 on one queue (one fio job), and at\n"
-            "iodepth 64 on two queues (two fio jobs; kernel loop gets two jobs too, so the\n"
-            "scaling from one to two is compared with its own).\n\n"
+            "randread and randwrite at iodepth 1 and 64 on one queue (one fio job), at iodepth\n"
+            "64 with fio submitting and reaping 16 IOs at a time (b16: the block layer then\n"
+            "hands a queue many tags at once, which is what batch IO gathers), and at iodepth\n"
+            "64 on two queues (two fio jobs; kernel loop gets two jobs too, so the scaling\n"
+            "from one to two is compared with its own).\n\n"
             "Beside IOPS it prints what each IO cost in crossings, from `ublkshell stats --json`\n"
             "(ring: io_uring_enter calls per IO, IOs per commit). Under an emulated CPU those\n"
             "counts do not move with the host's noise the way IOPS do. Ratios are medians over\n"
@@ -67,25 +75,21 @@ def measure(args, bench: Bench) -> dict:
 
     samples: dict = {}
     for r in range(1, args.rounds + 1):
-        for rw, qd, q in WORKLOADS:
-            name = f"{rw} qd{qd} x{q}"
+        for rw, qd, q, batch in WORKLOADS:
+            name = workload_name(rw, qd, q, batch)
             s = samples.setdefault(name, {})
-            s.setdefault("kernel", []).append(fio(kernel, rw, qd, args.runtime, jobs=q))
+            s.setdefault("kernel", []).append(fio(kernel, rw, qd, args.runtime, jobs=q, batch=batch))
             for (mode, target, nq), (dev_id, node) in devs.items():
                 if nq != q:
                     continue
-                before = ring_of(bench, dev_id)
-                iops = fio(node, rw, qd, args.runtime, jobs=q)
-                after = ring_of(bench, dev_id)
-                ios = after["committed"] - before["committed"]
+                iops, cost = fio_crossings(bench, dev_id, node, rw, qd, args.runtime, jobs=q, batch=batch)
                 key = f"{mode} {target}"
                 s.setdefault(key, []).append(iops)
-                s.setdefault(key + " enters/io", []).append(
-                    (after["enters"] - before["enters"]) / ios if ios else None)
-                s.setdefault(key + " ios/commit", []).append(
-                    ios / (after["commits"] - before["commits"]) if after["commits"] > before["commits"] else None)
-                log(f"round {r}/{args.rounds}  {name:<18} {key:<14} {iops:>9.0f} IOPS")
-            log(f"round {r}/{args.rounds}  {name:<18} {'kernel loop':<14} {s['kernel'][-1]:>9.0f} IOPS")
+                s.setdefault(key + " enters/io", []).append(cost["enters/io"])
+                s.setdefault(key + " ios/commit", []).append(cost["ios/commit"])
+                log(f"round {r}/{args.rounds}  {name:<22} {key:<14} {iops:>9.0f} IOPS  "
+                    f"{ratio(cost['enters/io'], '.3f', '')} enters/IO")
+            log(f"round {r}/{args.rounds}  {name:<22} {'kernel loop':<14} {s['kernel'][-1]:>9.0f} IOPS")
 
     rows = []
     for name, s in samples.items():
@@ -101,7 +105,7 @@ def measure(args, bench: Bench) -> dict:
         rows.append(row)
     scaling = {}
     for rw in ("randread", "randwrite"):
-        one, two = samples[f"{rw} qd64 x1"], samples[f"{rw} qd64 x2"]
+        one, two = samples[workload_name(rw, 64, 1, 1)], samples[workload_name(rw, 64, 2, 1)]
         scaling[rw] = {k: paired(two[k], one[k]) for k in ("kernel", *[f"{m} {t}" for m in MODES
                                                                         for t in ("loop", "null")])}
     return {"date": datetime.date.today().isoformat(), "kernel": platform.release(),

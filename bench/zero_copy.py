@@ -18,8 +18,8 @@ import shutil
 import sys
 import tempfile
 
-from common import (BenchError, add_matrix_options, add_output_options, fio, main_loop, median,
-                    paired, ratio, render_table, ring_of, run)
+from common import (BenchError, add_matrix_options, add_output_options, fio, fio_crossings, main_loop,
+                    median, paired, ratio, render_table, run)
 from loop_vs_kernel import SHM, Bench, check_shm
 
 COPY = ("off", "on")
@@ -123,14 +123,10 @@ def measure(args, bench: Bench, ext4: Ext4File) -> dict:
                 s.setdefault(f"{store} kernel", []).append(fio(node, rw, qd, args.runtime, bs=bs))
                 log(f"round {r}/{args.rounds}  {name:<20} {store:<5} kernel loop  {s[f'{store} kernel'][-1]:>9.0f} IOPS")
             for (store, zc), (dev_id, node) in devs.items():
-                before = ring_of(bench, dev_id)
-                iops = fio(node, rw, qd, args.runtime, bs=bs)
-                after = ring_of(bench, dev_id)
-                ios = after["committed"] - before["committed"]
+                iops, cost = fio_crossings(bench, dev_id, node, rw, qd, args.runtime, bs=bs)
                 key = f"{store} {zc}"
                 s.setdefault(key, []).append(iops)
-                s.setdefault(key + " enters/io", []).append(
-                    (after["enters"] - before["enters"]) / ios if ios else None)
+                s.setdefault(key + " enters/io", []).append(cost["enters/io"])
                 log(f"round {r}/{args.rounds}  {name:<20} {store:<5} zero-copy {zc:<3} {iops:>9.0f} IOPS")
 
     rows = []

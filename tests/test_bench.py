@@ -14,6 +14,17 @@ CONTROL = "/dev/ublk-control"
 NOBODY = 65534
 
 
+def bench_module(name):
+    """A bench script as a module (they import `common` from their own directory)."""
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def bench(script, *args, python=sys.executable, **kw):
     return subprocess.run([python, str(BENCH / script), *args], capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL, **kw)
@@ -82,11 +93,7 @@ def test_overhead_refuses_more_rules_than_a_device_holds():
 
 
 def test_zero_copy_table_has_ratios_and_no_peer_for_mem():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import zero_copy
-    finally:
-        sys.path.remove(str(BENCH))
+    zero_copy = bench_module("zero_copy")
     side = lambda iops, vs, enters: {"iops": iops, "vs_kernel_loop": vs, "enters_per_io": enters}  # noqa: E731
     rows = [{"store": "ext4", "workload": "randread 4k qd64", "kernel_loop_iops": 1000.0,
              "off": side(400.0, 0.4, 0.5), "on": side(800.0, 0.8, 0.6), "on/off": 2.0},
@@ -98,3 +105,19 @@ def test_zero_copy_table_has_ratios_and_no_peer_for_mem():
     assert "| ext4 | randread 4k qd64 | 1000 | 400 (0.40x) | 800 (0.80x) | 2.00x | 0.500, 0.600 |" in md
     assert "| mem target | randread 4k qd64 | - | 500 | 600 | 1.20x | 0.500, - |" in md
     assert "dio: tmpfs 1, ext4 1" in md[0]
+
+
+def test_io_modes_table_names_the_client_batch_and_the_scaling():
+    io_modes = bench_module("io_modes")
+    side = lambda iops, e, c: {"iops": iops, "enters_per_io": e, "ios_per_commit": c}  # noqa: E731
+    row = {"workload": io_modes.workload_name("randread", 64, 1, 16), "kernel_loop_iops": 2000.0,
+           "per-tag loop": side(1000.0, 0.06, 1.0), "batch loop": side(1500.0, 0.04, 20.0),
+           "per-tag null": side(1200.0, 0.05, 1.0), "batch null": side(1800.0, 0.045, 22.5),
+           "per-tag loop/kernel": 0.5, "batch loop/kernel": 0.75, "batch/per-tag loop": 1.5,
+           "batch/per-tag null": 1.5}
+    result = {"date": "2026-12-02", "kernel": "k", "cpus": 2, "file_size": 256 << 20, "runtime_s": 5,
+              "rounds": 2, "coalesce": "0", "kernel_loop_dio": "1", "rows": [row],
+              "scaling_1_to_2_queues": {"randread": {"kernel": 1.8, "per-tag loop": 2.4}}}
+    md = io_modes.render(result, True).splitlines()
+    assert "| randread qd64 b16 x1 | 2000 | 1000 (0.50x) | 1500 (0.75x) | 1.50x | 1200 | 1800 | 1.50x | 0.050, 0.045 | 22.5 |" in md
+    assert md[-1] == "scaling from 1 to 2 queues (2 jobs) at qd64: randread: kernel 1.80x, per-tag loop 2.40x."

@@ -113,7 +113,43 @@ def test_missing_driver_says_how_to_get_it(args):
     assert p.returncode == 1
     assert p.stderr.strip() == (
         "ublkshell: the running kernel has no ublk_drv (/dev/ublk-control is missing): load it "
-        "with `modprobe ublk_drv`, or run inside the bundled VM: `ublkshell vm -- ublkshell ...`")
+        "with `modprobe ublk_drv`, run inside the bundled VM: `ublkshell vm -- ublkshell ...`, "
+        "or serve the device through FUSE instead: `add --transport fuse`")
+
+
+def test_metrics_with_nothing_to_count_still_parse(tmp_path):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+    from prometheus_client.parser import text_string_to_metric_families as prom_parse
+
+    env = {"UBLKSHELL_STATE_DIR": str(tmp_path / "state"), "UBLKSHELL_DATA_DIR": str(tmp_path / "data")}
+    p = cli("metrics", env=env)
+    assert p.returncode == 0 and p.stderr == ""
+    assert "ublkshell_ios_total" in {f.name + "_total" for f in prom_parse(p.stdout)}
+    p = cli("metrics", "--format", "openmetrics", env=env)
+    assert p.stdout.endswith("# EOF\n") and "ublkshell_ios" in {f.name for f in om_parse(p.stdout)}
+    p = cli("metrics", "--format", "xml", env=env)
+    assert (p.returncode, p.stderr) == (2, "ublkshell: metrics: unknown format 'xml' (choose from prometheus, openmetrics)\n")
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path):
+    # buffered as for any user (an unbuffered stdout would meet the pipe inside the verb instead)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+           "UBLKSHELL_STATE_DIR": str(tmp_path / "state"), "UBLKSHELL_DATA_DIR": str(tmp_path / "d")}
+    # `true` is gone before the interpreter starts: the write meets a closed pipe
+    p = subprocess.run(f"{sys.executable} -m ublkshell metrics | true; echo ${{PIPESTATUS[0]}}", shell=True,
+                       executable="/bin/bash", capture_output=True, text=True, timeout=60, env=env)
+    assert (p.stdout, p.stderr) == ("141\n", "")
+    p = subprocess.run(f"{sys.executable} -m ublkshell metrics | head -c 10", shell=True, capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert (p.stdout, p.stderr) == ("# HELP ubl", "")
+
+
+def test_version():
+    import ublkshell
+
+    for flag in ("--version", "-V"):
+        p = cli(flag)
+        assert (p.returncode, p.stdout, p.stderr) == (0, f"ublkshell {ublkshell.__version__}\n", "")
 
 
 def test_help_teaches():

@@ -365,9 +365,12 @@ def test_server_tree_and_shell_see_fuse_devices(env, tmp_path):
         dev = env.json("list")[0]
         written = os.urandom(256 * 1024)
         pwrite_direct(dev["loop"], 0, written)
-        assert sorted(os.listdir(tree)) == ["fuse0"]
+        assert sorted(os.listdir(tree)) == ["fuse0", "metrics"]
         st = json.loads((tree / "fuse0" / "stats.json").read_text())
         assert st["ops"]["write"]["ios"] >= 1 and st["ops"]["write"]["bytes"] >= 256 * 1024
+        metrics = (tree / "metrics").read_text().splitlines()
+        assert 'ublkshell_daemon_up{device="fuse0"} 1' in metrics
+        assert f'ublkshell_io_bytes_total{{device="fuse0",queue="0",op="write"}} {st["ops"]["write"]["bytes"]}' in metrics
         info = (tree / "fuse0" / "info").read_text()
         assert "device      fuse0" in info and dev["loop"] in info
         shell = env.run("--socket", sock, "-c", "stats fuse0").stdout
@@ -416,7 +419,7 @@ def test_a_killed_server_loses_nothing_and_the_next_one_adopts_the_devices(env, 
     # the dead server's tree is a dead mount: the next server clears it and mounts its own
     srv = _server(env, sock, tree)
     try:
-        assert sorted(os.listdir(tree)) == ["fuse0"]
+        assert sorted(os.listdir(tree)) == ["fuse0", "metrics"]
         st = json.loads((tree / "fuse0" / "stats.json").read_text())
         assert st["ops"]["write"]["bytes"] >= len(written)
         events = env.run("--socket", sock, "-c", "stats fuse0").stdout
@@ -519,3 +522,13 @@ def test_losetup_failing_is_one_line_and_leaves_nothing(env):
     assert p.stdout.strip() == "mounts: 0"
     assert env.registry() == [] and os.listdir(env.mem) == []
     assert os.listdir(os.path.join(env.state, "fuse")) == [".lock"]
+
+
+def test_demo_without_ublk_drv_or_vm_runs_on_the_fuse_transport(env):
+    if os.path.exists("/dev/ublk-control"):
+        pytest.skip("this kernel has ublk_drv: the demo takes it")
+    p = env.run("demo", "--no-vm", "--size", "64M", timeout=300)
+    assert "through the FUSE transport and a loop device" in p.stdout
+    assert "fsck.ext4 -fn" in p.stdout and "all good" in p.stdout.splitlines()[-1], p.stdout
+    assert "list: dev fuse" in p.stdout
+    assert env.registry() == [] and env.our_mounts() == [] and env.our_loops() == []

@@ -166,7 +166,7 @@ def errno_of(fn, *args):
 
 # -- listing and contents ------------------------------------------------------
 def test_listing_shows_devices_files_and_queues(mnt):
-    assert sorted(os.listdir(mnt)) == ["ublkb3", "ublkb5"]
+    assert sorted(os.listdir(mnt)) == ["metrics", "ublkb3", "ublkb5"]
     assert sorted(os.listdir(f"{mnt}/ublkb3")) == DEV_FILES
     assert sorted(os.listdir(f"{mnt}/ublkb3/queues")) == ["0", "1"]
     assert os.listdir(f"{mnt}/ublkb5/queues") == ["0"]
@@ -235,6 +235,38 @@ def test_json_counts_match_what_was_recorded(mnt, source):
     assert read(f"{mnt}/ublkb5/latency") == b"ublkb5: no IO yet\n"
 
 
+def test_metrics_parse_and_count_what_was_recorded(mnt, source):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+    from prometheus_client.parser import text_string_to_metric_families as prom_parse
+
+    from ublkshell.observe.metrics import exposition
+
+    s = source.shms[3]
+    for i in range(6):
+        rec(s, i % 2, i, WRITE, i * 8, lat=3_000)  # 3 us
+    rec(s, 1, 7, READ, 0, result=-errno.EIO, lat=5_000_000)  # 5 ms
+    text = read(f"{mnt}/metrics").decode()
+    assert os.stat(f"{mnt}/metrics").st_size == 0 and text.endswith("\n")  # made on open, not on stat
+    fams = {f.name: f for f in prom_parse(text)}
+    def value(fam, suffix="", **lb):
+        return sum(x.value for x in fams[fam].samples if x.name.endswith(suffix) and lb.items() <= x.labels.items())
+    assert value("ublkshell_ios", device="3", op="write") == 6  # the parser drops _total
+    assert value("ublkshell_ios", device="3", queue="1", op="write") == 3
+    assert value("ublkshell_io_errors", device="3", op="read") == 1
+    assert value("ublkshell_io_bytes", device="3", op="write") == 6 * 4096
+    # the entries name this test's pid, which is no IO daemon
+    assert value("ublkshell_daemon_up", device="3") == 0 and value("ublkshell_device_size_bytes", device="5") == 64 << 20
+    h = {x.labels["le"]: x.value for x in fams["ublkshell_io_service_seconds"].samples
+         if x.name.endswith("_bucket") and x.labels["device"] == "3" and x.labels["op"] == "write"}
+    # 3 us IOs: none under 2.048 us, all under 4.096 us
+    assert h["2.048e-06"] == 0 and h["4.096e-06"] == 6 and h["+Inf"] == 6
+    assert value("ublkshell_io_service_seconds", device="3", op="read", suffix="_sum") == pytest.approx(0.005, rel=0.05)
+    # the same samples in OpenMetrics, which its stricter parser accepts
+    om = exposition(source.devices(), source.shms.get, openmetrics=True)
+    assert om.endswith("# EOF\n")
+    assert {f.name for f in om_parse(om)} == set(fams)
+
+
 def test_info_and_params(mnt, source):
     # a process whose command line names our daemon, recorded with its start time: alive
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ublkshell.bridge.daemon"])
@@ -295,7 +327,7 @@ def test_an_open_file_keeps_its_snapshot(mnt, source):
 def test_devices_appear_and_vanish(mnt, source, shm_dir):
     f = open(f"{mnt}/ublkb5/stats.json", "rb")
     source.remove(5)
-    assert os.listdir(mnt) == ["ublkb3"]
+    assert os.listdir(mnt) == ["metrics", "ublkb3"]
     assert errno_of(os.stat, f"{mnt}/ublkb5") == errno.ENOENT
     assert errno_of(read, f"{mnt}/ublkb5/stats") == errno.ENOENT
     # what was opened before reads its snapshot to the end
@@ -304,7 +336,7 @@ def test_devices_appear_and_vanish(mnt, source, shm_dir):
     s = shm_mod.create(9, nr_queues=1, depth=4, records=16, pid=os.getpid())
     try:
         source.add(9, s)
-        assert sorted(os.listdir(mnt)) == ["ublkb3", "ublkb9"]
+        assert sorted(os.listdir(mnt)) == ["metrics", "ublkb3", "ublkb9"]
         assert json.loads(read(f"{mnt}/ublkb9/info.json"))["id"] == 9
     finally:
         source.remove(9)
@@ -412,6 +444,31 @@ def _lines_until(out, n, timeout=5.0):
         lines += [d.decode() for d in done]
     assert buf == b"", "a read returned a partial line"
     return lines
+
+
+@pytest.mark.parametrize("argv", [["head", "-n", "2"], ["tail", "-c", "+1", "-f"]])
+def test_trace_reads_like_trace_pipe_for_head_and_tail(mnt, source, argv):
+    s = source.shms[3]
+    p = subprocess.Popen([*argv, f"{mnt}/ublkb3/trace"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        for i in range(3):
+            rec(s, 0, i, WRITE, 8 * i)
+        if argv[0] == "head":
+            out, err = p.communicate(timeout=10)
+            lines = out.splitlines()
+            assert p.returncode == 0 and len(lines) == 2 and all(b" write " in x for x in lines), (out, err)
+        else:
+            # tail keeps following (its output waits in its stdio buffer while stdout is a pipe)
+            time.sleep(1)
+            assert p.poll() is None, p.stderr.read()
+            p.kill()
+            err = p.communicate(timeout=10)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=10)
+    assert b"Illegal seek" not in err
 
 
 def test_trace_streams_records_made_after_open(mnt, source, trees):
@@ -524,8 +581,9 @@ def test_trace_reports_lost_records_and_fits_the_buffer(mnt, source):
     s = source.shms[3]  # 16 records per queue
     fd = os.open(f"{mnt}/ublkb3/trace", os.O_RDONLY)
     try:
-        # a blocked read holds the file position lock: check seeking first
-        assert errno_of(os.lseek, fd, 0, os.SEEK_SET) == errno.ESPIPE
+        # seeking is allowed (head and tail seek) and changes nothing: the stream reads on.
+        # Checked first: a blocked read holds the file position lock
+        assert os.lseek(fd, 0, os.SEEK_SET) == 0
         for i in range(40):
             rec(s, 0, i % 16, WRITE, i)
         data = read_within(fd, 300)
@@ -580,7 +638,7 @@ def test_trace_of_a_vanished_device_says_eio(mnt, source):
     finally:
         os.close(fd)
     # and the loop lives on
-    assert os.listdir(mnt) == ["ublkb3"]
+    assert os.listdir(mnt) == ["metrics", "ublkb3"]
 
 
 @pytest.mark.parametrize("argv", [["cat"], [sys.executable, "-c", "import sys; open(sys.argv[1]).read()"]],
@@ -633,7 +691,7 @@ def _mount_and_kill(mp):
             assert p.poll() is None, p.stderr.read()
             assert time.monotonic() < deadline, "the subprocess did not mount"
             time.sleep(0.05)
-        assert os.listdir(mp) == []
+        assert os.listdir(mp) == ["metrics"]
     finally:
         p.kill()
         p.wait(10)
@@ -652,7 +710,7 @@ def test_unmount_stale_after_the_daemon_was_killed(tmp_path, source, trees):
         t = TreeThread(mp, source)
         t.start_and_wait()
         try:
-            assert sorted(os.listdir(mp)) == ["ublkb3", "ublkb5"]
+            assert sorted(os.listdir(mp)) == ["metrics", "ublkb3", "ublkb5"]
         finally:
             t.stop()
         assert not fusetree.is_mounted(mp)

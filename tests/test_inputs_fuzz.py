@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ublkshell import units, validate
 from ublkshell.bridge.protocol import MAX_DEPTH, ProtocolError, decode_request
 from ublkshell.errors import UblkError, UsageError
-from ublkshell.verbs import VERBS, call
+from ublkshell.verbs import RECORD_ARGS, TRACE_ARGS, VERBS, call
 
 FAST = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -75,18 +75,25 @@ def _check_types(verb: str, schema: dict, out: dict) -> None:
             raise AssertionError((verb, name, value))
 
 
+# every verb's schema, and those the CLI checks itself (trace, record)
+SCHEMAS = {**{v: VERBS[v].args for v in VERBS}, "trace": TRACE_ARGS, "record": RECORD_ARGS}
+
+
 @FAST
-@given(st.sampled_from(sorted(VERBS)), st.dictionaries(st.sampled_from(
+@given(st.sampled_from(sorted(SCHEMAS)), st.dictionaries(st.sampled_from(
     ["id", "ids", "all", "words", "rule", "seed", "keep", "partial", "target", "size", "depth", "queues",
-     "dev_id", "file", "json", "op", "queues", "recovery", "max_io", "block_size", "frob"]), values, max_size=6))
+     "dev_id", "file", "json", "op", "queues", "recovery", "max_io", "block_size", "frob", "filters",
+     "from_start", "count", "duration", "format", "output", "force"]), values, max_size=6))
 def test_every_verb_checks_any_arguments(verb, args):
-    schema = VERBS[verb].args
+    schema = SCHEMAS[verb]
     try:
         out = validate.check(verb, schema, args)
     except UsageError as e:
         _one_line(e)
         return
     _check_types(verb, schema, out)
+    if verb in ("trace", "record"):
+        assert out["count"] >= 0 and out["duration"] >= 0 and "\0" not in (out.get("output") or "")
 
 
 @settings(max_examples=500, deadline=None)

@@ -51,6 +51,15 @@ def test_counters_and_percentiles(shm):
     assert snap["inflight"] == 0 and inflight(shm) == []
 
 
+def test_percentiles_never_pass_the_max():
+    # one IO of 561 ns: its bucket's midpoint is above it, and no percentile may be
+    hist = [0] * lib.US_HIST_BUCKETS
+    hist[lib.us_hist_bucket(561)] = 1
+    assert percentile(hist, 99) > 561
+    s = summarize({"ios": 1, "bytes": 0, "errors": 0, "lat_sum_ns": 561, "lat_max_ns": 561, "hist": hist})
+    assert s["p50_ns"] == s["p90_ns"] == s["p99_ns"] == s["p999_ns"] == s["max_ns"] == 561
+
+
 def test_percentile_of_empty_histogram_is_zero():
     assert percentile([0] * 10, 99) == 0
 

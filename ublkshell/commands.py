@@ -3,6 +3,7 @@ line (cli.py) and by the shell (repl/), which adds its own few verbs. The verbs'
 are then checked once more, by the same rules for every face, in verbs.call (validate.py)."""
 import argparse
 
+from . import __version__
 from .devices import ids as devids
 from .devices.targets import TARGETS as target_table
 from .errors import UsageError
@@ -18,7 +19,7 @@ SHELL_ONLY = {
     "exit": "leave the shell",
 }
 FAULT_VERBS = (*ACTIONS, "faults", "clear", "seed", "powercut")
-SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight", *FAULT_VERBS)
+SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight", "metrics", *FAULT_VERBS)
 # daemon death and recovery
 SERVER_VERBS += ("kill", "recover")
 VERBS = (*SERVER_VERBS, "trace", *SHELL_ONLY)
@@ -47,6 +48,7 @@ examples:
   ublkshell lat 0 read                            latency histogram with percentiles
   ublkshell inflight 0                            tags being served now, with their age
   ublkshell trace 0 op=write min_lat=1ms          every IO as it completes, until Ctrl-C
+  ublkshell record 0 -o run --duration 30s        blktrace files: blkparse -i run, btt (or --format fio-iolog)
   ublkshell delay 0 5ms op=write                  every write to dev 0 takes 5 ms longer
   ublkshell fail 0 lba 2048..4095 op=read         reads of those sectors fail with EIO
   ublkshell faults 0 | ublkshell clear 0          list the fault rules (with hits) | remove them
@@ -68,6 +70,7 @@ def cli_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ublkshell", description="Serve, watch and break Linux ublk block devices. "
                                             "Without a VERB: an interactive shell.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-V", "--version", action="version", version=f"ublkshell {__version__}")
     p.add_argument("-c", dest="command", metavar="COMMAND",
                    help="run one line of the interactive shell through the server and exit")
     # its own dest: `serve --socket` would overwrite a shared one with its default
@@ -153,7 +156,7 @@ def cli_parser() -> argparse.ArgumentParser:
     st.add_argument("--queues", action="store_true", help="one line per queue too")
 
     lt = sub.add_parser("lat", help="latency histogram of a device",
-                        description="Latency histogram (log-linear buckets, ~3%% precision) with percentiles.")
+                        description="Latency histogram (log-linear buckets, ~3% precision) with percentiles.")
     lt.add_argument("id", type=devids.arg)
     lt.add_argument("op", nargs="?", default="read", help="read (default), write, flush, discard, write_zeroes")
     lt.add_argument("--json", action="store_true")
@@ -163,17 +166,55 @@ def cli_parser() -> argparse.ArgumentParser:
     inf.add_argument("id", type=devids.arg)
     inf.add_argument("--json", action="store_true")
 
+    me = sub.add_parser("metrics", help="every device's counters for Prometheus",
+                        description="Every device's counters, in-flight IOs, latency histogram (the "
+                                    "daemon's service time), fault rule hits and daemon recoveries in "
+                                    "the Prometheus text format (node_exporter's textfile collector "
+                                    "reads it), or OpenMetrics. The stats tree has it as /mnt/ublkstats/metrics.",
+                        epilog="example: ublkshell metrics > /var/lib/node_exporter/ublkshell.prom.$$ && "
+                               "mv /var/lib/node_exporter/ublkshell.prom.$$ /var/lib/node_exporter/ublkshell.prom")
+    me.add_argument("--format", default="prometheus", metavar="prometheus|openmetrics")
+    me.add_argument("--json", action="store_true", help="the text inside a JSON object")
+
     tr = sub.add_parser("trace", help="stream every IO as it completes",
                         description="Stream completed IOs: time q tag op flags sector+sectors latency result. "
                                     "Filters: q=N tag=N op=read|write|flush|discard|write_zeroes "
                                     "lba=A..B (sectors) min_lat=1ms errors. Ctrl-C ends it.")
     tr.add_argument("id", type=devids.arg)
     tr.add_argument("filters", nargs="*", metavar="FILTER")
-    tr.add_argument("--json", action="store_true", help="one JSON object per line")
-    tr.add_argument("--count", type=int, default=0, help="stop after N records")
-    tr.add_argument("--duration", default="", help="stop after this long: 10s, 500ms, 1m; a bare number is seconds")
-    tr.add_argument("--from-start", action="store_true",
-                    help="begin with the records still in the rings, not only new ones")
+    tr.add_argument("--json", action="store_true", help="one JSON object per line (--format json)")
+    tr.add_argument("--format", default=None, metavar="FORMAT",
+                    help="text (default); json; blkparse: the line blkparse prints for each "
+                         "completion (C), then tag=, lat= and the fault; fio-iolog: an fio iolog v3 "
+                         "in the order the IOs began (`record` writes either to files)")
+    _trace_stops(tr)
+
+    rec = sub.add_parser(
+        "record", help="write a device's IO to files blkparse, btt or fio read",
+        description=(
+            "Record a device's completed IOs until Ctrl-C, --count or --duration, to files other\n"
+            "tools read. Filters as for trace. Files are made mode 0600, never through a symlink.\n\n"
+            "blktrace (default): OUT.blktrace.0 .. OUT.blktrace.N-1, one per queue as blktrace\n"
+            "writes one per CPU, for `blkparse -i OUT` and btt. Each IO is a Q and a D event when\n"
+            "the driver handed it to the daemon and a C event when the daemon committed it, so\n"
+            "btt's D2C is the daemon's service time.\n\n"
+            "fio-iolog: the file OUT, an fio iolog v3 in the order the IOs began; `fio\n"
+            "--read_iolog=OUT --replay_redirect=DEV` replays it. Write-zeroes, which fio cannot\n"
+            "issue, are left out and counted."),
+        epilog="examples:\n"
+               "  ublkshell record 0 -o /var/tmp/run --duration 30s\n"
+               "  blkparse -i /var/tmp/run; blkparse -q -i /var/tmp/run -d run.bin && btt -i run.bin\n"
+               "  ublkshell record 0 -o job.iolog --format fio-iolog op=write\n"
+               "  fio --name=again --read_iolog=job.iolog --replay_redirect=/dev/ublkb1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rec.add_argument("id", type=devids.arg)
+    rec.add_argument("filters", nargs="*", metavar="FILTER")
+    rec.add_argument("-o", "--output", required=True, metavar="OUT",
+                     help="blktrace: the files' common start (OUT.blktrace.Q); fio-iolog: the file")
+    rec.add_argument("--format", default="blktrace", metavar="blktrace|fio-iolog")
+    rec.add_argument("--force", action="store_true", help="replace files that exist")
+    rec.add_argument("--json", action="store_true", help="print what was written as JSON")
+    _trace_stops(rec)
 
     _recovery_verbs(sub)
 
@@ -182,7 +223,9 @@ def cli_parser() -> argparse.ArgumentParser:
                                       "run fio verify, delete it. Uses the bundled VM when this "
                                       "kernel has no ublk_drv.")
     demo.add_argument("--size", default="256M")
-    demo.add_argument("--no-vm", action="store_true", help="never fall back to the VM")
+    demo.add_argument("--no-vm", action="store_true",
+                      help="without ublk_drv, serve the device through the FUSE transport and a loop "
+                           "device here instead of booting the VM")
 
     sv = sub.add_parser("serve", help="run the server (socket, stats tree, daemon watch) in the foreground",
                         description="Run the ublkshell server: a root-only control socket (JSON lines, "
@@ -224,6 +267,13 @@ def _recovery_verbs(sub) -> None:
     r.add_argument("id", type=devids.arg, metavar="ID")
     r.add_argument("--json", action="store_true")
 # -- end daemon death and recovery ---------------------------------------------
+
+
+def _trace_stops(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", type=int, default=0, help="stop after N records")
+    p.add_argument("--duration", default="", help="stop after this long: 10s, 500ms, 1m; a bare number is seconds")
+    p.add_argument("--from-start", action="store_true",
+                   help="begin with the records still in the rings, not only new ones")
 
 
 def args_of(args) -> dict:

@@ -2,7 +2,8 @@
 
 A mem device, ext4 on it, files written, remounted and checked, fsck, a fio
 verify pass, then the device is deleted. On a kernel without ublk_drv it
-re-runs itself inside the bundled VM.
+re-runs itself inside the bundled VM, or with --no-vm serves the device
+through the FUSE transport and a loop device.
 """
 import hashlib
 import os
@@ -39,22 +40,32 @@ def run_demo(size: str, allow_vm: bool = True) -> int:
     from .units import parse_size
 
     nbytes = parse_size(size, "--size")
+    transport = "ublk"
     if not os.path.exists(CONTROL_PATH):
-        if not allow_vm:
-            raise UblkError(NO_DRIVER_HINT.format(path=CONTROL_PATH))
-        _step("this kernel has no ublk_drv: running the demo inside the bundled VM")
-        from .vm.harness import run
+        if allow_vm:
+            _step("this kernel has no ublk_drv: running the demo inside the bundled VM")
+            from .vm.harness import run
 
-        return run([sys.executable, "-m", "ublkshell", "demo", "--size", size, "--no-vm"])
+            return run([sys.executable, "-m", "ublkshell", "demo", "--size", size, "--no-vm"])
+        if not os.path.exists("/dev/fuse"):
+            raise UblkError(NO_DRIVER_HINT.format(path=CONTROL_PATH) + " (and there is no /dev/fuse either)")
+        transport = "fuse"
     if os.geteuid() != 0:
         raise UblkError("the demo creates a block device and mounts it: run it as root")
 
+    from .devices.ids import name as dev_name
     from .devices.lifecycle import add, delete, list_devices
     from .devices.targets import build_spec
 
-    t0 = _step(f"adding a {human(nbytes)} mem device")
-    dev = add(build_spec("mem", size=size, queues=2, depth=64))
-    blk = f"/dev/ublkb{dev['id']}"
+    if transport == "fuse":
+        t0 = _step(f"this kernel has no ublk_drv: a {human(nbytes)} mem device through the FUSE transport "
+                   "and a loop device")
+        dev = add(build_spec("mem", size=size, queues=1, depth=64, transport="fuse", loop=True))
+        blk = dev["loop"]
+    else:
+        t0 = _step(f"adding a {human(nbytes)} mem device")
+        dev = add(build_spec("mem", size=size, queues=2, depth=64))
+        blk = f"/dev/ublkb{dev['id']}"
     mnt = tempfile.mkdtemp(prefix="ublkshell-demo-")
     mounted = False
     try:
@@ -89,7 +100,7 @@ def run_demo(size: str, allow_vm: bool = True) -> int:
                   "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"], "fio")
         for d in list_devices():
             if d["id"] == dev["id"]:
-                _step(f"list: dev {d['id']} {d['state']} {human(d['size'])} {d['target']}")
+                _step(f"list: dev {dev_name(d['id'])} {d['state']} {human(d['size'])} {d['target']}")
     finally:
         if mounted:
             subprocess.run(["umount", mnt], capture_output=True)

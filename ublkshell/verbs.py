@@ -108,7 +108,34 @@ def run_inflight(a: dict) -> dict:
 
 TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--from-start", flag, False),
               "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", duration(default_unit="s"), 0),
-              **JSON}
+              "format": Arg("--format", text(32)), **JSON}
+RECORD_ARGS = {**TRACE_ARGS, "format": Arg("--format", text(32), "blktrace"),
+               "output": Arg("-o/--output", text(4096), required=True), "force": Arg("--force", flag, False)}
+
+def run_metrics(a: dict) -> dict:
+    from .devices import registry
+    from .errors import UblkError
+    from .observe.metrics import exposition
+    from .observe.shm import open_device
+
+    fmt = a["format"]
+    if fmt not in METRICS_FORMATS:
+        raise UsageError(f"metrics: unknown format {fmt!r} (choose from {', '.join(METRICS_FORMATS)})")
+
+    def shm_of(dev_id):
+        try:
+            return open_device(dev_id)
+        except UblkError:
+            return None
+    return {"format": fmt, "text": exposition(registry.all_entries(), shm_of, openmetrics=fmt == "openmetrics")}
+
+
+def render_metrics(r: dict) -> str:
+    return r["text"].rstrip("\n")
+
+
+METRICS_FORMATS = ("prometheus", "openmetrics")
+
 
 class Verb(NamedTuple):
     run: Callable[[dict], Any]
@@ -125,6 +152,7 @@ VERBS = {
     "stats": Verb(run_stats, render_stats, {**ID, "queues": Arg("--queues", flag, False), **JSON}),
     "lat": Verb(run_lat, render_lat, {**ID, "op": Arg("OP", text(32), "read"), **JSON}),
     "inflight": Verb(run_inflight, render_inflight, {**ID, **JSON}),
+    "metrics": Verb(run_metrics, render_metrics, {"format": Arg("--format", text(32), "prometheus"), **JSON}),
 }
 
 # the fault verbs (delay, fail, ..., faults, clear, seed) live with the rule engine

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+from ublkshell import procs
+
 from .conftest import cli, pread_direct
 
 
@@ -26,7 +28,8 @@ def test_del_idle_removes_device_and_daemon(devices):
     assert os.path.exists(dev["path"])
     cli("del", str(dev["id"]), timeout=60)
     assert _gone(dev["id"])
-    assert _wait(lambda: not os.path.exists(f"/proc/{dev['pid']}"), 10), "daemon still running"
+    # gone, or a zombie its parent (the process that ran `add`) has yet to reap
+    assert _wait(lambda: not procs.alive(dev["pid"]), 10), "daemon still running"
     assert not os.path.exists(f"/run/ublkshell/devices/{dev['id']}.json")
     assert dev["mem_path"] and not os.path.exists(dev["mem_path"]), "mem data left behind"
 

@@ -12,7 +12,8 @@ from ..errors import UblkError
 CONTROL_PATH = "/dev/ublk-control"
 NO_DRIVER_HINT = (
     "the running kernel has no ublk_drv ({path} is missing): load it with "
-    "`modprobe ublk_drv`, or run inside the bundled VM: `ublkshell vm -- ublkshell ...`"
+    "`modprobe ublk_drv`, run inside the bundled VM: `ublkshell vm -- ublkshell ...`, "
+    "or serve the device through FUSE instead: `add --transport fuse`"
 )
 _QUEUE_NONE = 0xFFFF
 _DEV_ANY = 0xFFFFFFFF

@@ -281,18 +281,18 @@ int us_fault_start(struct us_queue *q, unsigned tag, struct us_io *io)
 		if (r->arg == US_FLAKEY_DROP)
 			return write_like(op) ? dropped(io) : US_FAULT_PASS;
 		return -(r->err ? r->err : EIO);
-	case US_FA_CORRUPT:
-		if (op == UBLK_IO_OP_WRITE) {
-			/* zero copy: the data to edit must be here first */
-			int err = us_io_bounce(q, tag, io);
+	case US_FA_CORRUPT: {
+		/* zero copy: the data to edit must pass through here (a READ's on its way out) */
+		int err = us_io_bounce(q, tag, io);
 
-			if (err)
-				return err;
+		if (err)
+			return err;
+		if (op == UBLK_IO_OP_WRITE)
 			corrupt(q, io, io->nr_sectors << 9);
-		}
 		else if (op == UBLK_IO_OP_READ)
 			io->fh.nolink = 1;
 		return US_FAULT_PASS;
+	}
 	case US_FA_TORN: {
 		unsigned keep = r->arg ? r->arg : io->nr_sectors / 2;
 

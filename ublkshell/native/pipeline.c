@@ -65,14 +65,14 @@ void us_io_complete(struct us_queue *q, unsigned tag, int result)
 }
 
 /*
- * Zero copy, but this IO's data must pass through here: a corrupt fault edits
- * it, the target computes it, or the driver could not register the request's
- * pages (ublk_buffers.c). The power-cut log keeps only what a write overwrites,
- * read from the store, so it needs no copy.
+ * Zero copy, but this IO's data must pass through here: the target computes
+ * it, or the driver could not register the request's pages (ublk_buffers.c).
+ * A corrupt fault bounces its IO when it matches (faults.c). The power-cut log
+ * keeps only what a write overwrites, read from the store, so it needs no copy.
  */
 static int must_copy(const struct us_queue *q, const struct us_io *io)
 {
-	return !q->dev->tgt_zc || io->fh.action == US_FA_CORRUPT || io->op_flags & UBLK_IO_F_NEED_REG_BUF;
+	return !q->dev->tgt_zc || io->op_flags & UBLK_IO_F_NEED_REG_BUF;
 }
 
 void us_start_target(struct us_queue *q, unsigned tag)

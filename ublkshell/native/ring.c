@@ -288,13 +288,8 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 	d->cfg = *cfg;
 	/* the device was added with BATCH_IO or not: the kernel takes only that protocol */
 	d->fe = cfg->dev_flags & UBLK_F_BATCH_IO ? &us_ublk_batch_frontend : &ublk_frontend;
-	/* the copy path beside zero copy is user copy: without it a faulted IO could not be served */
+	/* the daemon refuses AUTO_BUF_REG without USER_COPY, the copy path, before it gets here */
 	d->zc = !!(cfg->dev_flags & UBLK_F_AUTO_BUF_REG);
-	if (d->zc && !(cfg->dev_flags & UBLK_F_USER_COPY)) {
-		*err = -EINVAL;
-		free(d);
-		return NULL;
-	}
 	*err = us_dev_target_init(d);
 	if (*err) {
 		free(d);

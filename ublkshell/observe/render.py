@@ -124,7 +124,8 @@ def render_lat(r: dict) -> str:
     if not r["ios"]:
         return f"dev {devids.name(r['device'])}: no {r['op']} IO yet"
     lines = [f"dev {devids.name(r['device'])} {r['op']}: {r['ios']} IOs, avg {fmt_ns(r['avg_ns'])}, "
-             f"p50 {fmt_ns(r['p50_ns'])}, p99 {fmt_ns(r['p99_ns'])}, p99.9 {fmt_ns(r['p999_ns'])}, "
+             f"p50 {fmt_ns(r['p50_ns'])}, p90 {fmt_ns(r['p90_ns'])}, p99 {fmt_ns(r['p99_ns'])}, "
+             f"p99.9 {fmt_ns(r['p999_ns'])}, "
              f"max {fmt_ns(r['max_ns'])}"]
     return "\n".join(lines + hist_bars(pow2_hist((b["low_ns"], b["count"]) for b in r["buckets"]), 50))
 

@@ -25,6 +25,7 @@ _NAMES_MAX = 1024
 BATCH = 256
 # what `trace` takes after the device (Filter.parse), for help and completion
 FILTER_KEYS = ("q=", "tag=", "op=", "lba=", "min_lat=", "errors", "faulted")
+TRACE_FORMATS = ("text", "json", "blkparse", "fio-iolog")
 TRACE_HEADER = f"{'TIME(s)':>12} {'Q':<3} {'TAG':<5} {'OP':<12} {'FLAGS':<8} SECTOR+N  LATENCY RESULT [FAULT]"
 
 

@@ -185,19 +185,34 @@ class Shell:
         from ..validate import check
         from ..verbs import TRACE_ARGS
 
-        duration = check("trace", TRACE_ARGS, commands.args_of(args))["duration"] / 1e9
+        a = check("trace", TRACE_ARGS, commands.args_of(args))
+        duration = a["duration"] / 1e9
+        fmt = a["format"] or ("json" if a["json"] else "text")
+        if a["json"] and fmt != "json":
+            raise UsageError(f"trace: --json or --format {fmt}, not both")
+        if fmt not in ("text", "json", "blkparse"):
+            raise UsageError(f"trace: format {fmt!r} is text, json or blkparse here "
+                             "(an fio iolog waits for the IOs in flight: `ublkshell record` writes one)")
         Filter.parse(args.filters)  # bad filters: one line before the header
         self.call("stats", id=args.id)  # an unknown device: one line before the header
+        if fmt == "blkparse":
+            from ..observe.recording import blkparse_text
+
+            show = blkparse_text(args.id).line
+        elif fmt == "json":
+            show = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+        else:
+            show = format_record
         # its own connection: Ctrl-C closes it and the server stops sending
         c = Client(self.path, timeout=duration or None)
         deadline = time.monotonic() + duration if duration else None
         records = c.stream("trace", id=args.id, filters=list(args.filters),
                            from_start=args.from_start, count=args.count)
         try:
-            if not args.json:
+            if fmt == "text":
                 self.print(TRACE_HEADER)
             for r in records:
-                self.print(json.dumps(r, sort_keys=True) if args.json else format_record(r))
+                self.print(show(r))
                 if deadline:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -207,6 +222,8 @@ class Shell:
             self.print()
         except TimeoutError:
             pass  # --duration is up
+        except BrokenPipeError:
+            raise  # our own stdout closed (`-c "trace 0" | head`), not the server
         except (OSError, ValueError) as e:
             raise UblkError(f"trace: lost the server: {_one_line(e)}") from None
         finally:

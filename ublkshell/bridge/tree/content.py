@@ -13,7 +13,7 @@ from ...kernel.uapi import feature_names
 from ...observe.names import OPS
 from ...observe.shm import Shm
 from ...observe.render import hist_bars, pow2_hist, ring_line, stats_table, tags_table
-from ...observe.stats import fmt_ns, inflight, percentile, ring_costs, snapshot, stats_of, summarize
+from ...observe.stats import fmt_ns, inflight, ring_costs, snapshot, stats_of, summarize
 from ...units import human
 
 FAULTS_HELP = ("# one rule per line, e.g. `delay 5ms op=write`, `fail lba 2048..4095 op=read`;\n"
@@ -112,7 +112,7 @@ def _pow2_hist(hist):
 def _latency(op):
     sm = summarize(op)
     return {"ios": sm["ios"], "avg_ns": sm["avg_ns"], "p50_ns": sm["p50_ns"],
-            "p90_ns": percentile(op["hist"], 90), "p99_ns": sm["p99_ns"],
+            "p90_ns": sm["p90_ns"], "p99_ns": sm["p99_ns"],
             "p999_ns": sm["p999_ns"], "max_ns": sm["max_ns"], "hist": _pow2_hist(op["hist"])}
 
 
@@ -218,5 +218,14 @@ DEV_FILES = [("info", "snap", 0o444, info_text), ("info.json", "snap", 0o444, in
              ("trace", "trace", 0o444, None), ("faults", "faults", 0o600, faults_text)]
 Q_FILES = [("stats", "snap", 0o444, q_stats_text), ("stats.json", "snap", 0o444, q_stats_json),
            ("inflight", "snap", 0o444, q_inflight_text)]
+def metrics_text(devices: dict, shm_of) -> str:
+    from ...observe.metrics import exposition
+
+    return exposition(devices, shm_of)
+
+
+# the tree's own files, beside the device directories: (name, kind, mode, gen(devices, shm_of))
+ROOT_FILES = [("metrics", "snap", 0o444, metrics_text)]
+ROOT_BY_NAME = {name.encode(): i for i, (name, *_rest) in enumerate(ROOT_FILES)}
 DEV_BY_NAME = {name.encode(): i + 1 for i, (name, *_rest) in enumerate(DEV_FILES)}
 Q_BY_NAME = {name.encode(): i + 1 for i, (name, *_rest) in enumerate(Q_FILES)}

@@ -16,7 +16,8 @@ from ...devices.ids import from_stem, stem
 from ...errors import UblkError
 from .guard import guard_handlers
 from .trace_file import TraceReader
-from .content import DEV_BY_NAME, DEV_FILES, Q_BY_NAME, Q_FILES, DeviceSource, Gone, apply_fault_line
+from .content import (DEV_BY_NAME, DEV_FILES, Q_BY_NAME, Q_FILES, ROOT_BY_NAME, ROOT_FILES, DeviceSource, Gone,
+                      apply_fault_line)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ MAX_FAULT_WRITE = 64 * 1024
 #   (dev_id + 1) << 40 | queue field << 16 | index
 # queue field 0 is the device directory level, q + 1 a queue's directory.
 DIR_IDX = 0
+# the root's own files (metrics) are 2, 3, ...: below every device's numbers, above the root's 1
+ROOT_FILE_INO = 2
 QUEUES_IDX = 0xFFFF
 _SHIFT_DEV, _SHIFT_Q, _MASK_Q, _MASK_IDX = 40, 16, 0xFFFFFF, 0xFFFF
 
@@ -106,6 +109,8 @@ class StatsTree(pyfuse3.Operations):
         """What a live inode is, else ENOENT."""
         if ino == pyfuse3.ROOT_INODE:
             return Node("root", None, None, None, None)
+        if ROOT_FILE_INO <= ino < ROOT_FILE_INO + len(ROOT_FILES):
+            return Node("file", None, None, ROOT_FILES[ino - ROOT_FILE_INO], None)
         dev, qf, idx = _split(ino)
         entry = self._devices().get(dev)
         if entry is None:
@@ -129,6 +134,8 @@ class StatsTree(pyfuse3.Operations):
 
     def _generate(self, node: Node) -> bytes:
         gen = node.spec[3]
+        if node.dev is None:
+            return gen(self._devices(), self._shm).encode()
         s = self._shm(node.dev)
         if node.q is None:
             return gen(node.dev, node.entry, s).encode()
@@ -155,7 +162,8 @@ class StatsTree(pyfuse3.Operations):
             name, fkind, mode, gen = spec
             a.st_mode = stat.S_IFREG | mode
             a.st_nlink = 1
-            if fkind == "trace":
+            if fkind == "trace" or dev is None:
+                # a stream has no size; nor does metrics, which costs too much to make for a stat
                 a.st_size = 0
             else:
                 try:
@@ -171,7 +179,8 @@ class StatsTree(pyfuse3.Operations):
         """[(name, ino)] of a directory, freshly from the source."""
         kind, dev, q, _spec, entry = self._node(ino)
         if kind == "root":
-            return [(stem(d).encode(), _ino(d)) for d in sorted(self._devices())]
+            return ([(n.encode(), ROOT_FILE_INO + i) for i, (n, *_r) in enumerate(ROOT_FILES)]
+                    + [(stem(d).encode(), _ino(d)) for d in sorted(self._devices())])
         if kind == "devdir":
             return ([(n.encode(), _ino(dev, 0, i + 1)) for i, (n, *_r) in enumerate(DEV_FILES)]
                     + [(b"queues", _ino(dev, 0, QUEUES_IDX))])
@@ -188,7 +197,9 @@ class StatsTree(pyfuse3.Operations):
         ino = None
         if kind == "root":
             d = from_stem(name.decode(errors="replace"))
-            if d is not None and d in self._devices():
+            if name in ROOT_BY_NAME:
+                ino = ROOT_FILE_INO + ROOT_BY_NAME[name]
+            elif d is not None and d in self._devices():
                 ino = _ino(d)
         elif kind == "devdir":
             if name == b"queues":
@@ -280,7 +291,8 @@ class StatsTree(pyfuse3.Operations):
             if s is None:
                 raise _err(errno.ENOENT)
             h = _Handle("trace", dev, trace=TraceReader(dev, s, ctx.pid))
-            fi.nonseekable = True
+            # seekable, and every offset reads the stream on: `head -n 2` seeks back past what
+            # it read and `tail -c +1 -f` asks where it is; both must not fail ("Illegal seek")
         else:
             try:
                 h = _Handle("snap", dev, self._generate(node))
