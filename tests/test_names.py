@@ -64,7 +64,7 @@ def test_the_counter_slot_c_uses_is_the_one_python_names(tmp_path, monkeypatch, 
 
 def test_every_face_takes_the_same_op_words():
     for op in names.IO_OPS:
-        assert Filter.parse([f"op={op}"]).op == op
+        assert Filter.parse([f"op={op}"]).op == {op}
         assert grammar.parse(f"fail op={op}")[0]["ops"] == [op]
     r = {"t_ns": 0, "queue": 0, "tag": 0, "op": "flush", "flags": ["fua"], "sector": 0, "sectors": 0,
          "lat_ns": 1, "result": 0, "fault": names.ACTION_CODES["delay"] | 1 << 8}

@@ -361,7 +361,7 @@ def test_record_bad_input_is_one_line(env, tmp_path):
                               (["-o", str(tmp_path / "no" / "x")], 1, "No such file or directory"),
                               (["-o", str(tmp_path / "x"), "--count", "-1"], 2, "--count"),
                               (["-o", str(tmp_path / "x"), "--duration", "soon"], 2, "--duration"),
-                              (["-o", str(tmp_path / "x"), "op=sideways"], 2, "trace filter op=sideways: choose from"),
+                              (["-o", str(tmp_path / "x"), "op=sideways"], 2, "trace filter op=sideways: 'sideways' is not an op"),
                               (["op=read", "-o", str(tmp_path / "x"), "lba=9..1"], 2, "the range is empty"),
                               ([], 2, "-o/--output")):
         p = env.run("record", dev["name"], *args, check=False)

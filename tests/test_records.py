@@ -8,6 +8,7 @@ import pytest
 from ublkshell._native import lib
 from ublkshell.observe import shm as shm_mod
 from ublkshell.observe.stats import inflight, percentile, snapshot, summarize
+from ublkshell.errors import UsageError
 from ublkshell.observe.trace import Cursor, Filter, follow
 
 READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_FLUSH
@@ -107,6 +108,10 @@ def test_filters():
     assert Filter.parse(["lba=2055"]).match(rec)
     assert not Filter.parse(["min_lat=3ms"]).match(rec)
     assert not Filter.parse(["errors"]).match(dict(rec, result=4096))
+    # several ops, as fault rules take them
+    assert Filter.parse(["op=flush,write"]).match(rec) and not Filter.parse(["op=read,flush"]).match(rec)
+    with pytest.raises(UsageError, match="'wrote' is not an op"):
+        Filter.parse(["op=write,wrote"])
 
 
 def test_shm_survives_reopen_by_a_reader(shm, tmp_path):

@@ -10,6 +10,9 @@ from .errors import UblkError, UsageError
 def _one_shot(args) -> int:
     from .verbs import VERBS, call, dumps
 
+    if args.verb == "stats" and args.interval:
+        return _cmd_stats_interval(args)
+
     render = VERBS[args.verb].render
     result = call(args.verb, commands.args_of(args))
     if getattr(args, "json", False):
@@ -18,6 +21,41 @@ def _one_shot(args) -> int:
         print(render(result, queues=args.queues))
     else:
         print(render(result))
+    return 0
+
+
+def _cmd_stats_interval(args) -> int:
+    import time
+
+    from .devices.ids import name
+    from .observe.iostat import HEADER, block_name, render_row, row, sample
+    from .observe.recording import device_node
+    from .observe.shm import open_device
+    from .validate import check
+    from .verbs import STATS_INTERVAL_ARGS
+
+    a = check("stats", STATS_INTERVAL_ARGS, commands.args_of(args))
+    if a["queues"]:
+        raise UsageError("stats: --interval shows the device as a whole (--queues is for one-shot stats)")
+    s = open_device(a["id"])
+    block = block_name(device_node(a["id"]))
+    interval = a["interval"] / 1e9
+    label = block or name(a["id"])
+    if not a["json"]:
+        print(HEADER if block else HEADER + "   (no block device: kernel columns -)", flush=True)
+    prev, shown = sample(s, block), 0
+    try:
+        while not a["count"] or shown < a["count"]:
+            time.sleep(max(0.0, prev["t"] + interval - time.monotonic()))
+            cur = sample(s, block)
+            r = row(prev, cur)
+            prev, shown = cur, shown + 1
+            if a["json"]:
+                print(json.dumps({"device": name(a["id"]), "block": block, **r}, sort_keys=True), flush=True)
+            else:
+                print(render_row(label, r), flush=True)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -154,6 +154,12 @@ def cli_parser() -> argparse.ArgumentParser:
     st.add_argument("id", type=devids.arg)
     st.add_argument("--json", action="store_true")
     st.add_argument("--queues", action="store_true", help="one line per queue too")
+    st.add_argument("--interval", default=None, metavar="DURATION",
+                    help="a row per interval (1s, 500ms; a bare number is seconds) as iostat -x prints "
+                         "it from the kernel's /sys/block stat (r/s w/s rMiB/s wMiB/s r_await w_await "
+                         "aqu-sz %%util), beside the daemon's own service time (r_svc w_svc, ms): await "
+                         "less svc is what the kernel and the queue added. Until Ctrl-C or --count")
+    st.add_argument("--count", type=int, default=0, help="with --interval: stop after N rows")
 
     lt = sub.add_parser("lat", help="latency histogram of a device",
                         description="Latency histogram (log-linear buckets, ~3% precision) with percentiles.")
@@ -178,7 +184,7 @@ def cli_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("trace", help="stream every IO as it completes",
                         description="Stream completed IOs: time q tag op flags sector+sectors latency result. "
-                                    "Filters: q=N tag=N op=read|write|flush|discard|write_zeroes "
+                                    "Filters: q=N tag=N op=read|write|flush|discard|write_zeroes (or several: op=write,flush) "
                                     "lba=A..B (sectors) min_lat=1ms errors. Ctrl-C ends it.")
     tr.add_argument("id", type=devids.arg)
     tr.add_argument("filters", nargs="*", metavar="FILTER")
@@ -284,6 +290,11 @@ def args_of(args) -> dict:
     if args.verb == "add":
         a["target"] = a.pop("type")
         a["dev_id"] = a.pop("number")
+    if args.verb == "stats" and not a.get("interval"):
+        # a one-shot stats (what the server takes); --interval is the command line's own loop
+        a.pop("interval", None)
+        if a.pop("count", None):
+            raise UsageError("stats: --count goes with --interval (stats ID --interval 1 --count 5)")
     return a
 
 

@@ -109,6 +109,8 @@ def run_inflight(a: dict) -> dict:
 TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--from-start", flag, False),
               "count": Arg("--count", whole(0, 1 << 31), 0), "duration": Arg("--duration", duration(default_unit="s"), 0),
               "format": Arg("--format", text(32)), **JSON}
+STATS_INTERVAL_ARGS = {**ID, "interval": Arg("--interval", duration(default_unit="s", lo=1_000_000), required=True),
+                       "count": Arg("--count", whole(0, 1 << 31), 0), "queues": Arg("--queues", flag, False), **JSON}
 RECORD_ARGS = {**TRACE_ARGS, "format": Arg("--format", text(32), "blktrace"),
                "output": Arg("-o/--output", text(4096), required=True), "force": Arg("--force", flag, False)}
 

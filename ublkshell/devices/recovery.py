@@ -33,7 +33,7 @@ def _info(ctrl: Control, dev_id: int):
         return ctrl.get_dev_info(dev_id)
     except CtrlError as e:
         if e.errno == errno.ENODEV:
-            raise UblkError(f"device {dev_id} does not exist") from None
+            raise UblkError(f"device {devids.name(dev_id)} does not exist") from None
         raise
 
 
@@ -61,13 +61,13 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
         info = _info(ctrl, dev_id)
         entry = registry.read(dev_id)
         if entry is None:
-            raise UblkError(f"device {dev_id} is not served by ublkshell: not killing its server")
+            raise UblkError(f"device {devids.name(dev_id)} is not served by ublkshell: not killing its server")
         pid, start = _serving(info, entry)
         if not pid:
             if _foreign_server(info):
-                raise UblkError(f"device {dev_id}: pid {int(info.ublksrv_pid)} is not a ublkshell daemon: "
+                raise UblkError(f"device {devids.name(dev_id)}: pid {int(info.ublksrv_pid)} is not a ublkshell daemon: "
                                 "not killing it")
-            raise UblkError(f"device {dev_id} has no live daemon ({STATES.get(info.state, info.state)}): "
+            raise UblkError(f"device {devids.name(dev_id)} has no live daemon ({STATES.get(info.state, info.state)}): "
                             "nothing to kill")
         # the server tells a kill from a crash by this mark
         registry.write(dev_id, dict(entry, killed_pid=pid, killed_at=time.time()))
@@ -116,16 +116,16 @@ def check_recoverable(dev_id: int) -> dict:
         info = _info(ctrl, dev_id)
         entry = registry.read(dev_id)
         if not info.flags & lib.UBLK_F_USER_RECOVERY:
-            raise UblkError(f"device {dev_id} was added without --recovery: it cannot be recovered "
-                            f"(delete it: `del {dev_id}`)")
+            raise UblkError(f"device {devids.name(dev_id)} was added without --recovery: it cannot be recovered "
+                            f"(delete it: `del {devids.name(dev_id)}`)")
         if entry is None:
-            raise UblkError(f"device {dev_id} is not served by ublkshell: nothing to recover it from")
+            raise UblkError(f"device {devids.name(dev_id)} is not served by ublkshell: nothing to recover it from")
         pid = _serving(info, entry)[0] or _foreign_server(info)
         if pid:
-            raise UblkError(f"device {dev_id} is served by a live daemon (pid {pid}): "
-                            f"nothing to recover (`kill {dev_id}` first)")
+            raise UblkError(f"device {devids.name(dev_id)} is served by a live daemon (pid {pid}): "
+                            f"nothing to recover (`kill {devids.name(dev_id)}` first)")
         if info.state == lib.UBLK_S_DEV_DEAD:
-            raise UblkError(f"device {dev_id} is stopped (DEAD): it cannot be recovered, only deleted")
+            raise UblkError(f"device {devids.name(dev_id)} is stopped (DEAD): it cannot be recovered, only deleted")
         return entry
 
 

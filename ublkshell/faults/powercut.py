@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+from ..devices import ids as devids
 from .. import procs
 from ..devices import registry
 from ..errors import UblkError, UsageError
@@ -20,29 +21,29 @@ def run_powercut(a: dict) -> dict:
     keep = 0.5 if a["partial"] else (a["keep"] or 0.0)
     entry = registry.read(dev_id)
     if not entry:
-        raise UblkError(f"device {dev_id} is not served by ublkshell")
+        raise UblkError(f"device {devids.name(dev_id)} is not served by ublkshell")
     if not entry.get("spec", {}).get("powercut"):
-        raise UblkError(f"device {dev_id} keeps no write log: add it with --powercut "
+        raise UblkError(f"device {devids.name(dev_id)} keeps no write log: add it with --powercut "
                         "(e.g. `add -t mem --size 1G --powercut`)")
     pid = entry["pid"]
     if not procs.entry_daemon_alive(entry):
-        raise UblkError(f"device {dev_id}: its daemon (pid {pid}) is not running")
+        raise UblkError(f"device {devids.name(dev_id)}: its daemon (pid {pid}) is not running")
     with locked(dev_id) as s:
         area = s.fault_area()
         area.pc_done = 0
         area.powercut_keep = int(round(keep * 1_000_000))
         seed = int(area.seed)
         if not procs.signal_entry(entry, signal.SIGUSR1):
-            raise UblkError(f"device {dev_id}: its daemon (pid {pid}) is gone")
+            raise UblkError(f"device {devids.name(dev_id)}: its daemon (pid {pid}) is gone")
     deadline = time.monotonic() + 60
     while procs.same_process(pid, entry.get("pid_start")):
         if time.monotonic() > deadline:
-            raise UblkError(f"device {dev_id}: the daemon (pid {pid}) did not cut power within 60 s")
+            raise UblkError(f"device {devids.name(dev_id)}: the daemon (pid {pid}) did not cut power within 60 s")
         time.sleep(0.05)
     with locked(dev_id) as s:
         area = s.fault_area()
         if not area.pc_done:
-            raise UblkError(f"device {dev_id}: the daemon died before it undid the unflushed writes "
+            raise UblkError(f"device {devids.name(dev_id)}: the daemon died before it undid the unflushed writes "
                             f"(see {entry.get('log') or 'its log'})")
         return {"device": dev_id, "dropped": int(area.pc_dropped), "kept": int(area.pc_kept),
                 "dropped_bytes": int(area.pc_dropped_bytes), "keep": keep, "seed": seed,

@@ -9,6 +9,7 @@ import fcntl
 import os
 from contextlib import contextmanager
 
+from ..devices import ids as devids
 from .._native import ffi, lib
 from ..devices.paths import stats_path
 from ..observe.shm import Shm
@@ -24,11 +25,11 @@ def locked(dev_id: int):
         # anything else touches it; the lock goes on the very inode that is mapped
         s = Shm(path, writable=True, keep_fd=True)
     except FileNotFoundError:
-        raise UblkError(f"device {dev_id} is not served by ublkshell (no {path})") from None
+        raise UblkError(f"device {devids.name(dev_id)} is not served by ublkshell (no {path})") from None
     try:
         fcntl.flock(s.fd, fcntl.LOCK_EX)
         if s.fault_area() == ffi.NULL:
-            raise UblkError(f"device {dev_id}: its daemon keeps fault rules in another layout "
+            raise UblkError(f"device {devids.name(dev_id)}: its daemon keeps fault rules in another layout "
                             "(an older ublkshell); re-add it")
         yield s
     finally:
@@ -47,13 +48,13 @@ def add(dev_id: int, line: str) -> list[dict]:
         rc = lib.us_fault_add_set(s.base, structs, n, ids)
         if rc == -errno.ENOSPC:
             left = lib.US_FAULT_SLOTS - lib.us_fault_list(s.base, ffi.NULL, ffi.NULL, 0)
-            raise UblkError(f"device {dev_id}: {n} rule(s) do not fit, "
+            raise UblkError(f"device {devids.name(dev_id)}: {n} rule(s) do not fit, "
                             f"{left} of {lib.US_FAULT_SLOTS} slots free (`clear` some)")
         if rc == -errno.ERANGE:
-            raise UblkError(f"device {dev_id}: its {lib.US_FAULT_MAX_ID} rule ids are used up "
+            raise UblkError(f"device {devids.name(dev_id)}: its {lib.US_FAULT_MAX_ID} rule ids are used up "
                             "(ids are never reused): re-add the device")
         if rc < 0:
-            raise UblkError(f"device {dev_id}: the rule was refused: {os.strerror(-rc)}")
+            raise UblkError(f"device {devids.name(dev_id)}: the rule was refused: {os.strerror(-rc)}")
     return [dict(rule, id=int(ids[i]), text=grammar.describe(rule)) for i, rule in enumerate(rules)]
 
 
@@ -102,7 +103,7 @@ def clear(dev_id: int, rule_id: int = 0) -> int:
         before = lib.us_fault_list(s.base, ffi.NULL, ffi.NULL, 0)
         rc = lib.us_fault_del(s.base, rule_id)
         if rc == -2:  # ENOENT
-            raise UblkError(f"device {dev_id} has no fault rule #{rule_id} (see `faults {dev_id}`)")
+            raise UblkError(f"device {devids.name(dev_id)} has no fault rule #{rule_id} (see `faults {devids.name(dev_id)}`)")
         return before - lib.us_fault_list(s.base, ffi.NULL, ffi.NULL, 0)
 
 

@@ -55,9 +55,13 @@ class Filter:
                 elif key == "tag":
                     f.tag = int(val)
                 elif key == "op":
-                    if val not in IO_OPS:
-                        raise UsageError(f"trace filter op={val}: choose from {', '.join(IO_OPS)}")
-                    f.op = val
+                    # one op or several, as fault rules take them: op=write,flush
+                    ops = val.split(",")
+                    bad = [o for o in ops if o not in IO_OPS]
+                    if bad:
+                        raise UsageError(f"trace filter op={val}: {bad[0]!r} is not an op "
+                                         f"(choose from {', '.join(IO_OPS)}, or several: op=write,flush)")
+                    f.op = frozenset(ops)
                 elif key == "lba":
                     a, dots, b = val.partition("..")
                     f.lba = (int(a), int(b) if dots else int(a))
@@ -76,7 +80,7 @@ class Filter:
             return False
         if self.tag is not None and r["tag"] != self.tag:
             return False
-        if self.op is not None and r["op"] != self.op:
+        if self.op is not None and r["op"] not in self.op:
             return False
         if self.lba is not None:
             end = r["sector"] + max(r["sectors"], 1) - 1

@@ -10,6 +10,7 @@ import shlex
 import sys
 import time
 
+from ..devices import ids as devids
 from .. import commands
 from ..commands import VERBS
 from ..bridge.client import Client, ensure_server, server_running
@@ -135,6 +136,9 @@ class Shell:
         if verb == "info":
             self.info(args.id)
             return
+        if verb == "stats" and getattr(args, "interval", None):
+            raise UsageError("stats --interval runs on the command line (`ublkshell stats ID --interval 1`); "
+                             "here, `top` refreshes")
         from ..verbs import VERBS as RENDER, dumps
 
         a = commands.args_of(args)
@@ -166,17 +170,17 @@ class Shell:
 
         try:
             devs = [d for d in self.call("list") if d["id"] == dev_id]
-            listed = render_list(devs) if devs else f"dev {dev_id}: not among the kernel's ublk devices"
+            listed = render_list(devs) if devs else f"dev {devids.name(dev_id)}: not among the kernel's ublk devices"
         except UsageError:
             raise
         except UblkError as e:
-            devs, listed = None, f"dev {dev_id}: list failed: {_one_line(e)}"
+            devs, listed = None, f"dev {devids.name(dev_id)}: list failed: {_one_line(e)}"
         try:
             stats = render_stats(self.call("stats", id=dev_id))
         except UblkError as e:
             if not devs:
                 raise
-            stats = f"dev {dev_id}: no stats: {_one_line(e)}"
+            stats = f"dev {devids.name(dev_id)}: no stats: {_one_line(e)}"
         self.print(listed)
         self.print(stats)
 
