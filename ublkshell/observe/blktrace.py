@@ -15,6 +15,9 @@ import os
 import stat
 import struct
 
+from .names import fault_label
+from .stats import fmt_ns
+
 MAGIC = 0x65617400 | 0x07  # BLK_IO_TRACE_MAGIC | BLK_IO_TRACE_VERSION
 EVENT = struct.Struct("=IIQQIIIIIHH")  # native byte order: blkparse detects it from the magic
 assert EVENT.size == 48
@@ -127,9 +130,6 @@ class TextFormat:
         self.seq: dict[int, int] = {}
 
     def line(self, r: dict) -> str:
-        from .names import fault_label
-        from .stats import fmt_ns
-
         q = r["queue"]
         self.seq[q] = self.seq.get(q, 0) + 1
         cats = categories(r)
