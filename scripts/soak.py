@@ -648,7 +648,7 @@ def hung_del(a, res: Results, root: str) -> None:
                     raise Failure(f"the {kind} {op} ended ({io.returncode}) instead of waiting: "
                                   f"{last_line(io.communicate()[1])}")
                 tags = call("inflight", {"id": i})["tags"]
-                held = [t for t in tags if t.get("fault") and t["fault"] & 0xff == HANG_CODE]
+                held = [t for t in tags if (t.get("fault") or "").startswith("hang#")]
                 return len(held) >= depth and len(held) == call("faults", {"id": i})["hung"] and held
 
             held = wait_for(f"round {r + 1}: {depth} hung tags in `inflight`", 60, hung, interval=0.1)
@@ -710,9 +710,6 @@ def hung_del(a, res: Results, root: str) -> None:
     res.check(sc, "nothing left behind", rounds and not any(x["left"] for x in rounds),
               "no /dev/ublkc*, daemon, registry entry or files" if rounds and not any(x["left"] for x in rounds)
               else "; ".join(f"round {x['round']}: {', '.join(x['left'])}" for x in rounds if x["left"]) or "-")
-
-
-HANG_CODE = None
 
 
 class DelWatch(threading.Thread):
@@ -1110,7 +1107,6 @@ def stray_processes(state_dir: str) -> list:
 
 
 def main(argv=None) -> int:
-    global HANG_CODE
     a = parse_args(argv)
     try:
         preflight()
@@ -1123,9 +1119,6 @@ def main(argv=None) -> int:
     # a private state directory: no other server or registry sees (or auto-recovers) our devices
     os.environ["UBLKSHELL_STATE_DIR"] = state
     os.environ.pop("UBLKSHELL_DATA_DIR", None)
-    from ublkshell.faults.grammar import ACTION_OF_CODE
-
-    HANG_CODE = next(c for c, n in ACTION_OF_CODE.items() if n == "hang")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

@@ -146,10 +146,12 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path):
 
 def test_version():
     import ublkshell
+    from ublkshell.observe.schema import SCHEMA_VERSION
 
     for flag in ("--version", "-V"):
         p = cli(flag)
-        assert (p.returncode, p.stdout, p.stderr) == (0, f"ublkshell {ublkshell.__version__}\n", "")
+        assert (p.returncode, p.stdout, p.stderr) == (
+            0, f"ublkshell {ublkshell.__version__} (JSON schema {SCHEMA_VERSION})\n", "")
 
 
 def test_help_teaches():

@@ -145,7 +145,7 @@ def test_hang_ages_in_inflight_until_cleared(devices, backing):
     assert th.is_alive()
     tags = json.loads(cli("inflight", str(dev["id"]), "--json").stdout)["tags"]
     (t,) = [t for t in tags if t["fault"]]
-    assert t["fault"] == (6 | rid << 8) and t["age_ns"] >= 2.5e9 and t["sector"] == 0
+    assert t["fault"] == f"hang#{rid}" and t["age_ns"] >= 2.5e9 and t["sector"] == 0
     assert vf.faults(dev)["hung"] == 1
     cli("clear", str(dev["id"]), str(rid))
     th.join(5)

@@ -25,8 +25,8 @@ from ublkshell.kernel import mounts  # noqa: E402
 from ublkshell.observe import shm as shm_mod  # noqa: E402
 
 READ, WRITE, FLUSH = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE, lib.UBLK_IO_OP_FLUSH
-DEV_FILES = ["faults", "inflight", "inflight.json", "info", "info.json", "latency", "latency.json",
-             "params", "params.json", "queues", "stats", "stats.json", "trace"]
+DEV_FILES = ["faults", "faults.json", "inflight", "inflight.json", "info", "info.json", "latency", "latency.json",
+             "params", "params.json", "queues", "stats", "stats.json", "trace", "trace.json"]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="mounting FUSE needs root and /dev/fuse")
@@ -170,7 +170,7 @@ def test_listing_shows_devices_files_and_queues(mnt):
     assert sorted(os.listdir(f"{mnt}/ublkb3")) == DEV_FILES
     assert sorted(os.listdir(f"{mnt}/ublkb3/queues")) == ["0", "1"]
     assert os.listdir(f"{mnt}/ublkb5/queues") == ["0"]
-    assert sorted(os.listdir(f"{mnt}/ublkb3/queues/1")) == ["inflight", "stats", "stats.json"]
+    assert sorted(os.listdir(f"{mnt}/ublkb3/queues/1")) == ["inflight", "inflight.json", "stats", "stats.json"]
     st = os.stat(f"{mnt}/ublkb3/info")
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o444, 0, 0)
     assert os.stat(f"{mnt}/ublkb3/faults").st_mode & 0o7777 == 0o600
@@ -192,14 +192,14 @@ def test_sizes_match_what_a_read_gives(mnt, source):
         rec(s, i % 2, i % 16, WRITE if i % 3 else READ, i * 8, lat=(i + 1) * 3000)
     names = ["info", "info.json", "params", "params.json", "stats", "stats.json", "latency",
              "latency.json", "inflight", "inflight.json", "faults", "queues/0/stats",
-             "queues/1/stats.json", "queues/1/inflight"]
+             "queues/1/stats.json", "queues/1/inflight", "queues/1/inflight.json", "faults.json"]
     for n in names:
         p = f"{mnt}/ublkb3/{n}"
         size = os.stat(p).st_size
         data = read(p)
         assert size == len(data) > 0, n
         assert data.endswith(b"\n"), n
-    assert os.stat(f"{mnt}/ublkb3/trace").st_size == 0
+    assert os.stat(f"{mnt}/ublkb3/trace").st_size == 0 == os.stat(f"{mnt}/ublkb3/trace.json").st_size
 
 
 def test_json_counts_match_what_was_recorded(mnt, source):
@@ -210,19 +210,21 @@ def test_json_counts_match_what_was_recorded(mnt, source):
         rec(s, 1, i, READ, i * 8, result=-errno.EIO, lat=2_000_000)
     rec(s, 1, 5, FLUSH, 0, nr=0, result=0)
     st = json.loads(read(f"{mnt}/ublkb3/stats.json"))
-    assert st["device"] == 3 and st["inflight"] == 0
+    assert st["device"] == "3" and st["inflight"] == 0
     assert st["ops"]["write"]["ios"] == 10 and st["ops"]["write"]["bytes"] == 10 * 4096
     assert st["ops"]["read"]["ios"] == 4 and st["ops"]["read"]["errors"] == 4
     assert st["ops"]["flush"]["ios"] == 1 and st["ops"]["discard"]["ios"] == 0
     assert [q["ops"]["write"]["ios"] for q in st["queues"]] == [10, 0]
     q1 = json.loads(read(f"{mnt}/ublkb3/queues/1/stats.json"))
     assert q1["queue"] == 1 and q1["ops"]["read"]["ios"] == 4 and q1["ops"]["write"]["ios"] == 0
+    assert q1 == st["queues"][1]
 
     lat = json.loads(read(f"{mnt}/ublkb3/latency.json"))
     w = lat["ops"]["write"]
-    assert w["ios"] == 10 and sum(b["count"] for b in w["hist"]) == 10
+    assert w["ios"] == 10 and sum(b["count"] for b in w["buckets"]) == 10
     assert abs(w["p50_ns"] - 10_000) / 10_000 < 0.05 and w["p50_ns"] <= w["p90_ns"] <= w["p99_ns"]
-    assert all(b["high_ns"] == 2 * b["low_ns"] for b in w["hist"])
+    # the fine buckets, as `lat --json` has them (~3% wide)
+    assert all(b["low_ns"] < b["high_ns"] <= 1.05 * b["low_ns"] for b in w["buckets"]), w["buckets"]
     assert abs(lat["ops"]["read"]["p999_ns"] - 2_000_000) / 2_000_000 < 0.05
     text = read(f"{mnt}/ublkb3/latency").decode()
     assert "write: 10 IOs" in text and "read: 4 IOs" in text and "p99.9" in text
@@ -331,7 +333,7 @@ def test_devices_appear_and_vanish(mnt, source, shm_dir):
     assert errno_of(os.stat, f"{mnt}/ublkb5") == errno.ENOENT
     assert errno_of(read, f"{mnt}/ublkb5/stats") == errno.ENOENT
     # what was opened before reads its snapshot to the end
-    assert json.loads(f.read())["device"] == 5
+    assert json.loads(f.read())["device"] == "5"
     f.close()
     s = shm_mod.create(9, nr_queues=1, depth=4, records=16, pid=os.getpid())
     try:
@@ -622,6 +624,35 @@ def test_trace_follows_a_restarted_daemon(mnt, source, tmp_path, monkeypatch):
         rec(fresh, 0, 3, WRITE, 30)
         # the ring is read again from its start (a real re-layout would have emptied it)
         assert [line.split()[5] for line in _lines_until(out, 2)] == ["20+8", "30+8"]
+    finally:
+        os.close(fd)
+
+
+def test_trace_json_is_the_same_stream_as_objects(mnt, source, tmp_path, monkeypatch):
+    from ublkshell.observe import schema
+
+    s = source.shms[3]  # 16 records per queue
+    fd = os.open(f"{mnt}/ublkb3/trace.json", os.O_RDONLY)
+    out = queue.Queue()
+    threading.Thread(target=_reader, args=(fd, out), daemon=True).start()
+    try:
+        time.sleep(0.2)  # the reader waits in the tree before the records come
+        for i in range(20):
+            rec(s, 0, i % 16, WRITE, i, lat=2000)
+        lines = [json.loads(x) for x in _lines_until(out, 17)]
+        assert schema.check("trace_lost", lines[0]) == {"device": "3", "lost": 4}
+        for r in lines[1:]:
+            schema.check("trace_record", r)
+        assert [(r["device"], r["sector"], r["op"], r["fault"]) for r in lines[1:]] == [
+            ("3", i, "write", None) for i in range(4, 20)]
+        # what the server's source does when the stats file is replaced
+        monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path / "shm2"))
+        fresh = shm_mod.create(3, nr_queues=2, depth=16, records=16, pid=os.getpid())
+        _previous, source.shms[3] = source.shms[3], fresh  # keep the old mapping alive
+        rec(fresh, 1, 2, READ, 20)
+        restarted, r = [json.loads(x) for x in _lines_until(out, 2)]
+        assert schema.check("trace_restarted", restarted) == {"device": "3", "restarted": True}
+        assert (r["queue"], r["op"], r["sector"]) == (1, "read", 20)
     finally:
         os.close(fd)
 

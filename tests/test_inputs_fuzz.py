@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ublkshell import units, validate
 from ublkshell.bridge.protocol import MAX_DEPTH, ProtocolError, decode_request
 from ublkshell.errors import UblkError, UsageError
-from ublkshell.verbs import RECORD_ARGS, TRACE_ARGS, VERBS, call
+from ublkshell.verbs import RECORD_ARGS, TOP_ARGS, TRACE_ARGS, VERBS, call
 
 FAST = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -76,14 +76,15 @@ def _check_types(verb: str, schema: dict, out: dict) -> None:
 
 
 # every verb's schema, and those the CLI checks itself (trace, record)
-SCHEMAS = {**{v: VERBS[v].args for v in VERBS}, "trace": TRACE_ARGS, "record": RECORD_ARGS}
+SCHEMAS = {**{v: VERBS[v].args for v in VERBS}, "trace": TRACE_ARGS, "record": RECORD_ARGS, "top": TOP_ARGS}
 
 
 @FAST
 @given(st.sampled_from(sorted(SCHEMAS)), st.dictionaries(st.sampled_from(
     ["id", "ids", "all", "words", "rule", "seed", "keep", "partial", "target", "size", "depth", "queues",
      "dev_id", "file", "json", "op", "queues", "recovery", "max_io", "block_size", "frob", "filters",
-     "from_start", "count", "duration", "format", "output", "force"]), values, max_size=6))
+     "from_start", "count", "duration", "format", "output", "force", "timeout", "histograms", "interval",
+     "batch"]), values, max_size=6))
 def test_every_verb_checks_any_arguments(verb, args):
     schema = SCHEMAS[verb]
     try:
@@ -98,8 +99,9 @@ def test_every_verb_checks_any_arguments(verb, args):
 
 @settings(max_examples=500, deadline=None)
 @given(st.sampled_from(["stats", "lat", "inflight", "faults", "clear", "seed", "kill", "recover", "powercut",
-                        "fail", "delay", "badblocks"]),
-       st.dictionaries(st.sampled_from(["id", "words", "rule", "seed", "op", "keep", "partial"]), values,
+                        "fail", "delay", "badblocks", "info", "resize", "quiesce", "upgrade"]),
+       st.dictionaries(st.sampled_from(["id", "words", "rule", "seed", "op", "keep", "partial", "size", "force",
+                                        "timeout", "histograms"]), values,
                        max_size=4))
 def test_verbs_answer_any_arguments_in_one_line(tmp_path_factory, verb, args):
     # no devices exist here: each call ends in a checked refusal, never a crash

@@ -10,12 +10,12 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "ublkshell"
 
 # lower layers first; a module may import its own layer and those before it
 LAYERS = [
-    {"errors", "units", "files", "procs", "_native"},
+    {"errors", "units", "files", "procs", "_native", "colour"},
     {"kernel", "vm"},
     {"devices"},
     {"validate"},
     {"observe", "faults"},
-    {"verbs", "commands", "api", "demo"},
+    {"verbs", "commands", "api", "demo", "completions"},
     {"bridge"},
     {"repl", "cli", "pytest_plugin", "__main__", "__init__"},
 ]

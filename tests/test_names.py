@@ -67,5 +67,5 @@ def test_every_face_takes_the_same_op_words():
         assert Filter.parse([f"op={op}"]).op == {op}
         assert grammar.parse(f"fail op={op}")[0]["ops"] == [op]
     r = {"t_ns": 0, "queue": 0, "tag": 0, "op": "flush", "flags": ["fua"], "sector": 0, "sectors": 0,
-         "lat_ns": 1, "result": 0, "fault": names.ACTION_CODES["delay"] | 1 << 8}
-    assert format_record(r).endswith(" delay#1")
+         "lat_ns": 1, "result": 0, "fault": names.fault_label(names.ACTION_CODES["delay"] | 1 << 8)}
+    assert r["fault"] == "delay#1" and format_record(r).endswith(" delay#1")

@@ -5,6 +5,7 @@ path against a FUSE-transport device (no ublk_drv needed; tests/vm has the same 
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -22,7 +23,7 @@ needs_blkparse = pytest.mark.skipif(not shutil.which("blkparse") or not shutil.w
                                     reason="blkparse and btt (Debian package blktrace) are needed")
 
 
-def rec(op, sector=8, sectors=8, t=1000, lat=500, result=None, flags=(), queue=0, tag=0, fault=0):
+def rec(op, sector=8, sectors=8, t=1000, lat=500, result=None, flags=(), queue=0, tag=0, fault=None):
     return {"t_ns": t, "queue": queue, "tag": tag, "op": op, "flags": list(flags), "sector": sector,
             "sectors": sectors, "lat_ns": lat, "result": sectors * 512 if result is None else result,
             "fault": fault}
@@ -97,7 +98,7 @@ def test_queues_are_cpus_and_btt_finds_the_service_time(tmp_path):
 
 def test_text_line_is_blkparse_then_ours():
     f = blktrace.TextFormat(259, 3, 77)
-    line = f.line(rec("write", 2048, 8, t=1_500_000_000, lat=2_000_000, result=-5, tag=9, fault=3 | 2 << 8))
+    line = f.line(rec("write", 2048, 8, t=1_500_000_000, lat=2_000_000, result=-5, tag=9, fault="drop#2"))
     assert line.startswith("259,3    0        1     1.502000000    77  C   W 2048 + 8 [65531] tag=9 lat=2ms EIO fault=")
     assert f.line(rec("flush", 0, 0)).split()[5:9] == ["C", "FN", "0", "[0]"]
     assert f.line(rec("read", queue=1)).split()[1:3] == ["1", "1"]  # per-queue sequence
@@ -156,7 +157,10 @@ def test_a_file_that_appears_while_recording_is_kept_and_so_is_the_recording(tmp
     with pytest.raises(UblkError, match="appeared meanwhile.*what was written is in"):
         w.outputs.commit()
     assert (tmp_path / "r.blktrace.0").read_bytes() == b"theirs"
-    (kept,) = tmp_path.glob(".r.blktrace.0.*.tmp")
+    (kept,) = tmp_path.glob("r.blktrace.0.kept-*")
+    # a later run does not take it for a dead run's leftovers
+    write_files(tmp_path / "r2", [rec("read")])
+    assert kept.exists()
     assert kept.stat().st_size == blktrace.EVENT.size * 4 + len(blktrace.PROCESS_NAME) + 1
 
 
@@ -370,3 +374,63 @@ def test_record_bad_input_is_one_line(env, tmp_path):
     assert not list(tmp_path.glob("x*")), "a refused recording left files"
     p = env.run("trace", dev["name"], "--format", "blkparse", "--json", check=False)
     assert p.returncode == 2 and "not both" in p.stderr
+
+
+@fuse_only
+def test_sigterm_ends_a_recording_with_its_files_and_sigkill_leaves_nothing(env, tmp_path):
+    dev = env.add()
+    out = tmp_path / "out"
+    out.mkdir()
+    p = env.start("record", dev["name"], "-o", str(out / "t"))
+    started(p)
+    fio(dev["file"], 50)
+    p.send_signal(signal.SIGTERM)  # `timeout 30 ublkshell record ...`
+    assert p.wait(timeout=60) == 0, p.stderr.read()
+    assert os.listdir(out) == ["t.blktrace.0"] and os.path.getsize(out / "t.blktrace.0") > 50 * blktrace.EVENT.size
+    k = env.start("record", dev["name"], "-o", str(out / "k"))
+    started(k)
+    fio(dev["file"], 50)
+    k.kill()
+    k.wait(timeout=60)
+    assert os.listdir(out) == ["t.blktrace.0"], "a killed recording left files"
+
+
+def test_a_dead_runs_temporaries_go_and_nothing_else(tmp_path):
+    # on a filesystem without unnamed files, a killed run leaves .NAME.PID.X.tmp behind
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".r.blktrace.0.{dead.pid}.abc.tmp"
+    stale.write_bytes(b"old")
+    live = tmp_path / f".r.blktrace.0.{os.getpid()}.def.tmp"
+    live.write_bytes(b"running")
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep")
+    os.symlink(target, tmp_path / f".r.blktrace.0.{dead.pid}.lnk.tmp")
+    other = tmp_path / f".other.{dead.pid}.abc.tmp"
+    other.write_bytes(b"not ours to judge")
+    write_files(tmp_path / "r", [rec("read")])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert stale.name not in left and live.name in left and other.name in left and "r.blktrace.0" in left
+    # a symlink is no file of ours: left alone, and never followed
+    assert f".r.blktrace.0.{dead.pid}.lnk.tmp" in left and target.read_bytes() == b"keep"
+
+
+def test_named_temporaries_where_there_are_no_unnamed_files(tmp_path, monkeypatch):
+    from ublkshell.observe.outputs import Outputs
+
+    monkeypatch.setattr(Outputs, "_unnamed", lambda self: None)  # as on a filesystem without O_TMPFILE
+    write_files(tmp_path / "n", [rec("read")])
+    (tmp_path / "old").write_bytes(b"x")
+    os.symlink(tmp_path / "old", tmp_path / "f.blktrace.0")
+    write_files(tmp_path / "f", [rec("write")], force=True)
+    assert (tmp_path / "old").read_bytes() == b"x" and not os.path.islink(tmp_path / "f.blktrace.0")
+    w = BlktraceFiles(str(tmp_path / "m"), 1, 1, (0, 0), force=False)
+    assert list(tmp_path.glob(".m.blktrace.0.*.tmp"))  # named while it is written
+    w.add(rec("read"))
+    w.close()
+    (tmp_path / "m.blktrace.0").write_bytes(b"theirs")
+    with pytest.raises(UblkError, match="appeared meanwhile"):
+        w.outputs.commit()
+    assert (tmp_path / "m.blktrace.0").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("m.blktrace.0.kept-")) == [
+        "f.blktrace.0", "m.blktrace.0", "n.blktrace.0", "old"]

@@ -16,6 +16,7 @@ from ublkshell.observe import shm as shm_mod
 from ublkshell.repl import views
 from ublkshell.repl.completion import candidates
 from ublkshell.repl.shell import Shell
+from ublkshell.observe.stats import buckets
 
 READ, WRITE = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE
 PROMPT = "ublk>"  # prompt_toolkit draws the trailing space as a cursor move
@@ -117,7 +118,7 @@ def test_bad_command_is_one_line_and_the_prompt_returns(repl):
         ("stats 'unbalanced", "cannot split the line: No closing quotation"),
         ("stats 12345", "device 12345 has no statistics (not served by ublkshell?)"),
         ("stats", "the following arguments are required: id"),
-        ("top 7 --interval 0", "top: --interval: 0 is out of range (10ms..24h)"),
+        ("top 7 --interval 0", "--interval: 0 is out of range (10ms..24h)"),
     ]:
         out = run(repl, line).strip().splitlines()
         assert out == [f"error: {message}"], (line, out)
@@ -133,7 +134,7 @@ def test_stats_shows_the_recorded_counts(repl, tmp_path):
     repl.expect(pexpect.EOF)
     repl.close()
     assert repl.exitstatus == 0
-    assert "stats 7 --queues" in (tmp_path / ".ublkshell_history").read_text()
+    assert "stats 7 --queues" in (tmp_path / ".local/state/ublkshell/history").read_text()
 
 
 def test_trace_follows_new_records_until_ctrl_c(repl, dev7):
@@ -154,17 +155,34 @@ def test_trace_follows_new_records_until_ctrl_c(repl, dev7):
     assert re.search(r"^write\s+1\d\s", run(repl, "stats 7"), re.M)
 
 
-def test_top_refreshes_until_ctrl_c(repl, dev7):
+def test_top_is_full_screen_until_q(repl, dev7):
     repl.sendline("top 7 --interval 0.2")
     repl.expect_exact("IOPS")
-    repl.expect(r"7 q1\s+write")
-    repl.sendintr()
+    repl.expect_exact("write")
+    repl.expect_exact("(q: quit)")
+    repl.send("q")
     repl.expect_exact(PROMPT)
+    # and the shell still answers
+    assert re.search(r"^write\s+1\d\s", run(repl, "stats 7"), re.M)
+
+
+def test_top_count_prints_plain_frames_of_the_interval(repl, dev7):
+    repl.sendline("top 7 --interval 0.3 --count 2")
+    for _ in range(6):
+        lib.us_shm_record_io(dev7.base, 1, 9, WRITE, 4096, 8, 4096, 30_000)
+        time.sleep(0.1)
+    out = ""
+    for _ in range(2):
+        repl.expect_exact("INFL")
+        repl.expect(r"ublkshell top|ublk>")
+        out += ESC.sub("", repl.before)
+    # the writes of the interval only, at the latency they were recorded with
+    assert re.search(r"^7\s+all write\s+\d+(\.\d)?\s+0\.0\d\s+3\d(\.\d)?us\s+3\d(\.\d)?us", out, re.M), out
 
 
 def test_help_and_quit(repl):
     out = run(repl, "help")
-    for verb in ("add", "del", "list", "features", "stats", "lat", "inflight", "trace", "top", "info", "quit"):
+    for verb in ("add", "del", "list", "info", "features", "stats", "lat", "inflight", "trace", "top", "quit"):
         assert re.search(rf"^\s+{verb}\s+\S", out, re.M), verb
     assert "usage: lat" in run(repl, "help lat")
     repl.sendintr()  # Ctrl-C on an empty line: just a new prompt
@@ -187,7 +205,7 @@ def test_c_runs_one_line_through_the_server(server, env, dev7):
     p = shell_c(server, env, "stats 7 --json")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
-    assert r["device"] == 7
+    assert r["device"] == "7"
     assert r["ops"]["write"]["ios"] == 10 and r["ops"]["write"]["bytes"] == 40960
     assert r["ops"]["read"]["ios"] == 3
     assert [q["ops"]["write"]["ios"] for q in r["queues"]] == [5, 5]
@@ -208,6 +226,7 @@ def test_c_info_and_trace_from_start(server, env, dev7):
     ("stats x", 2, "ublkshell: argument id: 'x' is not a device id (a number like 0, or fuseN for a FUSE device)"),
     ("trace 7 op=nope", 2, "ublkshell: trace filter op=nope: 'nope' is not an op (choose from read, write, flush, discard, write_zeroes, or several: op=write,flush)"),
     ("serve", 2, "ublkshell: unknown command 'serve' (`help` lists them)"),
+    ("completion bash", 2, "ublkshell: unknown command 'completion' (`help` lists them)"),
     ("stats 12345", 1, "ublkshell: device 12345 has no statistics (not served by ublkshell?)"),
 ])
 def test_c_errors_are_one_line(server, env, dev7, line, code, message):
@@ -230,13 +249,23 @@ def test_help_mentions_the_shell(env):
 
 
 # -- pure parts ----------------------------------------------------------------
-def _stats(dev, ios, nbytes, inflight=0):
-    op = lambda n, b: {"ios": n, "bytes": b, "errors": 0, "avg_ns": 2000 if n else 0,  # noqa: E731
-                       "p50_ns": 1900 if n else 0, "p99_ns": 5000 if n else 0, "max_ns": 9000 if n else 0}
-    empty = {k: op(0, 0) for k in ("read", "flush", "discard", "write_zeroes", "other")}
-    return {"device": dev, "inflight": inflight, "ops": dict(empty, write=op(sum(ios), sum(nbytes))),
-            "queues": [{"queue": q, "inflight": inflight if q == 0 else 0,
-                        "ops": dict(empty, write=op(n, b))} for q, (n, b) in enumerate(zip(ios, nbytes))]}
+def _op(n, b, lat_ns=20_000, extra=()):
+    """An op of a `stats --histograms` result: n IOs of lat_ns each, plus extra latencies."""
+    lats = [lat_ns] * n + list(extra)
+    hist = [0] * lib.US_HIST_BUCKETS
+    for v in lats:
+        hist[lib.us_hist_bucket(v)] += 1
+    return {"ios": len(lats), "bytes": b, "errors": 0, "lat_sum_ns": sum(lats),
+            "max_ns": max(lats, default=0), "buckets": buckets(hist)}
+
+
+def _stats(dev, ios, nbytes, inflight=0, lat_ns=20_000):
+    empty = {k: _op(0, 0) for k in ("read", "flush", "discard", "write_zeroes", "other")}
+    per_q = [_op(n, b, lat_ns) for n, b in zip(ios, nbytes)]
+    total = _op(sum(ios), sum(nbytes), lat_ns)
+    return {"device": dev, "inflight": inflight, "ops": dict(empty, write=total),
+            "queues": [{"queue": q, "inflight": inflight if q == 0 else 0, "ops": dict(empty, write=o)}
+                       for q, o in enumerate(per_q)]}
 
 
 def test_top_rates_are_differences_over_the_interval():
@@ -244,11 +273,22 @@ def test_top_rates_are_differences_over_the_interval():
     rows = views.device_rows(old, new, 2.0)
     assert [(r["label"], r["op"]) for r in rows] == [("all", "write"), ("q0", "write"), ("q1", "write")]
     assert [r["iops"] for r in rows] == [150.0, 100.0, 50.0]
-    assert rows[0]["mbps"] == pytest.approx(300 * 4096 / 2 / 1e6)
-    assert rows[0]["inflight"] == 4 and rows[0]["p99_ns"] == 5000
-    text = views.render_top([(3, old, new, None), (4, None, None, "device 4 has no statistics")], 2.0, 1.0)
-    assert "   3 all  write" in text and "device 4 has no statistics" in text
-    assert re.search(r"3 q1\s+write\s+50\.0\s+0\.20\s+2us\s+1\.9us\s+5us\s+9us\s+0", text), text
+    assert rows[0]["mibps"] == pytest.approx(300 * 4096 / 2 / (1 << 20))
+    assert rows[0]["inflight"] == 4 and rows[0]["avg_ns"] == 20_000
+    text = views.render_top([("3", old, new, None), ("4", None, None, "device 4 has no statistics")], 2.0, 1.0)
+    assert "3      all write" in text and "device 4 has no statistics" in text
+    assert re.search(r"^3\s+q1\s+write\s+50\.0\s+0\.20\s+20us\s+20us\s+20us\s+20us\s+0$", text, re.M), text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_top_latency_is_of_the_interval_not_since_the_start():
+    # a slow past (1000 IOs at 5 ms) must not show in an interval of 10 fast IOs (10 us)
+    old = {"device": 1, "inflight": 0, "queues": [], "ops": {"write": _op(1000, 1000 << 12, 5_000_000)}}
+    new = {"device": 1, "inflight": 0, "queues": [],
+           "ops": {"write": _op(1000, 1010 << 12, 5_000_000, extra=[10_000] * 10)}}
+    (row,) = views.device_rows(old, new, 1.0)
+    assert row["iops"] == 10 and row["avg_ns"] == 10_000
+    assert all(9_000 < row[k] < 11_000 for k in ("p50_ns", "p99_ns", "p999_ns")), row
 
 
 def test_top_shows_dashes_when_there_is_nothing_to_compare():
@@ -259,16 +299,24 @@ def test_top_shows_dashes_when_there_is_nothing_to_compare():
     idle = _stats(3, [0, 0], [0, 0])
     rows = views.device_rows(idle, idle, 1.0)
     assert [(r["label"], r["op"], r["iops"]) for r in rows] == [("all", "-", 0.0), ("q0", "-", 0.0), ("q1", "-", 0.0)]
-    assert views.format_row(rows[0]).split()[-5:] == ["-", "-", "-", "-", "0"]
+    assert views.format_row("3", rows[0]).split()[-6:] == ["0.00", "-", "-", "-", "-", "0"]
+    # one queue: its row would repeat the device's
+    one = _stats(3, [5], [5 << 12])
+    assert [r["label"] for r in views.device_rows(one, one, 1.0)] == ["all"]
 
 
 def test_completion_candidates(monkeypatch):
     sh = Shell("/nonexistent.sock")
     monkeypatch.setattr(sh, "device_ids", lambda: [0, 7, 12])
     assert candidates(sh, [], "st") == ["stats"]
-    assert candidates(sh, [], "in") == ["inflight", "info"]
+    assert candidates(sh, [], "in") == ["info", "inflight"]
     assert candidates(sh, ["add", "-t"], "") == ["null", "mem", "loop", "pattern"]
     assert candidates(sh, ["add", "--type"], "m") == ["mem"]
+    # option values the command table offers, as bash and zsh complete them
+    assert candidates(sh, ["add", "--io-mode"], "") == ["auto", "batch", "per-tag"]
+    assert candidates(sh, ["add", "--zero-copy"], "of") == ["off"]
+    assert candidates(sh, ["trace", "7", "--format"], "b") == ["blkparse"]
+    assert candidates(sh, ["add", "--size"], "") == []
     assert "--depth" in candidates(sh, ["add"], "--d") and "--json" in candidates(sh, ["stats", "7"], "-")
     assert candidates(sh, ["stats"], "") == ["0", "7", "12"]
     assert candidates(sh, ["stats"], "1") == ["12"]

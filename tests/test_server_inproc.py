@@ -24,6 +24,7 @@ from ublkshell.devices import recovery as recovery_mod
 from ublkshell.devices import registry
 from ublkshell.errors import UblkError
 from ublkshell.observe import shm as shm_mod
+from ublkshell.observe import schema
 
 READ, WRITE = lib.UBLK_IO_OP_READ, lib.UBLK_IO_OP_WRITE
 DEV = 5  # the one device the fake source knows
@@ -586,13 +587,17 @@ async def test_watch_reports_added_died_recovered_killed_deleted_in_order(monkey
     assert kinds(events) == ["device-added", "daemon-died", "daemon-recovered", "daemon-killed",
                              "device-deleted"]
     added, died, recovered, killed, deleted = ({k: v for k, v in e.items() if k != "t"} for e in events.recent)
-    assert added == {"kind": "device-added", "id": DEV, "pid": 100}
-    assert died == {"kind": "daemon-died", "id": DEV, "pid": 100, "state": "QUIESCED",
+    # each names its device as people type it, beside the numeric handle (docs/schema.md, event)
+    named = {"id": DEV, "device": str(DEV)}
+    assert added == {"kind": "device-added", **named, "pid": 100}
+    assert died == {"kind": "daemon-died", **named, "pid": 100, "state": "QUIESCED",
                     "recovery": "requeue", "inflight": 2}
-    assert recovered == {"kind": "daemon-recovered", "id": DEV, "pid": 200, "old_pid": 100,
+    assert recovered == {"kind": "daemon-recovered", **named, "pid": 200, "old_pid": 100,
                          "recoveries": 1, "abandoned": 2}
     assert killed["kind"] == "daemon-killed" and killed["pid"] == 200
-    assert deleted == {"kind": "device-deleted", "id": DEV}
+    assert deleted == {"kind": "device-deleted", **named}
+    for e in events.recent:
+        schema.check("event", e)
 
 
 async def test_a_kill_marked_after_the_watch_read_the_registry_is_still_a_kill(monkeypatch, shm, watch_clock):

@@ -60,6 +60,7 @@ def _cmd_stats_interval(args) -> int:
 
 
 def _cmd_trace(args) -> int:
+    from .devices.ids import name
     from .observe.recording import Iolog, blkparse_text, device_node, pump, refuse_unrecorded
     from .observe.shm import open_device
     from .observe.trace import TRACE_FORMATS, TRACE_HEADER, Filter, Follow, follow, format_record
@@ -78,7 +79,7 @@ def _cmd_trace(args) -> int:
     refuse_unrecorded(a["id"], "trace")
     if fmt == "fio-iolog":
         # in the order the IOs began, which waits for the IOs in flight: pump orders them
-        f = Follow(s, flt, count=a["count"], from_start=a["from_start"])
+        f = Follow(s, flt, count=a["count"], from_start=a["from_start"], device=name(a["id"]))
         lost = pump(s, f, Iolog(device_node(a["id"]), out=sys.stdout), duration_s=duration)
     else:
         if fmt == "json":
@@ -87,10 +88,16 @@ def _cmd_trace(args) -> int:
             line = blkparse_text(a["id"]).line
             emit = lambda r: print(line(r), flush=True)  # noqa: E731
         else:
+            from .colour import of_record, paint
+
             print(TRACE_HEADER, flush=True)
-            emit = lambda r: print(format_record(r), flush=True)  # noqa: E731
+
+            def emit(r):
+                line, colour = format_record(r), of_record(r)
+                print(paint(line, colour, sys.stdout) if colour else line, flush=True)
         try:
-            lost = follow(s, flt, emit, count=a["count"], duration=duration, from_start=a["from_start"])
+            lost = follow(s, flt, emit, count=a["count"], duration=duration, from_start=a["from_start"],
+                          device=name(a["id"]))
         except KeyboardInterrupt:
             return 0
     if lost:
@@ -126,8 +133,9 @@ def _cmd_record(args) -> int:
             where = a["output"]
         stop = " or ".join(([f"{a['count']} IOs"] if a["count"] else [])
                            + ([f"{a['duration'] / 1e9:g} s"] if a["duration"] else [])) or "Ctrl-C"
+        f = Follow(s, flt, count=a["count"], from_start=a["from_start"], device=name(a["id"]))
+        # said once the rings' position is taken: every IO that starts after this line is recorded
         print(f"recording device {name(a['id'])} to {where} until {stop}", file=sys.stderr, flush=True)
-        f = Follow(s, flt, count=a["count"], from_start=a["from_start"])
         lost = pump(s, f, writer, duration_s=a["duration"] / 1e9)
     finally:
         for sig, handler in old.items():
@@ -152,6 +160,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _cmd_top(args) -> int:
+    from .repl.top import run_top, sampler
+    from .validate import check
+    from .verbs import TOP_ARGS, call
+
+    a = check("top", TOP_ARGS, commands.args_of(args))
+    try:
+        run_top(sampler(lambda verb, **kw: call(verb, kw)), a["ids"], a["interval"] / 1e9, a["count"],
+                a["batch"], sys.stdout)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -173,10 +195,10 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         return rc
     except UsageError as e:
-        print(f"ublkshell: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except UblkError as e:
-        print(f"ublkshell: {e}", file=sys.stderr)
+        _error(e)
         return 1
     except KeyboardInterrupt:
         print("ublkshell: interrupted", file=sys.stderr)
@@ -194,6 +216,12 @@ def main(argv=None) -> int:
         print(f"ublkshell: internal error: {type(e).__name__}: {e} "
               "(UBLKSHELL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 70
+
+
+def _error(e) -> None:
+    from .colour import paint
+
+    print(paint(f"ublkshell: {e}", "red", sys.stderr), file=sys.stderr)
 
 
 def _dispatch(parser, argv) -> int:
@@ -225,4 +253,11 @@ def _dispatch(parser, argv) -> int:
                      auto_recover=args.auto_recover)
     if args.verb == "demo":
         return _cmd_demo(args)
+    if args.verb == "completion":
+        from .completions import script
+
+        print(script(args.shell), end="")
+        return 0
+    if args.verb == "top":
+        return _cmd_top(args)
     return _one_shot(args)

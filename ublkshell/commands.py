@@ -5,27 +5,30 @@ import argparse
 
 from . import __version__
 from .devices import ids as devids
+from .devices.parsers import add_parsers as add_device_parsers
 from .devices.targets import TARGETS as target_table
 from .errors import UsageError
 from .faults.grammar import ACTIONS
 from .faults.verbs import add_parsers as add_fault_parsers
-from .observe.names import MAX_DEPTH
+from .observe.names import IO_OPS, MAX_DEPTH
+from .observe.schema import SCHEMA_VERSION
+from .observe.trace import TRACE_FORMATS
 
 SHELL_ONLY = {
-    "top": "refreshing IOPS, MB/s, latency and in-flight per device and queue",
-    "info": "a device's line from `list` and its stats",
     "help": "this list, or `help VERB` for one verb's options",
     "quit": "leave the shell (also exit, Ctrl-D)",
     "exit": "leave the shell",
 }
 FAULT_VERBS = (*ACTIONS, "faults", "clear", "seed", "powercut")
-SERVER_VERBS = ("add", "del", "list", "features", "stats", "lat", "inflight", "metrics", *FAULT_VERBS)
+SERVER_VERBS = ("add", "del", "list", "info", "features", "stats", "lat", "inflight", "metrics", *FAULT_VERBS)
 # daemon death and recovery
 SERVER_VERBS += ("kill", "recover")
-VERBS = (*SERVER_VERBS, "trace", *SHELL_ONLY)
+# live changes
+SERVER_VERBS += ("resize", "quiesce", "upgrade")
+VERBS = (*SERVER_VERBS, "trace", "top", *SHELL_ONLY)
 ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VERBS}
 # daemon death and recovery
-ID_VERBS |= {"kill", "recover"}
+ID_VERBS |= {"kill", "recover", "resize", "quiesce", "upgrade"}
 RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
 TARGETS = tuple(target_table)  # the native target table names them (native/targets.c)
@@ -54,6 +57,7 @@ examples:
   ublkshell faults 0 | ublkshell clear 0          list the fault rules (with hits) | remove them
   ublkshell demo                                  a mem device, ext4 on it, then gone
   ublkshell vm -- CMD...                          run CMD in the bundled VM (a kernel with ublk_drv)
+  source <(ublkshell completion bash)             Tab completion in bash (zsh, installing: completion --help)
 
 Each device is served by its own IO daemon process (logs under /run/ublkshell/log);
 the command that created it may exit. ublk control needs root.
@@ -65,12 +69,29 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# what `offer` takes for a value that is a path, not a word from a list
+PATH, DIRECTORY = "<path>", "<directory>"
+COMPLETION_SHELLS = ("bash", "zsh")
+
+
+def offer(p: argparse.ArgumentParser, values: dict) -> None:
+    """What Tab offers for the values of p's options and positionals (completions.py), by option
+    string or dest: words, PATH, DIRECTORY, or None for the a|b|c its metavar shows. Never argparse's
+    `choices`, which would refuse values itself: validate.py does, in the same words on every face."""
+    for action in p._actions:
+        for key in (*action.option_strings, action.dest):
+            if key in values:
+                words = values[key]
+                action.offers = words if words is not None else tuple(action.metavar.split("|"))
+
+
 def cli_parser() -> argparse.ArgumentParser:
     """The command line's verbs and options."""
     p = Parser(prog="ublkshell", description="Serve, watch and break Linux ublk block devices. "
                                             "Without a VERB: an interactive shell.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-V", "--version", action="version", version=f"ublkshell {__version__}")
+    p.add_argument("-V", "--version", action="version",
+                   version=f"ublkshell {__version__} (JSON schema {SCHEMA_VERSION})")
     p.add_argument("-c", dest="command", metavar="COMMAND",
                    help="run one line of the interactive shell through the server and exit")
     # its own dest: `serve --socket` would overwrite a shared one with its default
@@ -132,12 +153,15 @@ def cli_parser() -> argparse.ArgumentParser:
                         "driver copies. fallback: every registration fails on purpose, so every IO "
                         "takes the driver's fallback and the copy path (for testing that path)")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
+    offer(a, {"--type": TARGETS, "--file": PATH, "--transport": None, "--recovery": RECOVERY_MODES,
+              "--io-mode": None, "--zero-copy": None})
 
     d = sub.add_parser("del", help="delete devices",
                        description="Stop and delete ublk devices (and FUSE-transport ones: their loop "
                                    "device is detached, their mount removed).")
     d.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="0, 1, ... or fuse0, ...")
     d.add_argument("-a", "--all", action="store_true", help="delete every device, ublk and FUSE")
+    d.add_argument("--json", action="store_true", help="the devices deleted, by name, as JSON")
 
     ls = sub.add_parser("list", help="list devices",
                         description="List ublk devices, then FUSE-transport ones with their loop device "
@@ -160,12 +184,37 @@ def cli_parser() -> argparse.ArgumentParser:
                          "aqu-sz %%util), beside the daemon's own service time (r_svc w_svc, ms): await "
                          "less svc is what the kernel and the queue added. Until Ctrl-C or --count")
     st.add_argument("--count", type=int, default=0, help="with --interval: stop after N rows")
+    st.add_argument("--histograms", action="store_true",
+                    help="with --json: each op's latency histogram too (buckets by lower bound, ns)")
+
+    io = sub.add_parser("info", help="a device's line from `list` and its stats",
+                        description="A device's line from `list` (target, size, queues, daemon, IO "
+                                    "mode) and its stats, in one call.")
+    io.add_argument("id", type=devids.arg, metavar="ID")
+    io.add_argument("--json", action="store_true")
+
+    top = sub.add_parser("top", help="IOPS, MiB/s, latency and in-flight per device and queue, refreshed",
+                         description="A full-screen view, refreshed every --interval: per device and per "
+                                     "queue and op, IOPS and MiB/s, the daemon's service time (avg, p50, "
+                                     "p99, p99.9) of the IOs that completed in the interval, and tags in "
+                                     "flight now. q or Ctrl-C leaves. When the output is not a terminal, "
+                                     "or with --batch, it prints a plain frame per interval instead "
+                                     "(as top -b).",
+                         epilog="examples:\n  ublkshell top\n  ublkshell top 0 fuse1 --interval 500ms\n"
+                                "  ublkshell top --batch --count 5 > top.log")
+    top.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="devices to show (default: all)")
+    top.add_argument("--interval", default="1s",
+                     help="time between refreshes: 500ms, 2s, 1m; a bare number is seconds (default 1s)")
+    top.add_argument("--count", type=int, default=0,
+                     help="print N plain frames, then exit (default: full screen until q or Ctrl-C)")
+    top.add_argument("-b", "--batch", action="store_true", help="plain frames, one after another")
 
     lt = sub.add_parser("lat", help="latency histogram of a device",
                         description="Latency histogram (log-linear buckets, ~3% precision) with percentiles.")
     lt.add_argument("id", type=devids.arg)
     lt.add_argument("op", nargs="?", default="read", help="read (default), write, flush, discard, write_zeroes")
     lt.add_argument("--json", action="store_true")
+    offer(lt, {"op": IO_OPS})
 
     inf = sub.add_parser("inflight", help="tags being served now",
                          description="Tags the daemon is serving now, per queue, with their age and request.")
@@ -180,6 +229,7 @@ def cli_parser() -> argparse.ArgumentParser:
                         epilog="example: ublkshell metrics > /var/lib/node_exporter/ublkshell.prom.$$ && "
                                "mv /var/lib/node_exporter/ublkshell.prom.$$ /var/lib/node_exporter/ublkshell.prom")
     me.add_argument("--format", default="prometheus", metavar="prometheus|openmetrics")
+    offer(me, {"--format": None})
     me.add_argument("--json", action="store_true", help="the text inside a JSON object")
 
     tr = sub.add_parser("trace", help="stream every IO as it completes",
@@ -194,6 +244,7 @@ def cli_parser() -> argparse.ArgumentParser:
                          "completion (C), then tag=, lat= and the fault; fio-iolog: an fio iolog v3 "
                          "in the order the IOs began (`record` writes either to files)")
     _trace_stops(tr)
+    offer(tr, {"--format": TRACE_FORMATS})
 
     rec = sub.add_parser(
         "record", help="write a device's IO to files blkparse, btt or fio read",
@@ -221,8 +272,9 @@ def cli_parser() -> argparse.ArgumentParser:
     rec.add_argument("--force", action="store_true", help="replace files that exist")
     rec.add_argument("--json", action="store_true", help="print what was written as JSON")
     _trace_stops(rec)
+    offer(rec, {"--output": PATH, "--format": None})
 
-    _recovery_verbs(sub)
+    add_device_parsers(sub)
 
     demo = sub.add_parser("demo", help="a mem device with ext4 on it, end to end",
                           description="Create a mem device, put ext4 on it, write and check files, "
@@ -248,31 +300,33 @@ def cli_parser() -> argparse.ArgumentParser:
     sv.add_argument("--keep-devices", action="store_true", help=argparse.SUPPRESS)
     sv.add_argument("--auto-recover", action="store_true",
                     help="when the daemon of a device added with --recovery dies, start a new one")
+    offer(sv, {"--socket": PATH, "--mount": DIRECTORY})
 
     add_fault_parsers(sub)
+    _completion_verb(sub)
+    offer(p, {"--socket": PATH})
     sub.add_parser("vm", help="run a command inside the bundled VM (kernel with ublk_drv)",
                    add_help=False)
     return p
 
 
-# -- daemon death and recovery (kill, recover) ---------------------------------
-def _recovery_verbs(sub) -> None:
-    k = sub.add_parser("kill", help="SIGKILL a device's IO daemon (the kernel's abort path)",
-                       description="SIGKILL the device's IO daemon and wait until the kernel reacts. "
-                                   "Without --recovery the kernel fails the IO in flight with EIO and "
-                                   "removes the disk (DEAD; an fd still open sees size 0) until `del ID`; "
-                                   "with --recovery the device waits for `recover ID`: QUIESCED (IO "
-                                   "waits), or FAIL_IO with --recovery=fail (IO fails).")
-    k.add_argument("id", type=devids.arg, metavar="ID")
-    k.add_argument("--json", action="store_true")
-    r = sub.add_parser("recover", help="a new IO daemon for a device whose daemon died",
-                       description="Start a new IO daemon for a device added with --recovery whose "
-                                   "daemon is gone: START_USER_RECOVERY, the same backing store "
-                                   "(mem data, loop file) and statistics, every tag fetched, "
-                                   "END_USER_RECOVERY. IO that waited resumes.")
-    r.add_argument("id", type=devids.arg, metavar="ID")
-    r.add_argument("--json", action="store_true")
-# -- end daemon death and recovery ---------------------------------------------
+
+
+def _completion_verb(sub) -> None:
+    c = sub.add_parser(
+        "completion", help="print a bash or zsh completion script",
+        description="Print a script that teaches bash or zsh to complete ublkshell's verbs, their "
+                    "options, the values those take, and the ids of the devices that exist "
+                    "(ublk: /sys/class/ublk-char; FUSE: /run/ublkshell/fuse, root only).",
+        epilog="install, bash (bash-completion loads it in every new shell):\n"
+               "  ublkshell completion bash > /etc/bash_completion.d/ublkshell\n"
+               "  or, for yourself, in ~/.bashrc:  source <(ublkshell completion bash)\n"
+               "install, zsh (a directory of $fpath, read by compinit in every new shell):\n"
+               "  ublkshell completion zsh > \"${fpath[1]}/_ublkshell\"\n"
+               "  then start a new zsh (exec zsh)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("shell", metavar="|".join(COMPLETION_SHELLS))
+    offer(c, {"shell": None})
 
 
 def _trace_stops(p: argparse.ArgumentParser) -> None:
@@ -295,6 +349,8 @@ def args_of(args) -> dict:
         a.pop("interval", None)
         if a.pop("count", None):
             raise UsageError("stats: --count goes with --interval (stats ID --interval 1 --count 5)")
+    elif args.verb == "stats" and a.pop("histograms", False):
+        raise UsageError("stats: --histograms goes with a one-shot --json, not --interval")
     return a
 
 
@@ -306,15 +362,6 @@ def shell_parser() -> argparse.ArgumentParser:
     """The CLI's parser plus the verbs only the shell has."""
     p = cli_parser()
     sub = subparsers(p)
-    top = sub.add_parser("top", help=SHELL_ONLY["top"],
-                         description="Refresh per device and per queue: IOPS and MB/s over the "
-                                     "interval, latency since the device started, tags in flight. "
-                                     "Ctrl-C returns to the prompt.")
-    top.add_argument("ids", nargs="*", type=devids.arg, metavar="ID", help="devices to show (default: all listed)")
-    top.add_argument("--interval", default="1s",
-                     help="time between refreshes: 500ms, 2s, 1m; a bare number is seconds (default 1s)")
-    info = sub.add_parser("info", help=SHELL_ONLY["info"], description=SHELL_ONLY["info"] + ".")
-    info.add_argument("id", type=devids.arg)
     h = sub.add_parser("help", help=SHELL_ONLY["help"], description="List the verbs, or show one verb's help.")
     h.add_argument("topic", nargs="?", metavar="VERB")
     sub.add_parser("quit", help=SHELL_ONLY["quit"], description="Leave the shell.")

@@ -55,12 +55,12 @@ def run_del(a: dict) -> dict:
     if a["all"]:
         if ids:
             raise UsageError("del: give device ids or -a, not both")
-        return {"deleted": delete_all(), "all": True}
+        return {"deleted": [devids.name(i) for i in delete_all()], "all": True}
     if not ids:
         raise UsageError("del: which device? give an id (see `ublkshell list`) or -a for all")
     for dev_id in ids:
         delete(dev_id)
-    return {"deleted": ids, "all": False}
+    return {"deleted": [devids.name(i) for i in ids], "all": False}
 
 
 def run_list(a: dict) -> list:
@@ -82,28 +82,53 @@ def run_stats(a: dict) -> dict:
     from .observe.shm import open_device
     from .observe.stats import stats_of
 
-    return stats_of(a["id"], open_device(a["id"]))
+    return stats_of(a["id"], open_device(a["id"]), histograms=a.get("histograms", False))
+
+
+def run_info(a: dict) -> dict:
+    """A device's `list` entry and its stats: what one needs to know of it, in one call."""
+    from .devices.lifecycle import list_devices
+    from .errors import UblkError
+
+    dev_id = a["id"]
+    entry = next((d for d in list_devices() if d["id"] == dev_id), None)
+    try:
+        stats, error = run_stats({"id": dev_id, "histograms": False}), None
+    except UblkError as e:
+        if entry is None:
+            raise
+        stats, error = None, str(e)
+    if entry is None:
+        # statistics without a device: its daemon kept them after the device went
+        error = f"device {devids.name(dev_id)} is not among the kernel's devices"
+    return {"device": devids.name(dev_id), "list": entry, "stats": stats, "error": error}
+
+
+def render_info(r: dict) -> str:
+    out = [render_list([r["list"]])] if r["list"] else []
+    if r["stats"]:
+        out.append(render_stats(r["stats"]))
+    if r["error"]:
+        out.append(r["error"])
+    return "\n".join(out)
 
 
 def run_lat(a: dict) -> dict:
-    from ._native import lib
     from .observe.names import OPS
+    from .observe.objects import lat
     from .observe.shm import open_device
-    from .observe.stats import snapshot, summarize
 
     dev_id, op = a["id"], a["op"]
     if op not in OPS:
         raise UsageError(f"lat: unknown op {op!r} (choose from {', '.join(OPS)})")
-    o = snapshot(open_device(dev_id))["ops"][op]
-    buckets = [{"low_ns": lib.us_hist_low(i), "count": n} for i, n in enumerate(o["hist"]) if n]
-    return {"device": dev_id, "op": op, **summarize(o), "buckets": buckets}
+    return lat(dev_id, open_device(dev_id), op)
 
 
 def run_inflight(a: dict) -> dict:
+    from .observe.objects import inflight
     from .observe.shm import open_device
-    from .observe.stats import inflight
 
-    return {"device": a["id"], "tags": inflight(open_device(a["id"]))}
+    return inflight(a["id"], open_device(a["id"]))
 
 
 TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--from-start", flag, False),
@@ -111,6 +136,9 @@ TRACE_ARGS = {**ID, "filters": Arg("FILTER", words(), ()), "from_start": Arg("--
               "format": Arg("--format", text(32)), **JSON}
 STATS_INTERVAL_ARGS = {**ID, "interval": Arg("--interval", duration(default_unit="s", lo=1_000_000), required=True),
                        "count": Arg("--count", whole(0, 1 << 31), 0), "queues": Arg("--queues", flag, False), **JSON}
+TOP_ARGS = {"ids": Arg("ID", dev_ids, ()),
+            "interval": Arg("--interval", duration(default_unit="s", lo=10**7, hi=86400 * 10**9), 10**9),
+            "count": Arg("--count", whole(0, 1 << 31), 0), "batch": Arg("-b/--batch", flag, False)}
 RECORD_ARGS = {**TRACE_ARGS, "format": Arg("--format", text(32), "blktrace"),
                "output": Arg("-o/--output", text(4096), required=True), "force": Arg("--force", flag, False)}
 
@@ -151,7 +179,9 @@ VERBS = {
     "del": Verb(run_del, render_del, {"ids": Arg("ID", dev_ids, ()), "all": Arg("-a/--all", flag, False), **JSON}),
     "list": Verb(run_list, render_list, JSON),
     "features": Verb(run_features, render_features, JSON),
-    "stats": Verb(run_stats, render_stats, {**ID, "queues": Arg("--queues", flag, False), **JSON}),
+    "stats": Verb(run_stats, render_stats, {**ID, "queues": Arg("--queues", flag, False),
+                                            "histograms": Arg("--histograms", flag, False), **JSON}),
+    "info": Verb(run_info, render_info, {**ID, **JSON}),
     "lat": Verb(run_lat, render_lat, {**ID, "op": Arg("OP", text(32), "read"), **JSON}),
     "inflight": Verb(run_inflight, render_inflight, {**ID, **JSON}),
     "metrics": Verb(run_metrics, render_metrics, {"format": Arg("--format", text(32), "prometheus"), **JSON}),
@@ -161,6 +191,68 @@ VERBS = {
 from .faults.verbs import VERBS as _FAULT_VERBS  # noqa: E402
 
 VERBS.update({name: Verb(*v) for name, v in _FAULT_VERBS.items()})
+
+
+# -- live changes ----------------------------------------------------------------
+def run_resize(a: dict) -> dict:
+    from .devices.resize import resize
+
+    return resize(a["id"], a["size"], a["force"])
+
+
+def render_resize(r: dict) -> str:
+    from .devices.resize import render_resize as render
+
+    return render(r)
+
+
+VERBS["resize"] = Verb(run_resize, render_resize, {**ID, "size": Arg("SIZE", text(64), required=True),
+                                                   "force": Arg("--force", flag, False), **JSON})
+
+
+def _hung_tags(dev_id: int) -> int:
+    """Tags a hang rule withholds now (a daemon would hold them forever)."""
+    from .errors import UblkError
+    from .observe.names import ACTION_CODES
+    from .observe.shm import open_device
+
+    try:
+        s = open_device(dev_id)
+    except UblkError:
+        return 0
+    hang = ACTION_CODES["hang"]
+    return sum(1 for q in range(s.nr_queues) for t in s.tags(q)[0:s.depth]
+               if t.state and int(t.fault) & 0xff == hang)
+
+
+def run_quiesce(a: dict) -> dict:
+    from .devices.upgrade import quiesce
+
+    return quiesce(a["id"], a["timeout"] / 1e9, withheld=_hung_tags)
+
+
+def run_upgrade(a: dict) -> dict:
+    from .devices.upgrade import upgrade
+
+    return upgrade(a["id"], a["timeout"] / 1e9, withheld=_hung_tags)
+
+
+def render_quiesce(r: dict) -> str:
+    from .devices.upgrade import render_quiesce as render
+
+    return render(r)
+
+
+def render_upgrade(r: dict) -> str:
+    from .devices.upgrade import render_upgrade as render
+
+    return render(r)
+
+
+_HANDOVER_ARGS = {**ID, "timeout": Arg("--timeout", duration(default_unit="s", lo=10**8, hi=3600 * 10**9),
+                                       30 * 10**9), **JSON}
+VERBS["quiesce"] = Verb(run_quiesce, render_quiesce, _HANDOVER_ARGS)
+VERBS["upgrade"] = Verb(run_upgrade, render_upgrade, _HANDOVER_ARGS)
 
 
 # -- daemon death and recovery (kill, recover) ---------------------------------

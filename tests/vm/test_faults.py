@@ -58,7 +58,7 @@ def test_fail_range_only_there(devices, backing, target):
     # the trace names the rule that failed each IO
     tr = cli("trace", str(dev["id"]), "--from-start", "--json", "--count", "3", "errors", timeout=60)
     recs = [json.loads(l) for l in tr.stdout.splitlines()]
-    assert recs and all(r["result"] == -errno.EIO and r["fault"] == (2 | rid << 8) for r in recs)
+    assert recs and all(r["result"] == -errno.EIO and r["fault"] == f"fail#{rid}" for r in recs)
     cli("clear", str(dev["id"]))
     assert pread_direct(p, 4 * KB, 2048 * 512) == pattern(4 * KB, 1)
 
@@ -221,7 +221,7 @@ def test_hang_ages_in_inflight_until_cleared(devices, backing):
     assert th.is_alive()
     tags = json.loads(cli("inflight", str(dev["id"]), "--json").stdout)["tags"]
     (t,) = [t for t in tags if t["fault"]]
-    assert t["fault"] == (6 | rid << 8) and t["age_ns"] >= 2.5e9 and t["sector"] == 0
+    assert t["fault"] == f"hang#{rid}" and t["age_ns"] >= 2.5e9 and t["sector"] == 0
     assert faults(dev)["hung"] == 1
     cli("clear", str(dev["id"]), str(rid))
     th.join(5)

@@ -69,3 +69,28 @@ def test_stats_stay_readable_after_the_daemon_is_killed(devices):
     assert st["ops"]["write"]["ios"] == 10
     lat = json.loads(cli("lat", str(dev["id"]), "write", "--json").stdout)
     assert lat["ios"] == 10 and sum(b["count"] for b in lat["buckets"]) == 10
+
+
+def test_ublk_json_faces_hold_to_the_schema(devices):
+    """tests/test_schema.py holds every face to docs/schema.md on FUSE devices; these are the
+    faces only a ublk device has (its registry entry, kill, recover, features)."""
+    from ublkshell.observe import schema
+
+    def j(kind, *args):
+        return schema.check(kind, json.loads(cli(*args, "--json").stdout))
+
+    dev = devices.add("-t", "mem", "--size", "16M", "--recovery")
+    i = str(dev["id"])
+    schema.check("device_entry", {k: v for k, v in dev.items() if k != "path"})
+    assert (dev["name"], dev["transport"]) == (i, "ublk")
+    run(["dd", "if=/dev/zero", f"of={dev['path']}", "bs=4k", "count=10", "oflag=direct", "status=none"])
+    (d,) = [d for d in j("list", "list") if d["id"] == dev["id"]]
+    assert d["name"] == i and (d["file"], d["loop"]) == (None, None)
+    j("features", "features")
+    assert j("stats", "stats", i)["device"] == i == j("lat", "lat", i, "write")["device"]
+    j("inflight", "inflight", i)
+    j("faults", "faults", i)
+    k = j("kill", "kill", i)
+    assert k["device"] == i and k["state"] == "QUIESCED"
+    assert j("recover", "recover", i)["name"] == i
+    assert j("del", "del", i) == {"deleted": [i], "all": False}

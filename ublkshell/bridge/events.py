@@ -23,9 +23,10 @@ class Events:
         self.recent = []
 
     def __call__(self, kind: str, **fields) -> None:
-        ev = {"t": time.time(), "kind": kind, **fields}
+        # an event names its device as people type it (`device`), beside the numeric handle
+        named = {"device": devids.name(fields["id"])} if "id" in fields else {}
+        ev = {"t": time.time(), "kind": kind, **fields, **named}
         self.recent = (self.recent + [ev])[-MAX_EVENTS:]
-        # people read device names (fuse0), the events keep the protocol's numeric ids
         shown = {k: devids.name(v) if k == "id" else v for k, v in fields.items()}
         log(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 

@@ -16,6 +16,7 @@ import trio
 from .. import files
 from ..devices import ids as devids
 from ..errors import UblkError, UsageError
+from ..observe.schema import SCHEMA_VERSION
 from ..validate import Arg, check, flag, whole
 from ..verbs import TRACE_ARGS
 from .events import MAX_EVENTS, log, one_line
@@ -229,7 +230,7 @@ class Rpc:
         if cmd in SERVER_ARGS:
             a = check(cmd, SERVER_ARGS[cmd], args)
             if cmd == "ping":
-                return {"version": VERSION, "pid": os.getpid(), "mount": self.mountpoint}
+                return {"version": VERSION, "schema": SCHEMA_VERSION, "pid": os.getpid(), "mount": self.mountpoint}
             if cmd == "events":
                 return self.events.last(a["last"])
             if cmd == "shutdown":
@@ -249,7 +250,7 @@ class Rpc:
         s = self.source.shm(dev_id)
         if s is None:
             raise UblkError(f"device {devids.name(dev_id)} has no statistics (not served by ublkshell?)")
-        f = Follow(s, flt, count=a["count"], from_start=a["from_start"])
+        f = Follow(s, flt, count=a["count"], from_start=a["from_start"], device=devids.name(dev_id))
         # tells the client that records from here on will reach it
         if not await conn.send({"id": rid, "started": True}):
             return {}

@@ -82,11 +82,13 @@ class Supervisor:
         # than the mark, so the death is checked against the entry as it is now
         now = await trio.to_thread.run_sync(registry.read, dev_id) or entry
         killed = pid in (entry.get("killed_pid"), now.get("killed_pid"))
-        kind = "daemon-killed" if killed else "daemon-died"
+        # `quiesce` holds the IO on purpose, for its user (or `upgrade`) to resume
+        quiesced = pid == now.get("quiesced_pid")
+        kind = "daemon-quiesced" if quiesced else "daemon-killed" if killed else "daemon-died"
         self.event(kind, id=dev_id, pid=pid, state=state, recovery=entry.get("recovery"),
                    inflight=inflight)
         if self.auto_recover and entry.get("recovery") and state not in ("DEAD", "GONE") \
-                and dev_id not in self.recovering:
+                and not quiesced and dev_id not in self.recovering:
             self.recovering.add(dev_id)
             nursery.start_soon(self._recover, dev_id)
 

@@ -24,8 +24,11 @@ def fuse_id(n: int) -> int:
     return FUSE_BASE + n
 
 
-def name(dev_id: int) -> str:
-    """What people type and read: `3` for ublk device 3, `fuse0` for FUSE device 0."""
+def name(dev_id) -> str:
+    """What people type and read: `3` for ublk device 3, `fuse0` for FUSE device 0. A name
+    is its own name: results carry names now, and code that names them again must not break."""
+    if isinstance(dev_id, str):
+        return name(parse(dev_id))
     return f"{FUSE_PREFIX}{dev_id - FUSE_BASE}" if is_fuse(dev_id) else str(dev_id)
 
 

@@ -42,6 +42,8 @@ def describe(ctrl: Control, dev_id: int) -> dict:
         "recovery": recovery_mode(int(info.flags)),
         "io_mode": io_mode_of(int(info.flags)),
         "zero_copy": zero_copy_of(int(info.flags)),
+        # one shape for both transports (docs/schema.md, list_entry): FUSE's keys, empty
+        "file": None, "mount": None, "loop": None,
     }
     try:
         p = ctrl.get_params(dev_id)

@@ -88,14 +88,14 @@ def kill(dev_id: int, timeout: float = KILL_WAIT) -> dict:
             if state != lib.UBLK_S_DEV_LIVE:
                 break
             time.sleep(0.02)
-        return {"id": dev_id, "pid": pid, "daemon_gone": not procs.same_process(pid, start),
+        return {"id": dev_id, "device": devids.name(dev_id), "pid": pid, "daemon_gone": not procs.same_process(pid, start),
                 "state": STATES.get(state, "GONE" if state is None else str(state)),
                 "recovery": recovery_mode(int(info.flags)),
                 "seconds": round(time.monotonic() - t0, 3)}
 
 
 def render_kill(r: dict) -> str:
-    i = r["id"]
+    i = devids.name(r["id"])
     head = f"dev {i}: daemon {r['pid']} killed"
     if not r["daemon_gone"]:
         return f"{head}, but it has not exited yet"
@@ -143,5 +143,5 @@ def recover(dev_id: int) -> dict:
 
 def render_recover(dev: dict) -> str:
     lost = f"; {dev['abandoned']} IOs were being served when it died" if dev.get("abandoned") else ""
-    return (f"dev {dev['id']}: recovered by daemon {dev['pid']} (was {dev['old_pid']}), "
+    return (f"dev {devids.name(dev['id'])}: recovered by daemon {dev['pid']} (was {dev['old_pid']}), "
             f"recovery #{dev['recoveries']}, {dev['seconds']:.1f} s{lost}")

@@ -35,7 +35,8 @@ def recovery_flags(mode, features: int) -> int:
     if missing:
         raise UblkError(f"--recovery={mode}: this kernel's ublk_drv does not offer "
                         f"{', '.join(missing)} (see `ublkshell features`)")
-    return flags
+    # where offered, such a device can also hand over to a new daemon without a death (`upgrade`)
+    return flags | (features & lib.UBLK_F_QUIESCE)
 
 
 def recovery_mode(flags: int) -> str | None:

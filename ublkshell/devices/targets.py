@@ -217,7 +217,9 @@ class LoopTarget(Target):
         super().close()
 
     def state(self) -> dict:
-        return {"direct_io": self.direct, "in_memory": self.in_memory}
+        st = os.fstat(self.fd)
+        # which file this is, so that `resize` grows this one and not what the path names later
+        return {"direct_io": self.direct, "in_memory": self.in_memory, "file_id": [st.st_dev, st.st_ino]}
 
 
 _BACKING = {lib.US_BACKING_NONE: Target, lib.US_BACKING_MEM: MemTarget, lib.US_BACKING_FILE: LoopTarget}

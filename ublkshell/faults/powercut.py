@@ -45,7 +45,7 @@ def run_powercut(a: dict) -> dict:
         if not area.pc_done:
             raise UblkError(f"device {devids.name(dev_id)}: the daemon died before it undid the unflushed writes "
                             f"(see {entry.get('log') or 'its log'})")
-        return {"device": dev_id, "dropped": int(area.pc_dropped), "kept": int(area.pc_kept),
+        return {"device": devids.name(dev_id), "dropped": int(area.pc_dropped), "kept": int(area.pc_kept),
                 "dropped_bytes": int(area.pc_dropped_bytes), "keep": keep, "seed": seed,
                 "failed": int(area.pc_failed),
                 "failed_error": os.strerror(int(area.pc_errno)) if area.pc_errno else None,

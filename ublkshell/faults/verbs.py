@@ -35,7 +35,7 @@ def run_rule(action: str, a: dict) -> dict:
         # the user typed `ACTION ID WORDS`: count columns in that line
         col = e.col + (len(devids.name(dev_id)) + 1 if e.col > len(action) else 0)
         raise UsageError(f"{action}: column {col}: {e.reason}") from None
-    return {"device": dev_id, "added": [{"id": r["id"], "text": r["text"]} for r in rules]}
+    return {"device": devids.name(dev_id), "added": [{"id": r["id"], "text": r["text"]} for r in rules]}
 
 
 def render_rule(r: dict) -> str:
@@ -43,7 +43,17 @@ def render_rule(r: dict) -> str:
 
 
 def run_faults(a: dict) -> dict:
-    return dict(table.rules(a["id"]), device=a["id"])
+    return faults_result(a["id"], table.rules(a["id"]))
+
+
+def faults_result(dev_id: int, rules: dict) -> dict:
+    """`faults ID --json` and the tree's faults.json (schema kind faults)."""
+    return dict(rules, device=devids.name(dev_id), rules=[_json_rule(r) for r in rules["rules"]])
+
+
+def _json_rule(r: dict) -> dict:
+    # ranges are pairs: lists in JSON whichever face dumps them
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}
 
 
 def rules_table(r: dict) -> str:
@@ -71,7 +81,7 @@ def render_faults(r: dict) -> str:
 
 def run_clear(a: dict) -> dict:
     n = table.clear(a["id"], a["rule"] or 0)
-    return {"device": a["id"], "cleared": n, "rule": a["rule"]}
+    return {"device": devids.name(a["id"]), "cleared": n, "rule": a["rule"]}
 
 
 def render_clear(r: dict) -> str:
@@ -83,7 +93,7 @@ def render_clear(r: dict) -> str:
 def run_seed(a: dict) -> dict:
     if a["seed"] is not None:
         table.set_seed(a["id"], a["seed"])
-    return {"device": a["id"], "seed": table.rules(a["id"])["seed"]}
+    return {"device": devids.name(a["id"]), "seed": table.rules(a["id"])["seed"]}
 
 
 def render_seed(r: dict) -> str:

@@ -32,6 +32,8 @@ _OPS = {
     "START_USER_RECOVERY": (lib.UBLK_U_CMD_START_USER_RECOVERY, lib.UBLK_CMD_START_USER_RECOVERY),
     "END_USER_RECOVERY": (lib.UBLK_U_CMD_END_USER_RECOVERY, lib.UBLK_CMD_END_USER_RECOVERY),
     "GET_FEATURES": (lib.UBLK_U_CMD_GET_FEATURES, None),
+    "UPDATE_SIZE": (lib.UBLK_U_CMD_UPDATE_SIZE, None),
+    "QUIESCE_DEV": (lib.UBLK_U_CMD_QUIESCE_DEV, None),
 }
 
 
@@ -158,6 +160,13 @@ class Control:
         except CtrlError as e:
             if e.errno != errno.ENODEV:
                 raise
+
+    def update_size(self, dev_id: int, sectors: int):
+        self._cmd("UPDATE_SIZE", dev_id, data0=sectors)
+
+    def quiesce_dev(self, dev_id: int, timeout_ms: int):
+        # 0 would be "wait forever" to the kernel: never ours
+        self._cmd("QUIESCE_DEV", dev_id, data0=max(1, timeout_ms))
 
     def start_user_recovery(self, dev_id: int):
         self._cmd("START_USER_RECOVERY", dev_id)

@@ -15,7 +15,6 @@ import os
 import stat
 import struct
 
-from .names import fault_label
 from .stats import fmt_ns
 
 MAGIC = 0x65617400 | 0x07  # BLK_IO_TRACE_MAGIC | BLK_IO_TRACE_VERSION
@@ -139,7 +138,7 @@ class TextFormat:
         ours = f"tag={r['tag']} lat={fmt_ns(r['lat_ns'])}"
         if r["result"] < 0:
             ours += f" {errno.errorcode.get(-r['result'], str(-r['result']))}"
-        fault = fault_label(r.get("fault", 0))
+        fault = r.get("fault")
         if fault:
             ours += f" fault={fault}"
         return (f"{self.major:3d},{self.minor:<3d} {q:2d} {self.seq[q]:8d} {t // 10**9:5d}.{t % 10**9:09d} "

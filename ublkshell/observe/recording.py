@@ -183,7 +183,10 @@ def pump(s: Shm, follow: Follow, writer, duration_s: float = 0.0, interval: floa
                     break
                 time.sleep(interval)
         except KeyboardInterrupt:
-            pass  # how most recordings end
+            # how most recordings end; what completed before the stop is in the rings and
+            # belongs in the recording (a second Ctrl-C here discards it all)
+            for r in follow.poll():
+                writer.add(r)
         writer.close()
     except BrokenPipeError:
         raise  # a reader of stdout that left: the command's own business

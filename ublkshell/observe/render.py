@@ -4,7 +4,7 @@ and histogram bars those are built from."""
 from ..devices import ids as devids
 from ..kernel.uapi import FEATURE_HELP
 from ..units import human
-from .names import OPS, fault_label
+from .names import OPS
 from .stats import fmt_ns
 
 
@@ -153,7 +153,7 @@ def tags_table(title: str, tags: list) -> str:
     for t in sorted(tags, key=lambda t: -t["age_ns"]):
         lines.append(f"{t['queue']:>3} {t['tag']:>5} {t['op']:<13} "
                      f"{str(t['sector']) + '+' + str(t['sectors']):<20} {fmt_ns(t['age_ns']):>9} "
-                     f"{fault_label(t.get('fault', 0)) or '-'}".rstrip())
+                     f"{t.get('fault') or '-'}".rstrip())
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Numbers derived from a device's shared memory: counters, percentiles from
 the log-linear histograms, tags in flight (the record rings: trace.py)."""
 from .._native import ffi, lib
-from .names import OPS, flag_names, op_name
+from ..devices.ids import name as dev_name
+from .names import OPS, fault_label, flag_names, op_name
 from .shm import Shm
 
 
@@ -72,14 +73,50 @@ def summarize(op: dict) -> dict:
 PERCENTILES = {"50": 50, "90": 90, "99": 99, "999": 99.9}
 
 
-def stats_of(dev_id: int, shm) -> dict:
-    """Summaries per op, for the device and for each queue (the `stats --json` shape)."""
+def stats_of(dev_id: int, shm, histograms: bool = False) -> dict:
+    """Summaries per op, for the device and for each queue (the `stats --json` shape).
+    histograms: each op also carries its buckets and latency sum, so that two results give
+    the latency of the interval between them (`top`)."""
     snap = snapshot(shm)
-    return {"device": dev_id, "inflight": snap["inflight"],
-            "ops": {n: summarize(o) for n, o in snap["ops"].items()}, "ring": ring_costs(snap["ring"]),
-            "queues": [{"queue": q["queue"], "inflight": q["inflight"],
-                        "ops": {n: summarize(o) for n, o in q["ops"].items()},
+
+    def ops(od):
+        return {n: dict(summarize(o), buckets=buckets(o["hist"]), lat_sum_ns=o["lat_sum_ns"])
+                if histograms else summarize(o) for n, o in od.items()}
+    device = dev_name(dev_id)
+    return {"device": device, "inflight": snap["inflight"],
+            "ops": ops(snap["ops"]), "ring": ring_costs(snap["ring"]),
+            # each queue's entry is the tree's queues/N/stats.json too (schema kind queue_stats)
+            "queues": [{"device": device, "queue": q["queue"], "inflight": q["inflight"],
+                        "ops": ops(q["ops"]),
                         "ring": ring_costs(q["ring"])} for q in snap["queues"]]}
+
+
+def buckets(hist: list[int]) -> list[dict]:
+    """The histogram's non-empty buckets with their bounds (what every JSON face shows)."""
+    last = len(hist) - 1
+    return [{"low_ns": lib.us_hist_low(i), "high_ns": lib.us_hist_low(i + 1) if i < last else lib.us_hist_low(i),
+             "count": n} for i, n in enumerate(hist) if n]
+
+
+def bucket_percentiles(counts: dict[int, int], top_ns: int) -> dict:
+    """p50..p99.9 of buckets given as {low_ns: count} (e.g. the difference of two samples),
+    each held to top_ns as summarize() holds them to the max."""
+    hist = [0] * lib.US_HIST_BUCKETS
+    index = _bucket_index()
+    for low, n in counts.items():
+        if low in index and n > 0:
+            hist[index[low]] += n
+    return {f"p{k}_ns": min(percentile(hist, p), top_ns) for k, p in PERCENTILES.items()}
+
+
+_INDEX: dict[int, int] = {}
+
+
+def _bucket_index() -> dict[int, int]:
+    if not _INDEX:
+        for i in range(lib.US_HIST_BUCKETS):
+            _INDEX[lib.us_hist_low(i)] = i
+    return _INDEX
 
 
 def inflight(s: Shm) -> list[dict]:
@@ -93,7 +130,7 @@ def inflight(s: Shm) -> list[dict]:
                 out.append({"queue": q, "tag": t, "op": op_name(ts.op_flags),
                             "flags": flag_names(ts.op_flags), "sector": int(ts.start_sector),
                             "sectors": int(ts.nr_sectors), "age_ns": max(0, now - int(ts.t_start_ns)),
-                            "fault": int(ts.fault)})
+                            "fault": fault_label(int(ts.fault)) or None})
     return out
 
 

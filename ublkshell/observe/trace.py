@@ -12,6 +12,7 @@ import time
 from .._native import ffi, lib
 from ..errors import UblkError, UsageError
 from ..units import parse_duration
+from ..devices.ids import name as dev_name
 from .names import IO_OPS, fault_label, flag_names, op_name
 from .shm import Shm
 from .stats import fmt_ns
@@ -100,8 +101,11 @@ class Cursor:
     completed since, all queues merged by completion time; `lost` counts what the
     writers overwrote before it was read."""
 
-    def __init__(self, s: Shm, from_start: bool = False, batch: int = BATCH):
+    def __init__(self, s: Shm, from_start: bool = False, batch: int = BATCH, device: str | None = None):
         self.s = s
+        # each record names its device as people type it; the file's own id names it otherwise
+        self.device = device if device is not None else dev_name(int(s.hdr.dev_id))
+        self._labels = {}  # fault field -> `delay#3`: few rules act on a device's IO
         self.batch = max(1, min(batch, s.rec_entries))
         self.buf = ffi.new("struct us_rec[]", self.batch)
         self.cursors = ffi.new("uint64_t[]", s.nr_queues)
@@ -137,7 +141,7 @@ class Cursor:
 
     def _to_dicts(self, n: int, q: int) -> list[dict]:
         """Every field is the file's word, shown as data; only where it was found is ours."""
-        base, names = self.base_ns, self._names
+        base, names, labels, device = self.base_ns, self._names, self._labels, self.device
         out = []
         # one unpack of the whole batch: cffi attribute reads per field cost more than the copy
         for (_, t, lat, sector, sectors, op_flags, result, tag, _q, fault) in _REC.iter_unpack(
@@ -148,18 +152,26 @@ class Cursor:
                 # the words are the file's: one that holds every value must not grow this forever
                 if len(names) < _NAMES_MAX:
                     names[op_flags] = op_flags_names
+            if fault:
+                label = labels.get(fault)
+                if label is None:
+                    label = fault_label(fault)
+                    if len(labels) < _NAMES_MAX:
+                        labels[fault] = label
+            else:
+                label = None
             # the ring it came from, not the record's q_id: a filter on q= must not be lied to
-            out.append({"t_ns": t - base, "queue": q, "tag": tag, "op": op_flags_names[0],
+            out.append({"device": device, "t_ns": t - base, "queue": q, "tag": tag, "op": op_flags_names[0],
                         "flags": list(op_flags_names[1]), "sector": sector, "sectors": sectors,
-                        "lat_ns": lat, "result": result, "fault": fault})
+                        "lat_ns": lat, "result": result, "fault": label})
         return out
 
 
 class Follow:
     """A cursor, a filter and a count: what every face's trace loop runs between waits."""
 
-    def __init__(self, s: Shm, flt: Filter, count: int = 0, from_start: bool = False):
-        self.cursor, self.flt, self.count = Cursor(s, from_start=from_start), flt, count
+    def __init__(self, s: Shm, flt: Filter, count: int = 0, from_start: bool = False, device: str | None = None):
+        self.cursor, self.flt, self.count = Cursor(s, from_start=from_start, device=device), flt, count
         self.shown = 0
 
     @property
@@ -182,16 +194,16 @@ class Follow:
 def format_record(r: dict) -> str:
     flags = ",".join(r["flags"]) or "-"
     res = str(r["result"]) if r["result"] >= 0 else f"-{errno.errorcode.get(-r['result'], -r['result'])}"
-    fault = fault_label(r.get("fault", 0))
+    fault = r.get("fault")
     return (f"{r['t_ns'] / 1e9:12.6f} q{r['queue']:<2} t{r['tag']:<4} {r['op']:<12} {flags:<8} "
             f"{r['sector']}+{r['sectors']:<6} {fmt_ns(r['lat_ns']):>8} {res}" + (f" {fault}" if fault else ""))
 
 
 def follow(s: Shm, flt: Filter, emit, count: int = 0, duration: float = 0.0,
-           from_start: bool = False, interval: float = 0.05) -> int:
+           from_start: bool = False, interval: float = 0.05, device: str | None = None) -> int:
     """Call emit(record) for matching records until count/duration or Ctrl-C; returns
     records lost."""
-    f = Follow(s, flt, count=count, from_start=from_start)
+    f = Follow(s, flt, count=count, from_start=from_start, device=device)
     deadline = time.monotonic() + duration if duration else None
     try:
         while True:

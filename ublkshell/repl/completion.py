@@ -33,6 +33,16 @@ def _options(subparser) -> dict:
     return {s: a.nargs != 0 for a in subparser._actions for s in a.option_strings}
 
 
+def _offered(subparser) -> dict:
+    """option string -> the words Tab offers for its value (paths are the caller's)."""
+    out = {}
+    for a in subparser._actions:
+        words = getattr(a, "offers", None)
+        if isinstance(words, (tuple, list)) and a.option_strings:
+            out.update(dict.fromkeys(a.option_strings, words))
+    return out
+
+
 def _positionals(words: list[str], options: dict) -> list[str]:
     out, skip = [], False
     for w in words:
@@ -65,7 +75,9 @@ def candidates(shell, words: list[str], cur: str) -> list[str]:
         return [m for m in RECOVERY_MODES if m.startswith(cur)] if not cur.startswith("-") else \
             sorted(o for o in options if o.startswith(cur))
     if prev in options and options[prev]:
-        return []  # a value nobody can guess (-q 2, --size 1G); -f is handled by the caller
+        # the words the command table offers for it (commands.offer), as bash and zsh offer them
+        words = _offered(sub).get(prev)
+        return [w for w in words if w.startswith(cur)] if words else []  # -q 2, --size 1G: no guess
     if cur.startswith("-"):
         return sorted(o for o in options if o.startswith(cur))
     pos = _positionals(words[1:], options)

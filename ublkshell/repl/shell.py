@@ -7,17 +7,17 @@ own table (commands.py), so options, defaults and messages cannot drift apart.""
 import json
 import os
 import shlex
+import stat
 import sys
 import time
 
-from ..devices import ids as devids
 from .. import commands
 from ..commands import VERBS
 from ..bridge.client import Client, ensure_server, server_running
+from ..colour import of_record, paint
 from ..errors import UblkError, UsageError
-from . import views
 
-HISTORY = "~/.ublkshell_history"
+OLD_HISTORY = "~/.ublkshell_history"
 IDS_TTL = 2.0
 
 
@@ -118,7 +118,7 @@ class Shell:
             return 1
 
     def error(self, e) -> None:
-        print(f"{self.error_prefix}{_one_line(e)}", file=sys.stderr, flush=True)
+        print(paint(f"{self.error_prefix}{_one_line(e)}", "red", sys.stderr), file=sys.stderr, flush=True)
 
     def dispatch(self, args) -> None:
         verb = args.verb
@@ -132,9 +132,6 @@ class Shell:
             return
         if verb == "top":
             self.top(args)
-            return
-        if verb == "info":
-            self.info(args.id)
             return
         if verb == "stats" and getattr(args, "interval", None):
             raise UsageError("stats --interval runs on the command line (`ublkshell stats ID --interval 1`); "
@@ -164,25 +161,6 @@ class Shell:
         lines = ["verbs (`help VERB` or `VERB --help` for options; Tab completes):"]
         lines += [f"  {v:<10} {helps.get(v, '')}" for v in VERBS]
         return "\n".join(lines)
-
-    def info(self, dev_id: int) -> None:
-        from ..observe.render import render_list, render_stats
-
-        try:
-            devs = [d for d in self.call("list") if d["id"] == dev_id]
-            listed = render_list(devs) if devs else f"dev {devids.name(dev_id)}: not among the kernel's ublk devices"
-        except UsageError:
-            raise
-        except UblkError as e:
-            devs, listed = None, f"dev {devids.name(dev_id)}: list failed: {_one_line(e)}"
-        try:
-            stats = render_stats(self.call("stats", id=dev_id))
-        except UblkError as e:
-            if not devs:
-                raise
-            stats = f"dev {devids.name(dev_id)}: no stats: {_one_line(e)}"
-        self.print(listed)
-        self.print(stats)
 
     def trace(self, args) -> None:
         from ..observe.trace import TRACE_HEADER, Filter, format_record
@@ -216,7 +194,8 @@ class Shell:
             if fmt == "text":
                 self.print(TRACE_HEADER)
             for r in records:
-                self.print(show(r))
+                colour = of_record(r)
+                self.print(paint(show(r), colour, self.out) if colour else show(r))
                 if deadline:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -234,42 +213,14 @@ class Shell:
             records.close()
             c.close()
 
-    def _sample(self, ids) -> tuple[list, dict, dict]:
-        if not ids:
-            ids = sorted(d["id"] for d in self.call("list"))
-        stats, errors = {}, {}
-        for dev_id in ids:
-            try:
-                stats[dev_id] = self.call("stats", id=dev_id)
-            except UsageError:
-                raise
-            except UblkError as e:
-                errors[dev_id] = _one_line(e)
-        return ids, stats, errors
-
     def top(self, args) -> None:
-        from ..validate import duration
+        from ..validate import check
+        from ..verbs import TOP_ARGS
+        from .top import run_top, sampler
 
-        args.interval = duration("s", lo=10**7, hi=86400 * 10**9)(args.interval, "top: --interval") / 1e9
-        tty = self.out.isatty()
+        a = check("top", TOP_ARGS, commands.args_of(args))
         try:
-            ids, old, _ = self._sample(args.ids)
-            t_old = time.monotonic()
-            if tty:
-                self.out.write(views.CLEAR + "ublkshell top: sampling...\n")
-                self.out.flush()
-            while True:
-                time.sleep(args.interval)
-                ids, new, errors = self._sample(args.ids)
-                t_new = time.monotonic()
-                samples = [(i, old.get(i), new.get(i), errors.get(i)) for i in ids]
-                frame = views.render_top(samples, t_new - t_old, args.interval)
-                if tty:
-                    self.out.write(views.CLEAR + frame + "\n")
-                    self.out.flush()
-                else:
-                    self.print(frame + "\n")
-                old, t_old = new, t_new
+            run_top(sampler(self.call), a["ids"], a["interval"] / 1e9, a["count"], a["batch"], self.out)
         except KeyboardInterrupt:
             self.print()
 
@@ -281,25 +232,58 @@ def _session(shell: Shell):
 
     from .completion import ShellCompleter
 
-    path = os.path.expanduser(HISTORY)
     try:
-        with open(path, "a"):
-            pass
-        history = FileHistory(path)
+        history = FileHistory(history_path())
     except OSError:
         history = InMemoryHistory()  # an unwritable home must not keep the shell from starting
     return PromptSession("ublk> ", history=history, completer=ShellCompleter(shell),
                          complete_style=CompleteStyle.READLINE_LIKE, complete_while_typing=False)
 
 
-def _connect(socket_path: str) -> None:
+def history_path() -> str:
+    """$XDG_STATE_HOME/ublkshell/history (~/.local/state/...): where state that outlives a
+    session but is no one's configuration belongs. A history from the old place moves there."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the spec says a relative path is to be ignored
+        base = os.path.expanduser("~/.local/state")
+    path = os.path.join(base, "ublkshell", "history")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    st = os.lstat(os.path.dirname(path))
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        # someone else's directory could point the file anywhere we would write
+        raise OSError(f"{os.path.dirname(path)} is not a private directory of ours")
+    old = os.path.expanduser(OLD_HISTORY)
+    if not os.path.lexists(path) and os.path.isfile(old) and not os.path.islink(old):
+        os.replace(old, path)
+    with open(path, "a"):
+        pass
+    return path
+
+
+def banner(socket_path: str, started: bool) -> str:
+    from .. import __version__
+
+    try:
+        with Client(socket_path, timeout=5) as c:
+            hello = c.call("ping")
+    except (UblkError, OSError):
+        hello = {}
+    tree = hello.get("mount") or "not mounted"
+    how = "started it" if started else "running"
+    return (f"ublkshell {__version__}: server pid {hello.get('pid', '?')} ({how}) at {socket_path}, "
+            f"stats tree {tree}\n`help` lists the verbs, Tab completes, Ctrl-D leaves.")
+
+
+def _connect(socket_path: str) -> bool:
+    """Whether this call started the server."""
     if server_running(socket_path):
-        return
+        return False
     if os.geteuid() != 0:
         # a server started by us would exit at once; say why now rather than after a timeout
         raise UblkError(f"no ublkshell server answers at {socket_path}, and only root can start "
                         "one (`sudo ublkshell serve`)")
     ensure_server(socket_path)
+    return True
 
 
 def run(command, socket_path: str) -> int:
@@ -312,12 +296,13 @@ def run(command, socket_path: str) -> int:
             except Quit:
                 return 0
         try:
-            _connect(socket_path)
+            started = _connect(socket_path)
         except UblkError as e:
             shell.error(e)
             return 1
         if not sys.stdin.isatty():
             return _script(shell)
+        shell.print(banner(socket_path, started))
         return _interactive(shell)
     finally:
         shell._drop()

@@ -12,6 +12,8 @@ for d in proc sys dev; do mount --move /$d /newroot/$d; done
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 # Guest-private scratch space: the host's /dev/shm and /run must not be written by the guest.
 mount -t devpts devpts /newroot/dev/pts; mount -t tmpfs tmpfs /newroot/dev/shm; mount -t tmpfs tmpfs /newroot/run
+# as systemd does on the machines users run: blk-mq's debugfs (the daemon's requeue kick)
+mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null
 # The kernel's module autoload (mount -t ext4, xfs, ...) runs /sbin/modprobe, which looks in
 # /lib/modules; the host's tree is for another kernel, so the VM kernel's tree is bound over it.
 mkdir -p /newroot/usr/lib/modules 2>/dev/null

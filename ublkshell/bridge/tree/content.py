@@ -4,16 +4,16 @@ renderers every face shares (observe/render.py). Also what a line written to `fa
 import json
 from typing import Protocol
 
-from ..._native import lib
 from ... import procs
-from ...devices.ids import stem
+from ...devices.ids import name as dev_name, stem
 from ...devices.io_modes import io_mode_of, zero_copy_of
 from ...errors import UsageError
 from ...kernel.uapi import feature_names
+from ...observe import objects
 from ...observe.names import OPS
 from ...observe.shm import Shm
 from ...observe.render import hist_bars, pow2_hist, ring_line, stats_table, tags_table
-from ...observe.stats import fmt_ns, inflight, ring_costs, snapshot, stats_of, summarize
+from ...observe.stats import fmt_ns, stats_of
 from ...units import human
 
 FAULTS_HELP = ("# one rule per line, e.g. `delay 5ms op=write`, `fail lba 2048..4095 op=read`;\n"
@@ -37,14 +37,18 @@ class Gone(Exception):
 def _info(dev, entry, s):
     pid = entry.get("pid")
     flags = int(entry.get("flags") or 0)
-    return {"id": dev, "target": entry.get("target"), "describe": entry.get("describe"),
+    fuse = entry.get("transport") == "fuse"
+    return {"id": dev, "name": dev_name(dev), "transport": "fuse" if fuse else "ublk",
+            "target": entry.get("target"), "describe": entry.get("describe"),
             "size": entry.get("size"), "block_size": entry.get("block_size"),
             "queues": entry.get("queues"), "depth": entry.get("depth"),
             "pid": pid, "daemon_alive": procs.entry_daemon_alive(entry),
             "flags": flags, "flag_names": feature_names(flags),
             "recovery": entry.get("recovery"), "recoveries": entry.get("recoveries", 0),
-            "io_mode": entry.get("io_mode") or (io_mode_of(flags) if entry.get("transport") != "fuse" else None),
-            "zero_copy": zero_copy_of(flags)}
+            "io_mode": entry.get("io_mode") or (io_mode_of(flags) if not fuse else None),
+            "zero_copy": zero_copy_of(flags),
+            "file": entry.get("file") if fuse else None, "mount": entry.get("mount") if fuse else None,
+            "loop": entry.get("loop") if fuse else None}
 
 
 def info_text(dev, entry, s):
@@ -62,8 +66,8 @@ def info_text(dev, entry, s):
             f"flags       {i['flags']:#x} {names}\n"
             + f"recovery    {i['recovery'] or 'none'}"
               f"{', recovered ' + str(i['recoveries']) + ' times' if i['recoveries'] else ''}\n"
-            + (f"transport   fuse: file {entry.get('file')}, block device {entry.get('loop') or '-'}\n"
-               if entry.get("transport") == "fuse" else ""))
+            + (f"transport   fuse: file {i['file']}, block device {i['loop'] or '-'}\n"
+               if i["transport"] == "fuse" else ""))
 
 
 def info_json(dev, entry, s):
@@ -105,62 +109,49 @@ def stats_json(dev, entry, s):
     return _dump(stats_of(dev, _need(s)))
 
 
-def _pow2_hist(hist):
-    return pow2_hist((lib.us_hist_low(i), n) for i, n in enumerate(hist))
-
-
-def _latency(op):
-    sm = summarize(op)
-    return {"ios": sm["ios"], "avg_ns": sm["avg_ns"], "p50_ns": sm["p50_ns"],
-            "p90_ns": sm["p90_ns"], "p99_ns": sm["p99_ns"],
-            "p999_ns": sm["p999_ns"], "max_ns": sm["max_ns"], "hist": _pow2_hist(op["hist"])}
-
-
 def latency_text(dev, entry, s):
-    ops = snapshot(_need(s))["ops"]
+    ops = objects.latency(dev, _need(s))["ops"]
     out = []
     for name in OPS:
-        lat = _latency(ops[name])
+        lat = ops[name]
         if not lat["ios"]:
             continue
         out.append(f"{name}: {lat['ios']} IOs, avg {fmt_ns(lat['avg_ns'])}, p50 {fmt_ns(lat['p50_ns'])}, "
                    f"p90 {fmt_ns(lat['p90_ns'])}, p99 {fmt_ns(lat['p99_ns'])}, "
                    f"p99.9 {fmt_ns(lat['p999_ns'])}, max {fmt_ns(lat['max_ns'])}")
-        out += hist_bars(lat["hist"], 40, indent="  ")
+        out += hist_bars(pow2_hist((b["low_ns"], b["count"]) for b in lat["buckets"]), 40, indent="  ")
     if not out:
         out.append(f"{stem(dev)}: no IO yet")
     return "\n".join(out) + "\n"
 
 
 def latency_json(dev, entry, s):
-    ops = snapshot(_need(s))["ops"]
-    return _dump({"device": dev, "ops": {n: _latency(ops[n]) for n in OPS}})
-
-
-def _tags(s, q=None):
-    tags = inflight(_need(s))
-    if q is not None:
-        tags = [t for t in tags if t["queue"] == q]
-    return sorted(tags, key=lambda t: -t["age_ns"])
-
-
-def _tags_text(title, tags):
-    return tags_table(title, tags) + "\n"
+    return _dump(objects.latency(dev, _need(s)))
 
 
 def inflight_text(dev, entry, s):
-    return _tags_text(f"{stem(dev)}", _tags(s))
+    return tags_table(stem(dev), objects.inflight(dev, _need(s))["tags"]) + "\n"
 
 
 def inflight_json(dev, entry, s):
-    return _dump({"device": dev, "tags": _tags(s)})
+    return _dump(objects.inflight(dev, _need(s)))
+
+
+def _faults(dev, s):
+    from ...faults.table import read_shm
+    from ...faults.verbs import faults_result
+
+    return faults_result(dev, read_shm(_need(s)))
 
 
 def faults_text(dev, entry, s):
-    from ...faults.table import read_shm
     from ...faults.verbs import rules_table
 
-    return FAULTS_HELP + rules_table(read_shm(_need(s))) + "\n"
+    return FAULTS_HELP + rules_table(_faults(dev, s)) + "\n"
+
+
+def faults_json(dev, entry, s):
+    return _dump(_faults(dev, s))
 
 
 def apply_fault_line(dev: int, line: str) -> None:
@@ -185,39 +176,43 @@ def apply_fault_line(dev: int, line: str) -> None:
         table.add(dev, line)
 
 
-def _queue_snap(s, q):
-    snap = snapshot(_need(s))
-    if q >= len(snap["queues"]):
+def _queue_stats(dev, s, q):
+    # the queue's entry of `stats --json`: one object, whichever face shows it
+    queues = stats_of(dev, _need(s))["queues"]
+    if q >= len(queues):
         raise Gone
-    return snap["queues"][q]
+    return queues[q]
 
 
 def q_stats_text(dev, entry, s, q):
-    qs = _queue_snap(s, q)
-    ops = {n: summarize(o) for n, o in qs["ops"].items()}
-    return (stats_table(f"{stem(dev)} queue {q}: {qs['inflight']} in flight", [("", ops)], all_ops=True) + "\n"
-            + ring_line("ring", ring_costs(qs["ring"])) + "\n")
+    qs = _queue_stats(dev, s, q)
+    return (stats_table(f"{stem(dev)} queue {q}: {qs['inflight']} in flight", [("", qs["ops"])], all_ops=True)
+            + "\n" + ring_line("ring", qs["ring"]) + "\n")
 
 
 def q_stats_json(dev, entry, s, q):
-    qs = _queue_snap(s, q)
-    return _dump({"device": dev, "queue": q, "inflight": qs["inflight"], "ring": ring_costs(qs["ring"]),
-                  "ops": {n: summarize(o) for n, o in qs["ops"].items()}})
+    return _dump(_queue_stats(dev, s, q))
 
 
 def q_inflight_text(dev, entry, s, q):
-    return _tags_text(f"{stem(dev)} queue {q}", _tags(s, q))
+    return tags_table(f"{stem(dev)} queue {q}", objects.inflight(dev, _need(s), q)["tags"]) + "\n"
 
 
-# kinds: "snap" (generated per open), "trace" (stream), "faults" (rules, writable)
+def q_inflight_json(dev, entry, s, q):
+    return _dump(objects.inflight(dev, _need(s), q))
+
+
+# kinds: "snap" (generated per open), "trace" (stream; its last field: the lines' format),
+# "faults" (rules, writable). Every file has a .json twin with the same numbers (docs/schema.md).
 DEV_FILES = [("info", "snap", 0o444, info_text), ("info.json", "snap", 0o444, info_json),
              ("params", "snap", 0o444, params_text), ("params.json", "snap", 0o444, params_json),
              ("stats", "snap", 0o444, stats_text), ("stats.json", "snap", 0o444, stats_json),
              ("latency", "snap", 0o444, latency_text), ("latency.json", "snap", 0o444, latency_json),
              ("inflight", "snap", 0o444, inflight_text), ("inflight.json", "snap", 0o444, inflight_json),
-             ("trace", "trace", 0o444, None), ("faults", "faults", 0o600, faults_text)]
+             ("trace", "trace", 0o444, "text"), ("trace.json", "trace", 0o444, "json"),
+             ("faults", "faults", 0o600, faults_text), ("faults.json", "snap", 0o444, faults_json)]
 Q_FILES = [("stats", "snap", 0o444, q_stats_text), ("stats.json", "snap", 0o444, q_stats_json),
-           ("inflight", "snap", 0o444, q_inflight_text)]
+           ("inflight", "snap", 0o444, q_inflight_text), ("inflight.json", "snap", 0o444, q_inflight_json)]
 def metrics_text(devices: dict, shm_of) -> str:
     from ...observe.metrics import exposition
 

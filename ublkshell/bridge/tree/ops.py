@@ -290,7 +290,7 @@ class StatsTree(pyfuse3.Operations):
             s = self._shm(dev)
             if s is None:
                 raise _err(errno.ENOENT)
-            h = _Handle("trace", dev, trace=TraceReader(dev, s, ctx.pid))
+            h = _Handle("trace", dev, trace=TraceReader(dev, s, ctx.pid, fmt=gen))
             # seekable, and every offset reads the stream on: `head -n 2` seeks back past what
             # it read and `tail -c +1 -f` asks where it is; both must not fail ("Illegal seek")
         else:

@@ -1,11 +1,17 @@
 """The stats tree's `trace` files: each open one follows the device's record rings and
-hands out whole lines, like tracefs' trace_pipe; a read blocks until there is one."""
+hands out whole lines, like tracefs' trace_pipe; a read blocks until there is one.
+`trace` has the text `ublkshell trace` prints, `trace.json` a JSON object per line, as
+`trace --json` prints them; what is no record (records lost, a restart) is a `#` comment
+in the one and an object of its own in the other (docs/schema.md: trace_lost, trace_restarted)."""
 import errno
+import json
 import signal
 
 import pyfuse3
 import trio
 
+from ...devices.ids import name as dev_name
+from ...observe.objects import trace_note
 from ...observe.shm import Shm
 from ...observe.trace import Cursor, format_record
 
@@ -40,15 +46,24 @@ def pending_signal(tid: int) -> bool:
 class TraceReader:
     """One open `trace` file: a cursor in the device's record rings and the text not read yet."""
 
-    def __init__(self, dev: int, s: Shm, tid: int):
-        self.dev, self.s, self.tid = dev, s, tid
+    def __init__(self, dev: int, s: Shm, tid: int, fmt: str = "text"):
+        self.dev, self.s, self.tid, self.name = dev, s, tid, dev_name(dev)
+        self.json = fmt == "json"
         self.restart(s, from_start=False)
         self.pending = b""
 
     def restart(self, s: Shm, from_start: bool = True) -> None:
         # a reader has seen nothing of a restarted daemon's rings: from their start
-        self.s, self.cursor, self.reported_lost = s, Cursor(s, from_start=from_start), 0
+        self.s, self.cursor, self.reported_lost = s, Cursor(s, from_start=from_start, device=self.name), 0
         self.created = int(s.hdr.created_mono_ns)
+
+    def _line(self, r: dict) -> str:
+        return json.dumps(r, sort_keys=True) if self.json else format_record(r)
+
+    def _note(self, lost: int = 0) -> str:
+        if self.json:
+            return json.dumps(trace_note(self.name, lost), sort_keys=True)
+        return f"# {lost} records lost" if lost else "# statistics restarted"
 
     async def read(self, size: int, shm_of, exists) -> bytes:
         """The next whole lines, at most size bytes; shm_of(dev) and exists(dev) ask the tree."""
@@ -64,14 +79,14 @@ class TraceReader:
                 # a new daemon under the same id (new file, or the old one laid
                 # out again): the old cursors mean nothing in the new rings
                 tr.restart(s)
-                tr.pending = b"# statistics restarted\n"
+                tr.pending = (tr._note() + "\n").encode()
                 break
             recs = tr.cursor.poll()
             lines = []
             if tr.cursor.lost > tr.reported_lost:
-                lines.append(f"# {tr.cursor.lost - tr.reported_lost} records lost")
+                lines.append(tr._note(tr.cursor.lost - tr.reported_lost))
                 tr.reported_lost = tr.cursor.lost
-            lines += [format_record(r) for r in recs]
+            lines += [tr._line(r) for r in recs]
             if lines:
                 tr.pending = ("\n".join(lines) + "\n").encode()
                 break

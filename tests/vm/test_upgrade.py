@@ -1,0 +1,121 @@
+"""`quiesce` and `upgrade` on the real driver: a daemon replaced under fio verify at qd 32 in
+the default recovery mode (requeue, where a killed daemon's IO fails) fails no IO at all.
+Per-tag IO only: on batch IO the kernel fails what it queues meanwhile (upgrade refuses)."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from ublkshell.observe.schema import check
+
+from .conftest import cli, pattern, pread_direct, pwrite_direct
+
+UPGRADES = int(os.environ.get("UBLKSHELL_UPGRADES", "0"))  # the soak: UBLKSHELL_UPGRADES=50
+WRITES_BETWEEN = 300
+# fio writes 4096 blocks a loop; an upgrade cycle takes 3-4 times WRITES_BETWEEN (writes go on
+# while it runs): enough loops that fio outlasts every upgrade
+LOOPS = 2 + max(UPGRADES, 1) * WRITES_BETWEEN * 4 // 4096
+
+
+def jcli(*args):
+    return json.loads(cli(*args, "--json").stdout)
+
+
+# Opt-in: on 7.3.4 about one hand-over in 40 under load leaves the requests that arrived during
+# the quiesce bouncing on the requeue list, and fio waits forever (docs/design.md, Live changes):
+# a default run must not hang on a kernel race it cannot end.
+@pytest.mark.skipif(not UPGRADES, reason="soak: UBLKSHELL_UPGRADES=N runs N upgrades under fio verify")
+def test_upgrade_under_fio_verify_fails_nothing(devices):
+    from ublkshell.verbs import run_stats
+
+    dev = devices.add("-t", "mem", "--size", "16M", "--recovery", "--io-mode", "per-tag")
+    assert "quiesce" in {d["id"]: d for d in jcli("list")}[dev["id"]]["flags"]
+    argv = ["fio", "--name=verify", f"--filename={dev['path']}", "--rw=randwrite", "--bs=4k", "--size=16M",
+            f"--loops={LOOPS}", "--ioengine=io_uring", "--direct=1", "--iodepth=32", "--verify=crc32c",
+            "--do_verify=1", "--verify_backlog=256", "--serialize_overlap=1", "--verify_state_save=0",
+            "--output-format=json"]
+    # no --continue_on_error: one failed IO ends fio with an error
+    fio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writes = lambda: run_stats({"id": dev["id"], "histograms": False})["ops"]["write"]["ios"]  # noqa: E731
+    pids, took = {dev["pid"]}, []
+    try:
+        for n in range(UPGRADES):
+            mark, deadline = writes(), time.monotonic() + 120
+            while writes() < mark + WRITES_BETWEEN:
+                assert fio.poll() is None, f"fio ended after {n} upgrades: {fio.communicate()}"
+                assert time.monotonic() < deadline, f"no IO after upgrade {n}"
+                time.sleep(0.05)
+            r = jcli("upgrade", str(dev["id"]))
+            check("upgrade", r)
+            assert r["pid"] not in pids and r["old_pid"] in pids, r
+            pids.add(r["pid"])
+            took.append(r["seconds"])
+            assert r["requeued"] == 0, r  # the VM mounts debugfs, as systemd does
+            print(f"upgrade {n + 1}: {r['seconds']:.2f} s (old daemon done in {r['quiesce_seconds']:.2f} s, "
+                  f"{r['retries']} retries)", flush=True)
+        out, err = fio.communicate(timeout=600)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.communicate()
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert fio.returncode == 0 and job["error"] == 0 and "verify" not in err, err
+    assert job["write"]["total_ios"] == LOOPS * 4096 and job["read"]["total_ios"] == LOOPS * 4096
+    listed = {d["id"]: d for d in jcli("list")}
+    assert listed[dev["id"]]["state"] == "LIVE" and listed[dev["id"]]["pid"] == r["pid"]
+    print(f"{UPGRADES} upgrades under fio verify qd 32: 0 errors; {sum(took) / len(took):.2f} s each on average")
+
+
+def test_quiesce_holds_io_until_recover(devices):
+    dev = devices.add("-t", "mem", "--size", "16M", "--recovery", "--io-mode", "per-tag")
+    data = pattern(64 << 10, 9)
+    pwrite_direct(dev["path"], data, 0)
+    q = jcli("quiesce", str(dev["id"]))
+    check("quiesce", q)
+    assert q["state"] == "QUIESCED"
+    # a read issued now waits (it is not failed) and completes once a new daemon serves
+    reader = subprocess.Popen(["dd", f"if={dev['path']}", "of=/dev/null", "bs=64k", "count=1", "iflag=direct"],
+                              stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    assert reader.poll() is None, "the read did not wait"
+    p = cli("quiesce", str(dev["id"]), check=False)
+    assert p.returncode == 1 and "no live daemon (QUIESCED)" in p.stderr
+    cli("recover", str(dev["id"]))
+    assert reader.wait(timeout=60) == 0, reader.stderr.read()
+    assert pread_direct(dev["path"], 64 << 10, 0) == data
+
+
+def test_quiesce_refuses_what_it_cannot_do(devices):
+    plain = devices.add("-t", "null", "--size", "16M")
+    p = cli("quiesce", str(plain["id"]), check=False)
+    assert p.returncode == 1 and "without --recovery" in p.stderr and len(p.stderr.splitlines()) == 1
+    batch = devices.add("-t", "null", "--size", "16M", "--recovery", "--io-mode", "batch")
+    p = cli("upgrade", str(batch["id"]), check=False)
+    assert p.returncode == 1 and "--io-mode per-tag" in p.stderr and len(p.stderr.splitlines()) == 1
+    dev = devices.add("-t", "null", "--size", "16M", "--recovery", "--io-mode", "per-tag")
+    cli("hang", str(dev["id"]), "lba", "0..7")
+    hung = subprocess.Popen(["dd", f"if={dev['path']}", "of=/dev/null", "bs=4k", "count=1", "iflag=direct"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not jcli("inflight", str(dev["id"]))["tags"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        p = cli("upgrade", str(dev["id"]), check=False)
+        assert p.returncode == 1 and "withheld by a hang rule" in p.stderr, p.stderr
+        assert {d["id"]: d for d in jcli("list")}[dev["id"]]["state"] == "LIVE"  # nothing was changed
+    finally:
+        cli("clear", str(dev["id"]))
+        hung.wait(timeout=60)
+    # with the rule gone the same upgrade goes through
+    r = jcli("upgrade", str(dev["id"]), "--timeout", "10s")
+    assert r["pid"] != dev["pid"]
+
+
+@pytest.mark.parametrize("args,words", [(["--timeout", "0"], "--timeout"), (["--timeout", "soon"], "--timeout")])
+def test_bad_timeouts_are_one_line(devices, args, words):
+    dev = devices.add("-t", "null", "--size", "16M", "--recovery", "--io-mode", "per-tag")
+    p = cli("upgrade", str(dev["id"]), *args, check=False)
+    assert p.returncode == 2 and words in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
