@@ -211,18 +211,15 @@ VERBS["resize"] = Verb(run_resize, render_resize, {**ID, "size": Arg("SIZE", tex
 
 
 def _hung_tags(dev_id: int) -> int:
-    """Tags a hang rule withholds now (a daemon would hold them forever)."""
+    """IOs a hang rule withholds now (a daemon would hold them forever): the fault area's count,
+    the one `faults` shows."""
     from .errors import UblkError
-    from .observe.names import ACTION_CODES
-    from .observe.shm import open_device
+    from .faults import table
 
     try:
-        s = open_device(dev_id)
+        return table.rules(dev_id)["hung"]
     except UblkError:
         return 0
-    hang = ACTION_CODES["hang"]
-    return sum(1 for q in range(s.nr_queues) for t in s.tags(q)[0:s.depth]
-               if t.state and int(t.fault) & 0xff == hang)
 
 
 def run_quiesce(a: dict) -> dict:
