@@ -99,7 +99,7 @@ def test_every_verb_checks_any_arguments(verb, args):
 
 @settings(max_examples=500, deadline=None)
 @given(st.sampled_from(["stats", "lat", "inflight", "faults", "clear", "seed", "kill", "recover", "powercut",
-                        "fail", "delay", "badblocks", "info", "resize", "quiesce", "upgrade"]),
+                        "fail", "delay", "badblocks", "info", "resize", "quiesce", "resume", "upgrade"]),
        st.dictionaries(st.sampled_from(["id", "words", "rule", "seed", "op", "keep", "partial", "size", "force",
                                         "timeout", "histograms"]), values,
                        max_size=4))

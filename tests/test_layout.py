@@ -112,3 +112,20 @@ def test_modules_are_small_or_say_why():
             big.append(f"{path.relative_to(PKG.parent)}: {text.count(chr(10))} lines")
     assert not big, (f"over {MAX_LINES} lines without a reason at the top "
                      "(a line saying why it is longer than that):\n" + "\n".join(big))
+
+
+def test_every_basics_entry_names_a_vm_test():
+    """A misspelt entry in tests/vm/conftest.py's BASICS would silently drop a test from the
+    run on the stable kernel: each must name a test (or file) that pytest collects."""
+    import subprocess
+    import sys
+
+    from tests.vm.conftest import BASICS
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider",
+                        "-m", "vm and basics", "tests/vm"], cwd=root, capture_output=True, text=True)
+    ids = [line.removeprefix("tests/vm/") for line in p.stdout.splitlines() if "::" in line]
+    assert ids, p.stdout + p.stderr
+    for entry in BASICS:
+        assert any(i == entry or i.startswith(entry + "::") for i in ids), entry

@@ -76,14 +76,14 @@ def test_every_type_is_known_and_every_face_is_described():
 def test_check_names_the_first_difference():
     tag = {"queue": 0, "tag": 1, "op": "read", "flags": [], "sector": 0, "sectors": 8, "age_ns": 5,
            "fault": "hang#2"}
-    assert schema.check("inflight", {"device": "fuse0", "tags": [tag]})
+    assert schema.check("inflight", {"device": "fuse0", "tags": [tag], "waiting": None})
     for bad, why in ((dict(tag, fault=6 | 2 << 8), "expected str"), (dict(tag, age_ns=-1), "expected uint"),
                      (dict(tag, extra=1), "not in the schema"), ({k: v for k, v in tag.items() if k != "op"},
                                                                  "has no 'op'")):
         with pytest.raises(schema.SchemaError, match=why):
-            schema.check("inflight", {"device": "fuse0", "tags": [bad]})
+            schema.check("inflight", {"device": "fuse0", "tags": [bad], "waiting": None})
     with pytest.raises(schema.SchemaError, match=r"inflight\.device: expected str"):
-        schema.check("inflight", {"device": FUSE0, "tags": []})
+        schema.check("inflight", {"device": FUSE0, "tags": [], "waiting": None})
     with pytest.raises(schema.SchemaError, match="one per op"):
         schema.check("latency", {"device": "0", "ops": {}})
     assert schema.check("trace_lost", {"device": "0", "lost": 3})

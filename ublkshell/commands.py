@@ -24,11 +24,11 @@ SERVER_VERBS = ("add", "del", "list", "info", "features", "stats", "lat", "infli
 # daemon death and recovery
 SERVER_VERBS += ("kill", "recover")
 # live changes
-SERVER_VERBS += ("resize", "quiesce", "upgrade")
+SERVER_VERBS += ("resize", "quiesce", "resume", "upgrade")
 VERBS = (*SERVER_VERBS, "trace", "top", *SHELL_ONLY)
 ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VERBS}
 # daemon death and recovery
-ID_VERBS |= {"kill", "recover", "resize", "quiesce", "upgrade"}
+ID_VERBS |= {"kill", "recover", "resize", "quiesce", "resume", "upgrade"}
 RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
 TARGETS = tuple(target_table)  # the native target table names them (native/targets.c)

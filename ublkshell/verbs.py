@@ -246,10 +246,23 @@ def render_upgrade(r: dict) -> str:
     return render(r)
 
 
+def run_resume(a: dict) -> dict:
+    from .devices.upgrade import resume
+
+    return resume(a["id"])
+
+
+def render_resume(r: dict) -> str:
+    from .devices.upgrade import render_resume as render
+
+    return render(r)
+
+
 _HANDOVER_ARGS = {**ID, "timeout": Arg("--timeout", duration(default_unit="s", lo=10**8, hi=3600 * 10**9),
                                        30 * 10**9), **JSON}
 VERBS["quiesce"] = Verb(run_quiesce, render_quiesce, _HANDOVER_ARGS)
 VERBS["upgrade"] = Verb(run_upgrade, render_upgrade, _HANDOVER_ARGS)
+VERBS["resume"] = Verb(run_resume, render_resume, {**ID, **JSON})
 
 
 # -- daemon death and recovery (kill, recover) ---------------------------------

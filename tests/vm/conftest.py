@@ -17,11 +17,34 @@ CONTROL = "/dev/ublk-control"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The basics (marker `basics`): what scripts/test.sh also runs on Debian's stable kernel (6.12),
+# whose ublk_drv lacks batch IO, automatic buffer registration, resize and quiesce, so the
+# paths ublkshell falls back to are run on a kernel that needs them. Whole files, or one test
+# (with its parameters) of a file. test_feature_fallbacks.py marks itself.
+BASICS = {
+    "test_lifecycle.py",
+    "test_consumers.py::test_fio_verify[4k-mem]",
+    "test_consumers.py::test_fio_verify[128k-loop-ext4]",
+    "test_consumers.py::test_ext4_end_to_end[loop-ext4]",
+    "test_faults.py::test_fail_range_only_there[mem]",
+    "test_faults.py::test_delay_in_histogram_and_fio",
+    "test_faults.py::test_ext4_goes_read_only_on_write_error",
+    "test_faults.py::test_corrupt_write_flips_the_named_byte[loop]",
+    "test_observe.py::test_stats_count_exactly_what_fio_wrote",
+    "test_observe.py::test_trace_shows_what_dd_issued",
+    "test_recovery.py::test_kill_without_recovery_fails_io_and_del_cleans_up",
+    "test_recovery.py::test_io_waits_while_dead_and_completes_after_recover[loop]",
+    "test_powercut.py::test_unflushed_lost_flushed_kept",
+}
+
+
 def pytest_collection_modifyitems(items):
     # every test in this directory needs the real driver; the host run deselects them
     for item in items:
         if str(item.path).startswith(HERE + os.sep):
             item.add_marker(pytest.mark.vm)
+            if item.path.name in BASICS or f"{item.path.name}::{item.name}" in BASICS:
+                item.add_marker(pytest.mark.basics)
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +102,21 @@ def _cli_here(argv, timeout, check):
     if check and p.returncode:
         raise AssertionError(f"{p.args} exited {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
     return p
+
+
+def await_writes(dev_id: int, n: int, fio, after: str) -> None:
+    """Return once the device has completed n more writes while fio runs: a loop that
+    breaks a device under load is paced by IO, not by time (emulation speed varies)."""
+    from ublkshell.verbs import run_stats
+
+    def writes():
+        return run_stats({"id": dev_id, "histograms": False})["ops"]["write"]["ios"]
+
+    mark, deadline = writes(), time.monotonic() + 120
+    while writes() < mark + n:
+        assert fio.poll() is None, f"fio ended after {after}: {fio.communicate()}"
+        assert time.monotonic() < deadline, f"no IO after {after}"
+        time.sleep(0.05)
 
 
 class Devices:

@@ -10,7 +10,7 @@ import pytest
 
 from ublkshell.observe.schema import check
 
-from .conftest import cli, pattern, pread_direct, pwrite_direct
+from .conftest import await_writes, cli, pattern, pread_direct, pwrite_direct
 
 UPGRADES = int(os.environ.get("UBLKSHELL_UPGRADES", "0"))  # the soak: UBLKSHELL_UPGRADES=50
 WRITES_BETWEEN = 300
@@ -28,8 +28,6 @@ def jcli(*args):
 # a default run must not hang on a kernel race it cannot end.
 @pytest.mark.skipif(not UPGRADES, reason="soak: UBLKSHELL_UPGRADES=N runs N upgrades under fio verify")
 def test_upgrade_under_fio_verify_fails_nothing(devices):
-    from ublkshell.verbs import run_stats
-
     dev = devices.add("-t", "mem", "--size", "16M", "--recovery", "--io-mode", "per-tag")
     assert "quiesce" in {d["id"]: d for d in jcli("list")}[dev["id"]]["flags"]
     argv = ["fio", "--name=verify", f"--filename={dev['path']}", "--rw=randwrite", "--bs=4k", "--size=16M",
@@ -38,15 +36,10 @@ def test_upgrade_under_fio_verify_fails_nothing(devices):
             "--output-format=json"]
     # no --continue_on_error: one failed IO ends fio with an error
     fio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    writes = lambda: run_stats({"id": dev["id"], "histograms": False})["ops"]["write"]["ios"]  # noqa: E731
     pids, took = {dev["pid"]}, []
     try:
         for n in range(UPGRADES):
-            mark, deadline = writes(), time.monotonic() + 120
-            while writes() < mark + WRITES_BETWEEN:
-                assert fio.poll() is None, f"fio ended after {n} upgrades: {fio.communicate()}"
-                assert time.monotonic() < deadline, f"no IO after upgrade {n}"
-                time.sleep(0.05)
+            await_writes(dev["id"], WRITES_BETWEEN, fio, f"{n} upgrades")
             r = jcli("upgrade", str(dev["id"]))
             check("upgrade", r)
             assert r["pid"] not in pids and r["old_pid"] in pids, r
@@ -68,7 +61,7 @@ def test_upgrade_under_fio_verify_fails_nothing(devices):
     print(f"{UPGRADES} upgrades under fio verify qd 32: 0 errors; {sum(took) / len(took):.2f} s each on average")
 
 
-def test_quiesce_holds_io_until_recover(devices):
+def test_quiesce_holds_io_until_resume(devices):
     dev = devices.add("-t", "mem", "--size", "16M", "--recovery", "--io-mode", "per-tag")
     data = pattern(64 << 10, 9)
     pwrite_direct(dev["path"], data, 0)
@@ -80,11 +73,21 @@ def test_quiesce_holds_io_until_recover(devices):
                               stderr=subprocess.PIPE)
     time.sleep(1.0)
     assert reader.poll() is None, "the read did not wait"
+    # no daemon holds it: inflight shows it waiting in the kernel
+    w = jcli("inflight", str(dev["id"]))
+    check("inflight", w)
+    assert w["tags"] == [] and w["waiting"] >= 1, w
+    assert "waiting in the kernel" in cli("inflight", str(dev["id"])).stdout
     p = cli("quiesce", str(dev["id"]), check=False)
     assert p.returncode == 1 and "no live daemon (QUIESCED)" in p.stderr
-    cli("recover", str(dev["id"]))
+    r = jcli("resume", str(dev["id"]))
+    check("resume", r)
+    assert r["old_pid"] == q["pid"] and r["pid"] != q["pid"] and r["requeued"] == 0, r
     assert reader.wait(timeout=60) == 0, reader.stderr.read()
     assert pread_direct(dev["path"], 64 << 10, 0) == data
+    # resume is for a quiesced device only: the served one is refused in one line
+    p = cli("resume", str(dev["id"]), check=False)
+    assert p.returncode == 1 and "was not quiesced" in p.stderr and len(p.stderr.splitlines()) == 1
 
 
 def test_quiesce_refuses_what_it_cannot_do(devices):

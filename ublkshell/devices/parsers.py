@@ -1,6 +1,6 @@
 """The command line's parsers for the verbs that act on a device's daemon or its
 geometry: daemon death and recovery (kill, recover) and live changes (resize, quiesce,
-upgrade). commands.py adds them to the one command table, as it adds faults/verbs.py's."""
+resume, upgrade). commands.py adds them to the one command table, as it adds faults/verbs.py's."""
 from . import ids as devids
 
 
@@ -45,13 +45,20 @@ def _live(sub) -> None:
     qs = sub.add_parser("quiesce", help="hold a device's IO and let its daemon finish and leave",
                         description="QUIESCE_DEV (Linux 6.16+, a device added with --recovery): the kernel "
                                     "holds new IO, the daemon finishes every IO it holds and exits, and the "
-                                    "device waits (QUIESCED) until `recover ID` starts a new daemon. "
+                                    "device waits (QUIESCED) until `resume ID` starts a new daemon. "
                                     "Nothing fails, unlike `kill`. A hang rule's withheld IO would never "
                                     "finish: `clear` it first. Per-tag IO only (--io-mode per-tag): on "
                                     "batch IO the kernel fails the IO it queues meanwhile.")
     qs.add_argument("id", type=devids.arg, metavar="ID")
     qs.add_argument("--timeout", default="30s", help="how long the IO in flight may take (default 30s)")
     qs.add_argument("--json", action="store_true")
+    rm = sub.add_parser("resume", help="end a quiesce: a new daemon serves the IO that waited",
+                        description="For a device `quiesce` left waiting: start a new daemon (recover), "
+                                    "which serves the IO that waited, then check the kernel's requeue "
+                                    "list drained. A device whose daemon died is `recover`ed instead.",
+                        epilog="example: ublkshell quiesce 0 && cp new-data ... && ublkshell resume 0")
+    rm.add_argument("id", type=devids.arg, metavar="ID")
+    rm.add_argument("--json", action="store_true")
     up = sub.add_parser("upgrade", help="replace a device's daemon with a new one, failing no IO",
                         description="quiesce, then recover: a daemon started now (the code installed now) "
                                     "takes the device over from the old one after it finished its IO; IO "

@@ -1,11 +1,11 @@
-"""`quiesce` and `upgrade`: replace a device's daemon without failing an IO
+"""`quiesce`, `resume` and `upgrade`: replace a device's daemon without failing an IO
 (UBLK_U_CMD_QUIESCE_DEV, Linux 6.16+, on a device added with --recovery).
 
 QUIESCE_DEV makes the kernel hold new IO and cancel the daemon's idle fetch commands; the
 daemon goes on until every IO it holds is committed, then exits on its own, keeping the
 device (devices/recovery.py's requeue path is for a daemon that dies holding IO). The device
-is then QUIESCED: IO waits, as after a kill, but none was lost with the daemon. `recover`
-starts a new daemon (START/END_USER_RECOVERY), and the waiting IO flows to it. `upgrade`
+is then QUIESCED: IO waits, as after a kill, but none was lost with the daemon. `resume`
+(recover, for a quiesced device) starts a new daemon (START/END_USER_RECOVERY), and the waiting IO flows to it. `upgrade`
 is both, so the new daemon runs whatever code is installed now."""
 import errno
 import time
@@ -77,7 +77,34 @@ def quiesce(dev_id: int, timeout: float = WAIT_S, withheld=None) -> dict:
 
 def render_quiesce(r: dict) -> str:
     return (f"dev {r['device']}: daemon {r['pid']} finished its IO and left; device {r['state']}: "
-            f"new IO waits until `recover {r['device']}`")
+            f"new IO waits until `resume {r['device']}`")
+
+
+def resume(dev_id: int) -> dict:
+    """The end of a `quiesce`: a new daemon serves the device and the IO that waited.
+
+    `recover` does the same for any daemon that is gone; resume is for a device `quiesce` left,
+    so that a typo'd id never starts a daemon on a device that died for a reason to look at
+    first. Like upgrade, it checks that the waiting requests left the requeue list."""
+    name = devids.name(dev_id)
+    entry = registry.read(dev_id)
+    if entry is None:
+        raise UblkError(f"device {name} is not served by ublkshell")
+    if not entry.get("quiesced_pid") or entry.get("quiesced_pid") != entry.get("pid"):
+        raise UblkError(f"device {name} was not quiesced (`quiesce {name}` holds its IO; "
+                        f"`recover {name}` serves a device whose daemon died)")
+    dev = recover(dev_id)
+    _flowing(dev_id)
+    return dict(dev, requeued=requeued(dev_id))
+
+
+def render_resume(r: dict) -> str:
+    out = (f"dev {devids.name(r['id'])}: resumed by daemon {r['pid']} (was {r['old_pid']}), "
+           f"the IO that waited goes on")
+    if r["requeued"]:
+        out += (f"; {r['requeued']} requests are still on the kernel's requeue list "
+                f"(`upgrade {devids.name(r['id'])}` hands over again)")
+    return out
 
 
 def requeued(dev_id: int) -> int | None:

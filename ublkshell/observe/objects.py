@@ -2,7 +2,7 @@
 verbs (`lat`, `inflight`; verbs.py) and the stats tree's twins (bridge/tree/content.py)
 call the same ones, so `lat 0 write --json` and `latency.json`'s write are one object.
 Their shapes are observe/schema.py's kinds of the same names."""
-from ..devices.ids import name as dev_name
+from ..devices.ids import is_fuse, name as dev_name
 from .names import OPS
 from .shm import Shm
 from .stats import buckets, inflight as tags_in_flight, snapshot, summarize
@@ -34,7 +34,25 @@ def inflight(dev_id: int, s: Shm, queue: int | None = None) -> dict:
     out = {"device": dev_name(dev_id), "tags": tags}
     if queue is not None:
         out["queue"] = queue
+    else:
+        out["waiting"] = waiting_in_kernel(dev_id, len(tags))
     return out
+
+
+def waiting_in_kernel(dev_id: int, held: int) -> int | None:
+    """IOs the block layer has begun beyond the tags the daemon holds: the IO a quiesced device
+    (or one whose daemon died, with --recovery) keeps waiting for a daemon. From the in-flight
+    field of /sys/block/ublkbN/stat, which 7.3 counts from submission (its `inflight` file
+    counts only what reached the driver, and misses exactly this IO; kernels whose stat counts
+    the same way show 0 here). None where there is no ublk block device to ask (FUSE, gone)."""
+    if is_fuse(dev_id):
+        return None
+    try:
+        with open(f"/sys/block/ublkb{int(dev_id)}/stat", "rb") as f:
+            in_flight = int(f.read().split()[8])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, in_flight - held)
 
 
 def trace_note(device: str, lost: int = 0) -> dict:

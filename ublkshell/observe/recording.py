@@ -7,9 +7,12 @@ so events wait in a heap until no IO can still come that began before them: none
 in flight (the tags' states in the shared memory say when each began) and none that the
 daemon may be about to take (a margin of SETTLE_NS).
 """
+import contextlib
 import heapq
 import os
 import shlex
+import signal
+import threading
 import time
 
 from .._native import lib
@@ -164,30 +167,59 @@ class Iolog:
                               "--replay_redirect=DEVICE --replay_no_stall=1"]}
 
 
+class _Stop:
+    """The first Ctrl-C, SIGTERM or SIGHUP asks the pump to stop; a second one gives up."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.asked = False
+
+    def __call__(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        # only the main thread may set handlers; elsewhere (tests) stops come as exceptions
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {sig: signal.signal(sig, self) for sig in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
 def pump(s: Shm, follow: Follow, writer, duration_s: float = 0.0, interval: float = 0.05) -> int:
-    """Move records from follow into writer until its count, the duration or Ctrl-C (or
-    SIGTERM, SIGHUP: the caller turns them into KeyboardInterrupt), then close it; returns
-    the records lost. A writer with files of its own puts them in place only if everything
-    was written, and removes them otherwise."""
+    """Move records from follow into writer until its count, the duration or a stop (Ctrl-C,
+    SIGTERM, SIGHUP: `timeout 30 ublkshell record ...`), then close it; returns the records
+    lost. A writer with files of its own puts them in place only if everything was written,
+    and removes them otherwise (a second stop discards them).
+
+    A stop is a flag the loop reads between batches, never an exception: records a poll took
+    from the rings are in the writer before the loop looks at it, and what completed before
+    the stop is drained into the recording after it."""
     deadline = time.monotonic() + duration_s if duration_s else None
     outputs = writer.outputs
     try:
-        try:
+        with _Stop().installed() as stop:
             while True:
                 # the mark comes first: an IO that completes after it was in flight at it
                 mark = in_flight_since(s)
                 for r in follow.poll():
                     writer.add(r)
                 writer.flush(mark)
-                if follow.done or (deadline and time.monotonic() >= deadline):
+                if stop.asked or follow.done or (deadline and time.monotonic() >= deadline):
                     break
                 time.sleep(interval)
-        except KeyboardInterrupt:
-            # how most recordings end; what completed before the stop is in the rings and
-            # belongs in the recording (a second Ctrl-C here discards it all)
-            for r in follow.poll():
-                writer.add(r)
-        writer.close()
+            if stop.asked and not follow.done:
+                for r in follow.poll():
+                    writer.add(r)
+            writer.close()
     except BrokenPipeError:
         raise  # a reader of stdout that left: the command's own business
     except OSError as e:

@@ -157,5 +157,13 @@ def tags_table(title: str, tags: list) -> str:
     return "\n".join(lines)
 
 
+def inflight_table(title: str, r: dict) -> str:
+    """The tags a daemon serves, and the IO that waits in the kernel for one (kind inflight)."""
+    out = tags_table(title, r["tags"])
+    if r.get("waiting"):
+        out += f"\n{r['waiting']} more waiting in the kernel for a daemon to take them"
+    return out
+
+
 def render_inflight(r: dict) -> str:
-    return tags_table(f"dev {devids.name(r['device'])}", r["tags"])
+    return inflight_table(f"dev {devids.name(r['device'])}", r)

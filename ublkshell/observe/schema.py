@@ -181,6 +181,10 @@ KINDS = {
                     {"device": DEVICE, "pid": F("int", "the daemon that left"),
                      "state": F("str", "the kernel's state after (QUIESCED)"),
                      "seconds": F("num", "until it had left", "s")}),
+    "resume": Kind("A quiesced device served again", ("resume --json", "socket resume"),
+                   {**ENTRY, "old_pid": F("int?", "the daemon `quiesce` let go"),
+                    "seconds": F("num", "how long the new daemon took to start", "s"),
+                    "requeued": F("uint?", "requests left on the requeue list (0: drained; null: no debugfs)")}),
     "upgrade": Kind("A daemon replaced by a new one", ("upgrade --json", "socket upgrade"),
                     {"device": DEVICE, "old_pid": F("int", "the daemon replaced"),
                      "pid": F("int", "the new daemon"),
@@ -231,7 +235,10 @@ KINDS = {
                     {"device": DEVICE, "ops": F("{op: @latency_op}", "per op (each as `lat --json`)")}),
     "latency_op": Kind("One op in latency.json", (), LATENCY_OP),
     "inflight": Kind("Tags being served", ("inflight --json", "socket inflight", "tree inflight.json"),
-                     {"device": DEVICE, "tags": F("[@tag]", "oldest first")}),
+                     {"device": DEVICE, "tags": F("[@tag]", "oldest first"),
+                      "waiting": F("uint?", "requests the block layer holds beyond these tags: IO "
+                                   "waiting for a daemon (quiesced, or dead with --recovery); null on FUSE",
+                                   "IOs")}),
     "queue_inflight": Kind("Tags being served by one queue", ("tree queues/N/inflight.json",),
                            {"device": DEVICE, "queue": QUEUE, "tags": F("[@tag]", "oldest first")}),
     "tag": Kind("A tag in flight", (),
@@ -313,7 +320,7 @@ KINDS = {
 
 # the result of each verb's --json (and of the socket command of that name)
 VERB_KINDS = {"add": "device_entry", "del": "del", "list": "list", "info": "info", "features": "features",
-              "resize": "resize", "quiesce": "quiesce", "upgrade": "upgrade",
+              "resize": "resize", "quiesce": "quiesce", "resume": "resume", "upgrade": "upgrade",
               "stats": "stats", "lat": "lat", "inflight": "inflight", "metrics": "metrics", "faults": "faults",
               "clear": "clear", "seed": "seed", "powercut": "powercut", "kill": "kill", "recover": "recover",
               **{a: "rule_added" for a in ("delay", "fail", "drop", "corrupt", "torn", "hang", "flakey",

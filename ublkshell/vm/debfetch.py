@@ -1,8 +1,9 @@
-"""Fetch Debian packages from trixie-backports without touching the host's apt state.
+"""Fetch Debian packages from trixie-backports (or trixie) without touching the host's apt state.
 
 The host may run an older Debian whose kernel and headers lack ublk features, so the
 VM kernel and the uapi header come from the newest packaged suite, through the mirror
-the machine already uses, with a private apt state dir under the cache root.
+the machine already uses, with a private apt state dir under the cache root. The stable
+suite's kernel (6.12, far fewer ublk features) is there to prove the fallback paths.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from ..errors import UblkError
 
 SUITE = "trixie-backports"
+# --kernel NAME -> the suite whose linux-image-amd64 it boots
+KERNELS = {"newest": SUITE, "stable": "trixie"}
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 _SOURCES_DEB822 = Path("/etc/apt/sources.list.d/debian.sources")
 _SOURCES_LIST = Path("/etc/apt/sources.list")
@@ -63,12 +66,13 @@ def _mirror() -> str:
     )
 
 
-def _apt_dir() -> Path:
-    return cache_root() / "apt"
+def _apt_dir(suite: str = SUITE) -> Path:
+    # one private apt state per suite: each suite's lists name only its own versions
+    return cache_root() / ("apt" if suite == SUITE else f"apt-{suite}")
 
 
-def _apt_opts() -> list[str]:
-    a = _apt_dir()
+def _apt_opts(suite: str = SUITE) -> list[str]:
+    a = _apt_dir(suite)
     return [
         "-o", "APT::Sandbox::User=root",
         "-o", f"Dir::Etc::sourcelist={a / 'sources.list'}",
@@ -105,40 +109,40 @@ def _locked():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _lists_present() -> bool:
-    return any((_apt_dir() / "lists").glob("*_Packages*"))
+def _lists_present(suite: str = SUITE) -> bool:
+    return any((_apt_dir(suite) / "lists").glob("*_Packages*"))
 
 
-def _update(reason: str) -> None:
-    a = _apt_dir()
+def _update(reason: str, suite: str = SUITE) -> None:
+    a = _apt_dir(suite)
     for d in ("lists/partial", "cache/archives/partial", "preferences.d"):
         (a / d).mkdir(parents=True, exist_ok=True)
     (a / "preferences").touch()
-    (a / "sources.list").write_text(f"deb [signed-by={KEYRING}] {_mirror()} {SUITE} main\n")
-    progress(f"apt-get update for {SUITE} ({reason})")
-    p = subprocess.run(["apt-get", *_apt_opts(), "-qq", "update"], capture_output=True, text=True)
+    (a / "sources.list").write_text(f"deb [signed-by={KEYRING}] {_mirror()} {suite} main\n")
+    progress(f"apt-get update for {suite} ({reason})")
+    p = subprocess.run(["apt-get", *_apt_opts(suite), "-qq", "update"], capture_output=True, text=True)
     # apt-get update exits 0 when a mirror is unreachable (it only warns), so check the lists.
-    if p.returncode != 0 or not _lists_present():
+    if p.returncode != 0 or not _lists_present(suite):
         lines = [l for l in (p.stderr + p.stdout).splitlines() if l.strip()]
         why = next((l.strip() for l in lines if "Failed to fetch" in l or l.startswith("E:")),
                    lines[-1].strip() if lines else f"exit {p.returncode}")
-        raise FetchError(f"apt-get update found no {SUITE} package lists at {_mirror()}: {why}")
+        raise FetchError(f"apt-get update found no {suite} package lists at {_mirror()}: {why}")
 
 
-def _ensure_lists() -> None:
-    if not _lists_present() or not (_apt_dir() / "sources.list").is_file():
-        _update("first use")
+def _ensure_lists(suite: str = SUITE) -> None:
+    if not _lists_present(suite) or not (_apt_dir(suite) / "sources.list").is_file():
+        _update("first use", suite)
 
 
-def _download(pkgs: list[str], dest: Path) -> list[Path]:
+def _download(pkgs: list[str], dest: Path, suite: str = SUITE) -> list[Path]:
     """Download pkgs into dest, refreshing the lists once if they are stale."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = ["apt-get", *_apt_opts(), "-qq", "download", *pkgs]
+    cmd = ["apt-get", *_apt_opts(suite), "-qq", "download", *pkgs]
     try:
         _run(cmd, cwd=dest, what=f"apt-get download {' '.join(pkgs)}")
     except FetchError:
         # A mirror drops superseded versions, so old lists yield 404s.
-        _update("package lists out of date")
+        _update("package lists out of date", suite)
         _run(cmd, cwd=dest, what=f"apt-get download {' '.join(pkgs)}")
     debs = sorted(dest.glob("*.deb"))
     if not debs:
@@ -168,26 +172,39 @@ def _candidate_version(pkg: str) -> str:
     return m.group(1)
 
 
-def resolve_kernel_version() -> str:
-    """The ABI name (e.g. 7.3.4+deb13-amd64) linux-image-amd64 depends on in trixie-backports."""
-    _ensure_lists()
-    out = _run(["apt-cache", *_apt_opts(), "depends", "linux-image-amd64"],
+def resolve_kernel_version(suite: str = SUITE) -> str:
+    """The ABI name (e.g. 7.3.4+deb13-amd64) linux-image-amd64 depends on in suite."""
+    _ensure_lists(suite)
+    out = _run(["apt-cache", *_apt_opts(suite), "depends", "linux-image-amd64"],
                what="apt-cache depends linux-image-amd64")
     m = re.search(r"Depends:\s*linux-image-(\d\S*)", out)
     if not m:
-        raise FetchError(f"linux-image-amd64 in {SUITE} names no kernel image")
+        raise FetchError(f"linux-image-amd64 in {suite} names no kernel image")
     return m.group(1)
 
 
-def fetch_kernel(refresh: bool = False) -> tuple[str, Path]:
+def _kernel_packages(ver: str, suite: str) -> list[str]:
+    # Newer packaging splits the image into linux-binary-VER and linux-modules-VER; older
+    # suites ship one linux-image-VER holding both.
+    p = subprocess.run(["apt-cache", *_apt_opts(suite), "show", f"linux-binary-{ver}"],
+                       capture_output=True, text=True)
+    if p.returncode == 0 and p.stdout.strip():
+        return [f"linux-binary-{ver}", f"linux-modules-{ver}"]
+    return [f"linux-image-{ver}"]
+
+
+def fetch_kernel(refresh: bool = False, kernel: str = "newest") -> tuple[str, Path]:
     """Return (kernel version, extracted root holding boot files and usr/lib/modules/VER).
 
-    A cached kernel is reused without asking the mirror; refresh=True (or
-    UBLKSHELL_VM_REFRESH=1) re-resolves the newest version.
+    kernel names a suite in KERNELS. A cached kernel is reused without asking the mirror;
+    refresh=True (or UBLKSHELL_VM_REFRESH=1) re-resolves the newest version.
     """
+    if kernel not in KERNELS:
+        raise FetchError(f"unknown kernel {kernel!r} (one of: {', '.join(KERNELS)})")
+    suite = KERNELS[kernel]
     refresh = refresh or os.environ.get("UBLKSHELL_VM_REFRESH") == "1"
     base = cache_root() / "kernel"
-    current = base / "current"
+    current = base / ("current" if suite == SUITE else f"current-{suite}")
     with _locked():
         if not refresh and current.is_file():
             ver = current.read_text().strip()
@@ -195,14 +212,14 @@ def fetch_kernel(refresh: bool = False) -> tuple[str, Path]:
             if (root / "usr/lib/modules" / ver).is_dir():
                 return ver, root
         if refresh:
-            _update("refresh requested")
-        ver = resolve_kernel_version()
+            _update("refresh requested", suite)
+        ver = resolve_kernel_version(suite)
         root = base / ver / "root"
         if not (root / "usr/lib/modules" / ver).is_dir():
-            progress(f"fetching kernel {ver} (once, cached in {base})")
+            progress(f"fetching kernel {ver} from {suite} (once, cached in {base})")
             debs_dir = base / ver / "debs"
             shutil.rmtree(debs_dir, ignore_errors=True)
-            debs = _download([f"linux-binary-{ver}", f"linux-modules-{ver}"], debs_dir)
+            debs = _download(_kernel_packages(ver, suite), debs_dir, suite)
             _extract(debs, root)
             shutil.rmtree(debs_dir, ignore_errors=True)
         current.write_text(ver + "\n")

@@ -170,7 +170,7 @@ def _clean(line: bytes) -> bytes:
 
 
 def run(cmd: list[str], mem: str = DEFAULT_MEM, cpus: int = DEFAULT_CPUS,
-        timeout: float = DEFAULT_TIMEOUT) -> int:
+        timeout: float = DEFAULT_TIMEOUT, kernel: str = "newest") -> int:
     """Run cmd as root in the VM; stream its output to stdout; return its exit status.
 
     Raises FetchError/HarnessError for setup problems; boot failures and timeouts are
@@ -179,7 +179,8 @@ def run(cmd: list[str], mem: str = DEFAULT_MEM, cpus: int = DEFAULT_CPUS,
     if not cmd:
         raise HarnessError("no command given")
     ensure_host_tools()
-    ver, root = debfetch.fetch_kernel()
+    ver, root = debfetch.fetch_kernel(kernel=kernel)
+    progress(f"kernel {ver}")
     initrd = build_initrd(ver, root)
     vmlinuz = root / "boot" / f"vmlinuz-{ver}"
     if not vmlinuz.is_file():
@@ -279,12 +280,17 @@ def _parser() -> argparse.ArgumentParser:
             "COMMAND there as root in the same cwd with the same PATH and HOME (UBLKSHELL_* and "
             "PYTEST_ADDOPTS are passed in too). The guest's console output is streamed to stdout; "
             "the exit status is COMMAND's. The first run downloads the kernel from "
-            "trixie-backports through the host's Debian mirror and builds an initrd (cached "
+            "trixie-backports (--kernel stable: trixie's, 6.12, with far fewer ublk features) "
+            "through the host's Debian mirror and builds an initrd (cached "
             "under $UBLKSHELL_CACHE or ~/.cache/ublkshell). In the guest, write scratch files "
             "under /dev/shm (guest tmpfs), never over host state."
         ),
-        usage="%(prog)s [--mem 3G] [--cpus 2] [--timeout SECONDS] -- COMMAND...",
+        usage="%(prog)s [--kernel newest|stable] [--mem 3G] [--cpus 2] [--timeout SECONDS] "
+              "-- COMMAND...",
     )
+    p.add_argument("--kernel", choices=sorted(debfetch.KERNELS), default="newest",
+                   help="newest: trixie-backports' kernel (every ublk feature); stable: "
+                        "trixie's (6.12), to prove the fallbacks (default %(default)s)")
     p.add_argument("--mem", default=DEFAULT_MEM, help="guest memory (default %(default)s)")
     p.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="guest CPUs (default %(default)s)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -309,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpus < 1 or args.timeout <= 0:
         parser.error("--cpus and --timeout must be positive")
     try:
-        return run(args.command, mem=args.mem, cpus=args.cpus, timeout=args.timeout)
+        return run(args.command, mem=args.mem, cpus=args.cpus, timeout=args.timeout,
+                   kernel=args.kernel)
     except (FetchError, HarnessError) as e:
         print(f"vm: {e}", file=sys.stderr)
         return 1

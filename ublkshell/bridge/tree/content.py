@@ -12,7 +12,7 @@ from ...kernel.uapi import feature_names
 from ...observe import objects
 from ...observe.names import OPS
 from ...observe.shm import Shm
-from ...observe.render import hist_bars, pow2_hist, ring_line, stats_table, tags_table
+from ...observe.render import hist_bars, inflight_table, pow2_hist, ring_line, stats_table, tags_table
 from ...observe.stats import fmt_ns, stats_of
 from ...units import human
 
@@ -130,7 +130,7 @@ def latency_json(dev, entry, s):
 
 
 def inflight_text(dev, entry, s):
-    return tags_table(stem(dev), objects.inflight(dev, _need(s))["tags"]) + "\n"
+    return inflight_table(stem(dev), objects.inflight(dev, _need(s))) + "\n"
 
 
 def inflight_json(dev, entry, s):
