@@ -292,7 +292,9 @@ def cli_parser() -> argparse.ArgumentParser:
                                     "stops the server and leaves them running, and a new server adopts "
                                     "them. --delete-devices deletes them on a clean stop instead.")
     sv.add_argument("--socket", default=None, help="control socket (default /run/ublkshell/ublkshell.sock)")
-    sv.add_argument("--mount", default="/mnt/ublkstats", help="where to mount the stats tree (default /mnt/ublkstats)")
+    sv.add_argument("--mount", default=None,
+                    help="where to mount the stats tree (default /mnt/ublkstats; a user who is not root: "
+                         "STATE/stats in their own state dir)")
     sv.add_argument("--no-fuse", action="store_true", help="do not mount the stats tree")
     sv.add_argument("--delete-devices", action="store_true",
                     help="delete every device when the server is stopped (SIGTERM, `shutdown`)")

@@ -30,7 +30,7 @@ from ..devices.paths import forget
 from ..devices.io_modes import io_mode_flags, io_mode_of, zero_copy_flags, zero_copy_of
 from ..devices.recovery_modes import recovery_flags, recovery_mode
 from ..devices.targets import make_target
-from ..devices import ids as devids, registry
+from ..devices import ids as devids, registry, unprivileged
 from ..observe import shm
 
 # how long a recovering daemon waits for the kernel to let go of the dead one
@@ -103,7 +103,8 @@ class Daemon:
         info = self._take_over() if self.recovering else self._create()
         self.dev_id = info.dev_id
         self.info = info
-        self.cdev = _open_cdev(self.dev_id)
+        if self.cdev < 0:
+            self.cdev = _open_cdev(self.dev_id)
         self._open_stats(info)
         self._start_queues(info)
         # both return once every queue has FETCHed every tag
@@ -128,9 +129,17 @@ class Daemon:
                                  self.target.zero_copy_pays())
         if self.ctrl.ioctl_encode:
             flags |= lib.UBLK_F_CMD_IOCTL_ENCODE
+        flags = unprivileged.add_flags(flags)
         info = self.ctrl.add_dev(spec.get("dev_id", -1), spec["queues"], spec["depth"],
                                  spec["max_io"], flags)
         self.dev_id = info.dev_id
+        if info.flags & lib.UBLK_F_UNPRIVILEGED_DEV:
+            # every later command names /dev/ublkcN, which is root's until udev hands it over
+            try:
+                self.cdev = unprivileged.wait_for_node(f"/dev/ublkc{self.dev_id}")
+            except UblkError as e:
+                raise UblkError(f"{e}; device {self.dev_id} is left for root to delete "
+                                f"(`ublkshell del {self.dev_id}` as root)") from None
         self.target.attach(self.dev_id)
         params = ffi.new("struct ublk_params *")
         self.target.fill_params(params, info.max_io_buf_bytes, zero_copy_of(int(info.flags)))
