@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from ublkshell import files, udev
+from ublkshell import files
 from ublkshell._native import ffi, lib
-from ublkshell.devices import unprivileged
+from ublkshell.devices import udev, unprivileged
 from ublkshell.errors import UblkError, UsageError
 from ublkshell.kernel import ctrl as ctrlmod
 

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         return vm_main(argv[1:])
     if argv[:1] in (["udev"], ["udev-rules"]):
         # the admin's hook (udev's RUN) and its rules: not a verb of the shell or the socket
-        from .udev import main as udev_main
+        from .devices.udev import main as udev_main
 
         return udev_main(argv)
     parser = commands.cli_parser()

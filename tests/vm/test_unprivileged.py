@@ -9,7 +9,7 @@ login session would have.
 
 udev: the host has no udevd to run in the guest (the `udev` package is not installed,
 and installing it would change the host's /etc), so a thread of this test plays udev:
-it runs our verb's entry point, `ublkshell udev add NAME` (ublkshell.udev.main), as root
+it runs our verb's entry point, `ublkshell udev add NAME` (ublkshell.devices.udev.main), as root
 for every ublkcN/ublkbN node that appears, exactly as the rule's RUN line would.
 
 The users' interpreter: the venv's python lives under /root (0700 on the host), so the
@@ -29,6 +29,7 @@ import time
 import pytest
 
 from ublkshell import procs
+from ublkshell._native import lib
 
 from .conftest import CONTROL, cli, run
 
@@ -65,7 +66,7 @@ class Udev:
         import contextlib
         import io
 
-        from ublkshell.udev import main as udev_main
+        from ublkshell.devices.udev import main as udev_main
 
         while not self.stop.is_set():
             for n in sorted(os.listdir("/dev")):
@@ -164,7 +165,7 @@ def test_two_users(setup, scratch):
         da, db = json.loads(a_add["out"]), json.loads(b_add["out"])
         _one_line_error(a_loop, secret, "permission")
         _one_line_error(a_rec, "--recovery", "not root")
-        assert "unprivileged_dev" in da["flags"], da
+        assert da["flags"] & lib.UBLK_F_UNPRIVILEGED_DEV, da
         assert not da["zero_copy"] and da["recovery"] is None, da
 
         # the nodes are A's, and A's IO goes through them
@@ -214,5 +215,6 @@ def test_two_users(setup, scratch):
     daemons = [p for p in os.listdir("/proc") if p.isdigit() and procs.is_daemon(int(p))]
     assert not daemons, daemons
     with open("/proc/self/mountinfo") as f:
-        assert "ublk" not in f.read()
+        left = [m for m in f if "/dev/ublkb" in m or "/run/user/6000" in m]
+    assert not left, left
     assert not os.path.exists(a_sock)

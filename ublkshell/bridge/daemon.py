@@ -112,6 +112,8 @@ class Daemon:
             self.ctrl.end_user_recovery(self.dev_id, os.getpid())
         else:
             self.ctrl.start_dev(self.dev_id, os.getpid())
+        if info.flags & lib.UBLK_F_UNPRIVILEGED_DEV and not self.recovering:
+            unprivileged.wait_for_disk(self.dev_id, _log)
         entry = self._entry(info)
         registry.write(self.dev_id, entry)
         how = f"recovered (#{entry['recoveries']})" if self.recovering else "serving"
@@ -135,11 +137,7 @@ class Daemon:
         self.dev_id = info.dev_id
         if info.flags & lib.UBLK_F_UNPRIVILEGED_DEV:
             # every later command names /dev/ublkcN, which is root's until udev hands it over
-            try:
-                self.cdev = unprivileged.wait_for_node(f"/dev/ublkc{self.dev_id}")
-            except UblkError as e:
-                raise UblkError(f"{e}; device {self.dev_id} is left for root to delete "
-                                f"(`ublkshell del {self.dev_id}` as root)") from None
+            self.cdev = unprivileged.open_cdev(self.dev_id)
         self.target.attach(self.dev_id)
         params = ffi.new("struct ublk_params *")
         self.target.fill_params(params, info.max_io_buf_bytes, zero_copy_of(int(info.flags)))

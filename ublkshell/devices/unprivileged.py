@@ -65,3 +65,24 @@ def wait_for_node(path: str, timeout: float = NODE_WAIT) -> int:
                 raise UblkError(f"{path} is still not yours {timeout:.0f} s after ADD_DEV: "
                                 f"{UDEV_HINT}") from None
             time.sleep(0.05)
+
+
+def open_cdev(dev_id: int) -> int:
+    """/dev/ublkcN of a device this user just added, once udev handed it over."""
+    try:
+        return wait_for_node(f"/dev/ublkc{dev_id}")
+    except UblkError as e:
+        raise UblkError(f"{e}; device {dev_id} is left for root to delete "
+                        f"(`ublkshell del {dev_id}` as root)") from None
+
+
+def wait_for_disk(dev_id: int, log, timeout: float = NODE_WAIT) -> None:
+    """`add` returns once the user can open their disk (made at START_DEV), where udev
+    hands it over in time; if not, the device serves anyway and the log says why."""
+    path = f"/dev/ublkb{dev_id}"
+    deadline = time.monotonic() + timeout
+    while not os.access(path, os.R_OK | os.W_OK):
+        if time.monotonic() > deadline:
+            log(f"dev {dev_id}: {path} is still not ours: {UDEV_HINT}")
+            return
+        time.sleep(0.05)

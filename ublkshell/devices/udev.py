@@ -13,7 +13,7 @@ import re
 import stat
 import sys
 
-from .errors import UblkError, UsageError
+from ..errors import UblkError, UsageError
 
 # device ids are minors of one char major (UBLK_MINORS): 20 bits
 MAX_ID = (1 << 20) - 1
@@ -62,8 +62,8 @@ def rules(exe: str | None = None, group: str = DEFAULT_GROUP) -> str:
 
 def hand_over(kind: str, dev_id: int) -> str:
     """Give /dev/ublk{kind}{dev_id} to the user who added the device, if a user did."""
-    from ._native import lib
-    from .kernel.ctrl import Control, CtrlError
+    from .._native import lib
+    from ..kernel.ctrl import Control, CtrlError
 
     path = f"/dev/ublk{kind}{dev_id}"
     # the node first, then the kernel's word on it: a device deleted and added again in
@@ -105,7 +105,9 @@ def hand_over(kind: str, dev_id: int) -> str:
 
 def main(argv: list[str]) -> int:
     """`udev ACTION NAME` (udev's RUN) and `udev-rules [--group G]`: one-line errors."""
-    from .cli import _error
+    def _error(e) -> None:
+        # udev's log, not a terminal: no colour
+        print(f"ublkshell: {e}", file=sys.stderr)
 
     try:
         if argv[:1] == ["udev-rules"]:
