@@ -60,7 +60,8 @@ examples:
   source <(ublkshell completion bash)             Tab completion in bash (zsh, installing: completion --help)
 
 Each device is served by its own IO daemon process (logs under /run/ublkshell/log);
-the command that created it may exit. ublk control needs root.
+the command that created it may exit. ublk control needs root, or for another user the
+admin's group and udev rule (docs/security.md, "Unprivileged devices").
 """
 
 
@@ -286,7 +287,7 @@ def cli_parser() -> argparse.ArgumentParser:
                            "device here instead of booting the VM")
 
     sv = sub.add_parser("serve", help="run the server (socket, stats tree, daemon watch) in the foreground",
-                        description="Run the ublkshell server: a root-only control socket (JSON lines, "
+                        description="Run the ublkshell server: an owner-only control socket (JSON lines, "
                                     "docs/protocol.md), the FUSE stats tree, and a watch on every device "
                                     "daemon. The devices belong to their own daemons: SIGTERM (or a crash) "
                                     "stops the server and leaves them running, and a new server adopts "
