@@ -335,3 +335,72 @@ def test_rules_refuse_an_interpreter_udev_cannot_run(monkeypatch):
 def test_rules_use_this_interpreter():
     p = _udev("udev-rules")
     assert p.returncode == 0 and f"{sys.executable} -P -m ublkshell udev add %k".encode() in p.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two other users")
+def test_a_state_dir_planted_by_another_user_stops_the_server_in_one_line():
+    """B makes /tmp/ublkshell-A first (A has no runtime dir): A's server refuses it."""
+    a, b = 60007, 60008
+    planted = f"/tmp/ublkshell-{a}"
+    if os.path.exists(f"/run/user/{a}") or os.path.lexists(planted):
+        pytest.skip(f"{planted} or /run/user/{a} exists already")
+    os.mkdir(planted, 0o700)
+    os.chown(planted, b, b)
+    try:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(files.__file__)))}
+        p = subprocess.run(["setpriv", f"--reuid={a}", f"--regid={a}", "--clear-groups", sys.executable, "-P",
+                            "-m", "ublkshell", "serve", "--no-fuse"], capture_output=True, text=True,
+                           timeout=60, env=env, cwd="/")
+        if "Permission denied" in p.stderr and "python" in p.stderr:
+            pytest.skip("this interpreter is not readable by other users")
+        assert p.returncode == 1, p
+        assert p.stderr.strip() == (f"ublkshell: {planted}: owned by uid {b}, not {a}: refusing to use it for "
+                                    "ublkshell's runtime files (remove it, or point UBLKSHELL_STATE_DIR / "
+                                    "UBLKSHELL_DATA_DIR elsewhere)"), p
+        assert os.listdir(planted) == []
+    finally:
+        os.rmdir(planted)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two other users")
+def test_a_users_server_socket_is_theirs_only(tmp_path):
+    """A's own server listens in A's runtime dir, 0600; B cannot connect to it."""
+    import signal
+    import tempfile
+    import time
+
+    a, b = 60007, 60008
+    top = tempfile.mkdtemp(prefix="ublkshell-users-")
+    os.chmod(top, 0o711)
+    rt = os.path.join(top, "a")
+    os.mkdir(rt, 0o700)
+    os.chown(rt, a, a)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "XDG_RUNTIME_DIR": rt,
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(files.__file__)))}
+    as_ = lambda uid: ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-P"]  # noqa: E731
+    server = subprocess.Popen(as_(a) + ["-m", "ublkshell", "serve", "--no-fuse"], env=env, cwd="/",
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sock = os.path.join(rt, "ublkshell", "ublkshell.sock")
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if server.poll() is not None and "python" in server.stderr.read():
+            pytest.skip("this interpreter is not readable by other users")
+        st, dst = os.lstat(sock), os.lstat(os.path.dirname(sock))
+        assert (st.st_uid, st.st_mode & 0o777, dst.st_uid, dst.st_mode & 0o777) == (a, 0o600, a, 0o700)
+        probe = ("import sys; from ublkshell.bridge.client import Client\n"
+                 "try:\n    Client(sys.argv[1], timeout=5).call('list')\nexcept Exception as e:\n"
+                 "    print(type(e).__name__, e)\nelse:\n    print('connected')")
+        p = subprocess.run(as_(b) + ["-c", probe, sock], capture_output=True, text=True, timeout=60, env=env,
+                           cwd="/")
+        assert "connected" not in p.stdout and "ermission denied" in p.stdout, p
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        subprocess.run(["rm", "-rf", top])
+    assert not os.path.exists(sock)
