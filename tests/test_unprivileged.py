@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ublkshell import files
+from ublkshell import files, procs
 from ublkshell._native import ffi, lib
 from ublkshell.devices import udev, unprivileged
 from ublkshell.errors import UblkError, UsageError
@@ -404,3 +404,19 @@ def test_a_users_server_socket_is_theirs_only(tmp_path):
             server.kill()
         subprocess.run(["rm", "-rf", top])
     assert not os.path.exists(sock)
+
+
+def test_the_pid_an_unprivileged_device_names_is_believed_only_for_its_owner():
+    """START_DEV takes the pid from its caller: a user could name another user's daemon
+    for root's `del` to signal. Only a process running as the owner is believed."""
+    from types import SimpleNamespace
+
+    me, unpriv = os.getpid(), lib.UBLK_F_UNPRIVILEGED_DEV
+    own = SimpleNamespace(ublksrv_pid=me, flags=unpriv, owner_uid=os.getuid())
+    assert unprivileged.believed_pid(own) == (me, procs.start_time(me))
+    foreign = SimpleNamespace(ublksrv_pid=me, flags=unpriv, owner_uid=OTHER)
+    assert unprivileged.believed_pid(foreign) == (-1, None)
+    for bad in (0, -5, 1 << 40):
+        assert unprivileged.believed_pid(SimpleNamespace(ublksrv_pid=bad, flags=unpriv, owner_uid=0)) == (-1, None)
+    # root's own devices: the kernel's pid, checked as before (one of our daemons, or no signal)
+    assert unprivileged.believed_pid(SimpleNamespace(ublksrv_pid=me, flags=0, owner_uid=OTHER)) == (me, None)

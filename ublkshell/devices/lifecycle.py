@@ -96,8 +96,10 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
         if entry is not None:
             procs.stop_daemon(entry["pid"], entry.get("pid_start"), timeout)
         else:
-            # no entry (a daemon killed before writing it): the kernel's pid, only if it is ours
-            procs.stop_daemon(int(info.ublksrv_pid), None, timeout)
+            # no entry (a daemon killed before writing it, or another user's device): the
+            # kernel's pid, only if it is ours
+            pid, start = unprivileged.believed_pid(info)
+            procs.stop_daemon(pid, start, timeout)
         if dev_id in list_device_ids():
             ctrl.stop_and_delete(dev_id)
         paths.forget(dev_id)

@@ -13,6 +13,7 @@ import errno
 import os
 import time
 
+from .. import procs
 from .._native import lib
 from ..errors import UblkError, UsageError
 
@@ -86,3 +87,22 @@ def wait_for_disk(dev_id: int, log, timeout: float = NODE_WAIT) -> None:
             log(f"dev {dev_id}: {path} is still not ours: {UDEV_HINT}")
             return
         time.sleep(0.05)
+
+
+def believed_pid(info) -> tuple[int, int | None]:
+    """The daemon pid (and its start time) a device's info names, if it may be believed.
+
+    START_DEV takes the pid from its caller: the owner of an unprivileged device can
+    name any process, e.g. another user's ublkshell daemon, for root's `del` to signal.
+    Only a process running as the device's owner is believed; otherwise -1 (no signal:
+    root's STOP_DEV and DEL_DEV delete the device all the same)."""
+    pid = int(info.ublksrv_pid)
+    if not info.flags & lib.UBLK_F_UNPRIVILEGED_DEV:
+        return pid, None
+    start = procs.start_time(pid)
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid if pid > 0 else -1
+    except OSError:
+        return -1, None
+    # the start time read before the owner: a pid reused since is refused by stop_daemon
+    return (pid, start) if uid == int(info.owner_uid) and start is not None else (-1, None)
