@@ -7,7 +7,8 @@ where root is about to write. Inside those directories every open refuses
 symlinks (O_NOFOLLOW), new files are created exclusively (O_EXCL), and files
 that others read are replaced whole (a private temporary file, then rename).
 
-    state dir  /run/ublkshell (UBLKSHELL_STATE_DIR): the socket, devices/, log/, fuse/
+    state dir  /run/ublkshell (UBLKSHELL_STATE_DIR): the socket, devices/, log/, fuse/;
+               a user who is not root has their own (default_state_dir), same checks
     data dir   mem targets' data and every device's statistics: on tmpfs, so
                they outlive a killed daemon and cost no disk. STATE/data when the
                state dir is on tmpfs (as /run usually is); otherwise a directory

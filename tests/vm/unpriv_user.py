@@ -1,8 +1,8 @@
 """Run as a test user by tests/vm/test_unprivileged.py: several CLI calls in one
 interpreter (each fresh one costs seconds under emulation), one JSON line out.
 
-argv[1]: a JSON list of steps, each a CLI argv list, or ["connect", SOCKET]
-(a request straight to a server's socket)."""
+argv[1]: a JSON list of steps, each a CLI argv list, ["connect", SOCKET] (a request
+straight to a server's socket) or ["listdir", PATH]."""
 import contextlib
 import io
 import json
@@ -31,10 +31,20 @@ def _connect(path):
         return {"argv": ["connect", path], "rc": 1, "out": "", "err": f"{type(e).__name__}: {e}"}
 
 
+def _listdir(path):
+    import os
+
+    try:
+        return {"argv": ["listdir", path], "rc": 0, "out": json.dumps(sorted(os.listdir(path))), "err": ""}
+    except OSError as e:
+        return {"argv": ["listdir", path], "rc": 1, "out": "", "err": f"{type(e).__name__}: {e}"}
+
+
 def main():
     results = []
+    steps = {"connect": _connect, "listdir": _listdir}
     for step in json.loads(sys.argv[1]):
-        results.append(_connect(step[1]) if step[0] == "connect" else _cli(step))
+        results.append(steps[step[0]](step[1]) if step[0] in steps else _cli(step))
     print(json.dumps(results))
 
 
