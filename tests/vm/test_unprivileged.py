@@ -16,9 +16,10 @@ The users' interpreter: the venv's python lives under /root (0700 on the host), 
 users run the system python of the same version with the venv's site-packages and this
 checkout on PYTHONPATH (both readable by everyone); nothing on the host is chmod-ed.
 
-A's server runs without its stats tree: the tree's mount as a user goes through the
-setuid fusermount3, which did not mount it in this VM (the host filesystem is shared
-in over 9p); the tree's own tests run as root (tests/vm/test_server_tree.py).
+A's server runs without its stats tree: a user's tree is mounted through the setuid
+fusermount3, which refuses a uid with no passwd entry ("fusermount3: could not determine
+username"), and these users have none by design; the tree's own tests run as root
+(tests/vm/test_server_tree.py).
 """
 import json
 import os
