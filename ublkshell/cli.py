@@ -188,6 +188,11 @@ def main(argv=None) -> int:
         from .vm.harness import main as vm_main
 
         return vm_main(argv[1:])
+    if argv[:1] in (["udev"], ["udev-rules"]):
+        # the admin's hook (udev's RUN) and its rules: not a verb of the shell or the socket
+        from .devices.udev import main as udev_main
+
+        return udev_main(argv)
     parser = commands.cli_parser()
     try:
         rc = _dispatch(parser, argv)
@@ -244,12 +249,12 @@ def _dispatch(parser, argv) -> int:
         return _cmd_record(args)
     if args.verb == "serve":
         from .bridge.protocol import SOCKET_PATH
-        from .bridge.server import serve
+        from .bridge.server import default_mount, serve
 
         if args.keep_devices and args.delete_devices:
             raise UsageError("serve: --keep-devices or --delete-devices, not both")
         return serve(args.socket or args.shell_socket or SOCKET_PATH,
-                     None if args.no_fuse else args.mount, args.delete_devices,
+                     None if args.no_fuse else (args.mount or default_mount()), args.delete_devices,
                      auto_recover=args.auto_recover)
     if args.verb == "demo":
         return _cmd_demo(args)

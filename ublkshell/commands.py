@@ -60,7 +60,8 @@ examples:
   source <(ublkshell completion bash)             Tab completion in bash (zsh, installing: completion --help)
 
 Each device is served by its own IO daemon process (logs under /run/ublkshell/log);
-the command that created it may exit. ublk control needs root.
+the command that created it may exit. ublk control needs root, or for another user the
+admin's group and udev rule (docs/security.md, "Unprivileged devices").
 """
 
 
@@ -286,13 +287,15 @@ def cli_parser() -> argparse.ArgumentParser:
                            "device here instead of booting the VM")
 
     sv = sub.add_parser("serve", help="run the server (socket, stats tree, daemon watch) in the foreground",
-                        description="Run the ublkshell server: a root-only control socket (JSON lines, "
+                        description="Run the ublkshell server: an owner-only control socket (JSON lines, "
                                     "docs/protocol.md), the FUSE stats tree, and a watch on every device "
                                     "daemon. The devices belong to their own daemons: SIGTERM (or a crash) "
                                     "stops the server and leaves them running, and a new server adopts "
                                     "them. --delete-devices deletes them on a clean stop instead.")
     sv.add_argument("--socket", default=None, help="control socket (default /run/ublkshell/ublkshell.sock)")
-    sv.add_argument("--mount", default="/mnt/ublkstats", help="where to mount the stats tree (default /mnt/ublkstats)")
+    sv.add_argument("--mount", default=None,
+                    help="where to mount the stats tree (default /mnt/ublkstats; a user who is not root: "
+                         "STATE/stats in their own state dir)")
     sv.add_argument("--no-fuse", action="store_true", help="do not mount the stats tree")
     sv.add_argument("--delete-devices", action="store_true",
                     help="delete every device when the server is stopped (SIGTERM, `shutdown`)")

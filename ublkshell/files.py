@@ -7,7 +7,8 @@ where root is about to write. Inside those directories every open refuses
 symlinks (O_NOFOLLOW), new files are created exclusively (O_EXCL), and files
 that others read are replaced whole (a private temporary file, then rename).
 
-    state dir  /run/ublkshell (UBLKSHELL_STATE_DIR): the socket, devices/, log/, fuse/
+    state dir  /run/ublkshell (UBLKSHELL_STATE_DIR): the socket, devices/, log/, fuse/;
+               a user who is not root has their own (default_state_dir), same checks
     data dir   mem targets' data and every device's statistics: on tmpfs, so
                they outlive a killed daemon and cost no disk. STATE/data when the
                state dir is on tmpfs (as /run usually is); otherwise a directory
@@ -26,8 +27,44 @@ SHM_ROOT = "/dev/shm"
 DATA_PREFIX = "ublkshell-"
 
 
+ROOT_STATE_DIR = "/run/ublkshell"
+
+
+def default_state_dir() -> str:
+    """Where this user's ublkshell keeps its runtime files when UBLKSHELL_STATE_DIR is unset.
+
+    root: /run/ublkshell. Anyone else runs their own server with their own devices
+    (docs/security.md, "Unprivileged devices"): $XDG_RUNTIME_DIR/ublkshell when the session
+    has one, else /run/user/UID/ublkshell, else /tmp/ublkshell-UID. Whichever it is gets the
+    same checks as root's (private_dir): owned by this user, 0700, never a symlink; a name
+    another user made first is refused, not used."""
+    env = os.environ.get("UBLKSHELL_STATE_DIR")
+    if env:
+        return env
+    uid = os.geteuid()
+    if uid == 0:
+        return ROOT_STATE_DIR
+    for base in (os.environ.get("XDG_RUNTIME_DIR", ""), f"/run/user/{uid}"):
+        # the spec: a runtime dir is the user's own, 0700; anything else is not one
+        if os.path.isabs(base) and _owned_private(base):
+            return os.path.join(base, "ublkshell")
+    return f"/tmp/ublkshell-{uid}"
+
+
+def _owned_private(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
 def state_dir(create: bool = True):
-    return private_dir(os.environ.get("UBLKSHELL_STATE_DIR", "/run/ublkshell"), create)
+    return private_dir(default_state_dir(), create)
+
+
+def default_socket() -> str:
+    return os.environ.get("UBLKSHELL_SOCKET") or os.path.join(default_state_dir(), "ublkshell.sock")
 
 
 def sub_dir(name: str, create: bool = True):
@@ -66,7 +103,8 @@ def private_dir(path: str, create: bool = True):
         except FileExistsError:
             pass  # made by a concurrent call: checked below like any other
         except PermissionError:
-            raise UblkError(f"{path}: cannot create it: permission denied (ublkshell needs root)") from None
+            raise UblkError(f"{path}: cannot create it: permission denied "
+                            "(point UBLKSHELL_STATE_DIR at a directory of yours)") from None
         except OSError as e:
             raise UblkError(f"{path}: cannot create it: {e.strerror}") from None
         st = os.lstat(path)

@@ -30,7 +30,7 @@ from ..devices.paths import forget
 from ..devices.io_modes import io_mode_flags, io_mode_of, zero_copy_flags, zero_copy_of
 from ..devices.recovery_modes import recovery_flags, recovery_mode
 from ..devices.targets import make_target
-from ..devices import ids as devids, registry
+from ..devices import ids as devids, registry, unprivileged
 from ..observe import shm
 
 # how long a recovering daemon waits for the kernel to let go of the dead one
@@ -103,7 +103,8 @@ class Daemon:
         info = self._take_over() if self.recovering else self._create()
         self.dev_id = info.dev_id
         self.info = info
-        self.cdev = _open_cdev(self.dev_id)
+        if self.cdev < 0:
+            self.cdev = _open_cdev(self.dev_id)
         self._open_stats(info)
         self._start_queues(info)
         # both return once every queue has FETCHed every tag
@@ -111,6 +112,8 @@ class Daemon:
             self.ctrl.end_user_recovery(self.dev_id, os.getpid())
         else:
             self.ctrl.start_dev(self.dev_id, os.getpid())
+        if info.flags & lib.UBLK_F_UNPRIVILEGED_DEV and not self.recovering:
+            unprivileged.wait_for_disk(self.dev_id, _log)
         entry = self._entry(info)
         registry.write(self.dev_id, entry)
         how = f"recovered (#{entry['recoveries']})" if self.recovering else "serving"
@@ -128,9 +131,13 @@ class Daemon:
                                  self.target.zero_copy_pays())
         if self.ctrl.ioctl_encode:
             flags |= lib.UBLK_F_CMD_IOCTL_ENCODE
+        flags = unprivileged.add_flags(flags)
         info = self.ctrl.add_dev(spec.get("dev_id", -1), spec["queues"], spec["depth"],
                                  spec["max_io"], flags)
         self.dev_id = info.dev_id
+        if info.flags & lib.UBLK_F_UNPRIVILEGED_DEV:
+            # every later command names /dev/ublkcN, which is root's until udev hands it over
+            self.cdev = unprivileged.open_cdev(self.dev_id)
         self.target.attach(self.dev_id)
         params = ffi.new("struct ublk_params *")
         self.target.fill_params(params, info.max_io_buf_bytes, zero_copy_of(int(info.flags)))

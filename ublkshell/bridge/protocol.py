@@ -8,8 +8,10 @@ Each reply carries the request's id: {"id", "ok": true, "result"} or
 import json
 import os
 
-SOCKET_PATH = os.environ.get("UBLKSHELL_SOCKET") or os.path.join(
-    os.environ.get("UBLKSHELL_STATE_DIR", "/run/ublkshell"), "ublkshell.sock")
+from ..files import default_socket
+
+# root's is /run/ublkshell/ublkshell.sock; another user's is in their own state dir (files.py)
+SOCKET_PATH = default_socket()
 MAX_LINE = 1 << 20
 MAX_DEPTH = 32  # nesting no request needs; deeper is refused before the decoder recurses
 VERSION = 1

@@ -25,6 +25,17 @@ from .supervisor import Supervisor, delete_all_ours, keep
 DEFAULT_MOUNT = "/mnt/ublkstats"
 
 
+def default_mount() -> str:
+    """root's tree is /mnt/ublkstats; a user's own server mounts theirs (through the setuid
+    fusermount3, without allow_other) inside their private state dir, where no other
+    user can have made the name first."""
+    if os.geteuid() == 0:
+        return DEFAULT_MOUNT
+    from ..files import state_dir
+
+    return os.path.join(state_dir(), "stats")
+
+
 class Server:
     def __init__(self, socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, delete_devices=False,
                  auto_recover=False):
@@ -103,7 +114,5 @@ class Server:
 
 def serve(socket_path=SOCKET_PATH, mountpoint=DEFAULT_MOUNT, delete_devices=False,
           auto_recover=False) -> int:
-    if os.geteuid() != 0:
-        raise UblkError("the server manages block devices and mounts the stats tree: run it as root")
     trio.run(Server(socket_path, mountpoint or None, delete_devices, auto_recover).run)
     return 0

@@ -2,7 +2,7 @@
 import errno
 import os
 
-from . import fuse as fusedev, ids as devids, paths, registry, spawn
+from . import fuse as fusedev, ids as devids, paths, registry, spawn, unprivileged
 from .. import procs
 from ..kernel.ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
 from ..errors import UblkError
@@ -16,6 +16,7 @@ def add(spec: dict, timeout: float = spawn.ADD_TIMEOUT) -> dict:
         fusedev.preflight()
         module = fusedev.DAEMON_MODULE
     else:
+        unprivileged.check_spec(spec)
         with Control():
             pass  # fail here, with the driver hint, rather than inside the daemon
         module = spawn.DAEMON_MODULE
@@ -69,8 +70,13 @@ def list_devices() -> list[dict]:
             try:
                 out.append(describe(ctrl, dev_id))
             except CtrlError as e:
-                if e.errno != errno.ENODEV:  # deleted while we looked
-                    raise
+                if e.errno == errno.ENODEV:  # deleted while we looked
+                    continue
+                # a user sees their own devices only: root's (EPERM) and other users'
+                # (EACCES on their /dev/ublkcN) are the kernel's to refuse
+                if e.errno in (errno.EPERM, errno.EACCES) and unprivileged.unprivileged():
+                    continue
+                raise
     return out + fuse
 
 
@@ -90,15 +96,21 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
         if entry is not None:
             procs.stop_daemon(entry["pid"], entry.get("pid_start"), timeout)
         else:
-            # no entry (a daemon killed before writing it): the kernel's pid, only if it is ours
-            procs.stop_daemon(int(info.ublksrv_pid), None, timeout)
+            # no entry (a daemon killed before writing it, or another user's device): the
+            # kernel's pid, only if it is ours
+            pid, start = unprivileged.believed_pid(info)
+            procs.stop_daemon(pid, start, timeout)
         if dev_id in list_device_ids():
             ctrl.stop_and_delete(dev_id)
         paths.forget(dev_id)
 
 
 def delete_all() -> list[int]:
-    ids = list_device_ids()
+    if unprivileged.unprivileged():
+        # a user's "all" is their own devices, never an attempt on everyone else's
+        ids = [d["id"] for d in list_devices() if d["transport"] == "ublk"]
+    else:
+        ids = list_device_ids()
     for dev_id in ids:
         delete(dev_id)
     return ids + fusedev.delete_all()

@@ -17,6 +17,7 @@ from ..errors import UblkError
 from ..kernel.uapi import STATES
 from . import registry, spawn
 from .recovery_modes import recovery_mode
+from .unprivileged import believed_pid
 
 # how long `kill` waits for the daemon to go and for the kernel to notice
 KILL_WAIT = float(os.environ.get("UBLKSHELL_KILL_WAIT", "15"))
@@ -42,9 +43,10 @@ def _serving(info, entry: dict):
     else the kernel's ublksrv_pid when that is one of our daemons."""
     if procs.entry_daemon_alive(entry, (spawn.DAEMON_MODULE,)):
         return entry["pid"], entry.get("pid_start")
-    pid = int(info.ublksrv_pid)
-    if procs.is_daemon(pid, None, (spawn.DAEMON_MODULE,)):
-        return pid, procs.start_time(pid)
+    # an unprivileged device's pid is its owner's word (unprivileged.believed_pid)
+    pid, start = believed_pid(info)
+    if procs.is_daemon(pid, start, (spawn.DAEMON_MODULE,)):
+        return pid, start or procs.start_time(pid)
     return 0, None
 
 

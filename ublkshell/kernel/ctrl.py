@@ -17,6 +17,15 @@ NO_DRIVER_HINT = (
 )
 _QUEUE_NONE = 0xFFFF
 _DEV_ANY = 0xFFFFFFFF
+SECURITY_DOC = "docs/security.md, \"Unprivileged devices\""
+NO_ACCESS_HINT = (
+    "{path}: permission denied: ublk control needs root, or for a user who is not root "
+    "read-write access to {path} (the admin's group and udev rule: " + SECURITY_DOC + ")"
+)
+
+
+def cdev_path(dev_id: int) -> str:
+    return f"/dev/ublkc{dev_id}"
 
 # command -> (ioctl-encoded opcode, legacy opcode or None)
 _OPS = {
@@ -43,7 +52,10 @@ class CtrlError(UblkError):
         what = command if dev_id is None else f"{command} on device {dev_id}"
         why = f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"
         if err == errno.EPERM:
-            why += ": ublk control needs root (CAP_SYS_ADMIN)"
+            why += (": ublk control needs root (CAP_SYS_ADMIN)" if os.geteuid() == 0 or dev_id is None
+                    else ": the device is not yours (root's, or another user's)")
+        elif err == errno.EACCES and dev_id is not None:
+            why += f": {cdev_path(dev_id)} is not yours (another user's device, or udev has not handed it over)"
         super().__init__(f"{what} failed: {why}")
 
 
@@ -56,11 +68,14 @@ class Control:
         except FileNotFoundError:
             raise UblkError(NO_DRIVER_HINT.format(path=path)) from None
         except PermissionError:
-            raise UblkError(f"{path}: permission denied: ublk control needs root (CAP_SYS_ADMIN)") from None
+            raise UblkError(NO_ACCESS_HINT.format(path=path)) from None
         except OSError as e:
             raise UblkError(f"{path}: {e.strerror}") from None
         self._features = None
         self.ioctl_encode = True
+        # dev_id -> whether the device is UBLK_F_UNPRIVILEGED_DEV, whose every command
+        # must carry /dev/ublkcN for the kernel's permission check (see _cmd)
+        self._unpriv = {}
         try:
             self._features = self.get_features()
         except CtrlError as e:
@@ -85,21 +100,52 @@ class Control:
     def __exit__(self, *exc):
         self.close()
 
-    def _cmd(self, name, dev_id=_DEV_ANY, buf=None, data0=0, queue_id=_QUEUE_NONE):
+    def _cmd(self, name, dev_id=_DEV_ANY, buf=None, data0=0, queue_id=_QUEUE_NONE, path=None):
+        """One control command. path: the device's char node, for an unprivileged device
+        (and GET_DEV_INFO2): the kernel reads dev_path_len bytes at addr as the path,
+        checks the caller may open that node, then takes the rest of the buffer as the
+        command's own data; so the data goes after the path and is copied back."""
         encoded, legacy = _OPS[name]
         op = encoded if (self.ioctl_encode or legacy is None) else legacy
         cmd = ffi.new("struct ublksrv_ctrl_cmd *")
         cmd.dev_id = dev_id
         cmd.queue_id = queue_id
         cmd.data[0] = data0
+        size = 0
         if buf is not None:
-            cmd.addr = int(ffi.cast("uintptr_t", buf))
             t = ffi.typeof(buf)
-            cmd.len = ffi.sizeof(t.item) if t.kind == "pointer" else ffi.sizeof(buf)
+            size = ffi.sizeof(t.item) if t.kind == "pointer" else ffi.sizeof(buf)
+        joined = None
+        if path is not None:
+            p = path.encode()
+            joined = ffi.new("char[]", len(p) + size)
+            ffi.memmove(joined, p, len(p))
+            if size:
+                ffi.memmove(joined + len(p), buf, size)
+            cmd.addr = int(ffi.cast("uintptr_t", joined))
+            cmd.len = len(p) + size
+            cmd.dev_path_len = len(p)
+        elif buf is not None:
+            cmd.addr = int(ffi.cast("uintptr_t", buf))
+            cmd.len = size
         res = lib.us_ctrl_cmd(self.fd, op, cmd)
         if res < 0:
             raise CtrlError(name, None if dev_id == _DEV_ANY else dev_id, -res)
+        if joined is not None and size:
+            ffi.memmove(buf, joined + len(path.encode()), size)
         return res
+
+    def _path_for(self, dev_id: int):
+        """The char node path a command on dev_id must carry, or None for a device that
+        takes none (one added by root, or a kernel without unprivileged devices)."""
+        if not self.features & lib.UBLK_F_UNPRIVILEGED_DEV:
+            return None
+        if dev_id not in self._unpriv:
+            self.get_dev_info(dev_id)
+        return cdev_path(dev_id) if self._unpriv.get(dev_id) else None
+
+    def _dev_cmd(self, name, dev_id, **kw):
+        return self._cmd(name, dev_id, path=self._path_for(dev_id), **kw)
 
     # -- queries ---------------------------------------------------------
     def get_features(self) -> int:
@@ -109,19 +155,31 @@ class Control:
 
     def get_dev_info(self, dev_id: int):
         info = ffi.new("struct ublksrv_ctrl_dev_info *")
-        self._cmd("GET_DEV_INFO", dev_id, buf=info)
+        if self.features & lib.UBLK_F_UNPRIVILEGED_DEV:
+            # GET_DEV_INFO2 always carries the path: one command that works whoever added
+            # the device, and tells us whether the later ones must carry it too
+            try:
+                self._cmd("GET_DEV_INFO2", dev_id, buf=info, path=cdev_path(dev_id))
+            except CtrlError as e:
+                if e.errno == errno.ENOENT:
+                    # no /dev/ublkcN: the device is gone (or going)
+                    raise CtrlError("GET_DEV_INFO2", dev_id, errno.ENODEV) from None
+                raise
+        else:
+            self._cmd("GET_DEV_INFO", dev_id, buf=info)
+        self._unpriv[dev_id] = bool(info.flags & lib.UBLK_F_UNPRIVILEGED_DEV)
         return info
 
     def get_params(self, dev_id: int):
         params = ffi.new("struct ublk_params *")
         params.len = ffi.sizeof("struct ublk_params")
-        self._cmd("GET_PARAMS", dev_id, buf=params)
+        self._dev_cmd("GET_PARAMS", dev_id, buf=params)
         return params
 
     def get_queue_affinity(self, dev_id: int, q_id: int) -> list[int]:
         # a cpu mask sized like glibc's cpu_set_t (1024 cpus)
         mask = ffi.new("uint64_t[16]")
-        self._cmd("GET_QUEUE_AFFINITY", dev_id, buf=mask, data0=q_id)
+        self._dev_cmd("GET_QUEUE_AFFINITY", dev_id, buf=mask, data0=q_id)
         return [w * 64 + b for w in range(16) for b in range(64) if mask[w] >> b & 1]
 
     # -- lifecycle -------------------------------------------------------
@@ -134,20 +192,21 @@ class Control:
         info.ublksrv_pid = -1
         info.flags = flags
         self._cmd("ADD_DEV", info.dev_id, buf=info)
+        self._unpriv[int(info.dev_id)] = bool(info.flags & lib.UBLK_F_UNPRIVILEGED_DEV)
         return info
 
     def set_params(self, dev_id: int, params):
         params.len = ffi.sizeof("struct ublk_params")
-        self._cmd("SET_PARAMS", dev_id, buf=params)
+        self._dev_cmd("SET_PARAMS", dev_id, buf=params)
 
     def start_dev(self, dev_id: int, pid: int):
-        self._cmd("START_DEV", dev_id, data0=pid)
+        self._dev_cmd("START_DEV", dev_id, data0=pid)
 
     def stop_dev(self, dev_id: int):
-        self._cmd("STOP_DEV", dev_id)
+        self._dev_cmd("STOP_DEV", dev_id)
 
     def del_dev(self, dev_id: int):
-        self._cmd("DEL_DEV", dev_id)
+        self._dev_cmd("DEL_DEV", dev_id)
 
     def stop_and_delete(self, dev_id: int) -> None:
         """STOP_DEV (harmless if already stopped) then DEL_DEV; a device already gone is fine."""
@@ -162,17 +221,17 @@ class Control:
                 raise
 
     def update_size(self, dev_id: int, sectors: int):
-        self._cmd("UPDATE_SIZE", dev_id, data0=sectors)
+        self._dev_cmd("UPDATE_SIZE", dev_id, data0=sectors)
 
     def quiesce_dev(self, dev_id: int, timeout_ms: int):
         # 0 would be "wait forever" to the kernel: never ours
-        self._cmd("QUIESCE_DEV", dev_id, data0=max(1, timeout_ms))
+        self._dev_cmd("QUIESCE_DEV", dev_id, data0=max(1, timeout_ms))
 
     def start_user_recovery(self, dev_id: int):
-        self._cmd("START_USER_RECOVERY", dev_id)
+        self._dev_cmd("START_USER_RECOVERY", dev_id)
 
     def end_user_recovery(self, dev_id: int, pid: int):
-        self._cmd("END_USER_RECOVERY", dev_id, data0=pid)
+        self._dev_cmd("END_USER_RECOVERY", dev_id, data0=pid)
 
 
 def list_device_ids() -> list[int]:

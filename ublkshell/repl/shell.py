@@ -279,9 +279,13 @@ def _connect(socket_path: str) -> bool:
     if server_running(socket_path):
         return False
     if os.geteuid() != 0:
-        # a server started by us would exit at once; say why now rather than after a timeout
-        raise UblkError(f"no ublkshell server answers at {socket_path}, and only root can start "
-                        "one (`sudo ublkshell serve`)")
+        from ..kernel.ctrl import CONTROL_PATH, NO_ACCESS_HINT
+
+        # a user's own server serves their own devices, once the admin allowed them
+        # (docs/security.md); say now what is missing rather than after a timeout
+        if os.path.exists(CONTROL_PATH) and not os.access(CONTROL_PATH, os.R_OK | os.W_OK):
+            raise UblkError(f"no ublkshell server answers at {socket_path}, and "
+                            + NO_ACCESS_HINT.format(path=CONTROL_PATH))
     ensure_server(socket_path)
     return True
 

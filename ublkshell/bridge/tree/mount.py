@@ -47,7 +47,8 @@ async def _mount_and_serve(mp: str, source: DeviceSource, task_status) -> None:
     except RuntimeError as e:
         if "mount" in str(e):
             pyfuse3.close(unmount=False)  # the session exists, only the mount failed
-        raise UblkError(f"{mp}: cannot mount the stats tree ({e}); it needs root and /dev/fuse") from None
+        need = "root and /dev/fuse" if os.geteuid() == 0 else "read-write /dev/fuse and the setuid fusermount3"
+        raise UblkError(f"{mp}: cannot mount the stats tree ({e}); it needs {need}") from None
     try:
         task_status.started()
         try:
