@@ -141,7 +141,9 @@ def test_commands_on_an_unprivileged_device_carry_its_path(fake):
         c.stop_dev(5)
         c.del_dev(5)
     nrs = [(nr, path) for nr, dev, path, _ in fake.calls if dev == 5]
-    assert nrs == [(lib.UBLK_CMD_GET_DEV_INFO2, "/dev/ublkc5"), (lib.UBLK_CMD_GET_PARAMS, "/dev/ublkc5"),
+    # GET_DEV_INFO first (refused without the path), then GET_DEV_INFO2 with it
+    assert nrs == [(lib.UBLK_CMD_GET_DEV_INFO, ""), (lib.UBLK_CMD_GET_DEV_INFO2, "/dev/ublkc5"),
+                   (lib.UBLK_CMD_GET_PARAMS, "/dev/ublkc5"),
                    (lib.UBLK_CMD_STOP_DEV, "/dev/ublkc5"), (lib.UBLK_CMD_DEL_DEV, "/dev/ublkc5")]
     # the payload after the path is the command's own, whole
     assert [size for nr, dev, _, size in fake.calls if nr == lib.UBLK_CMD_GET_PARAMS] == [
@@ -153,9 +155,26 @@ def test_commands_on_a_privileged_device_carry_none(fake):
         c.get_params(2)
         c.del_dev(2)
     paths = [(nr, path) for nr, dev, path, _ in fake.calls if dev == 2]
-    # GET_DEV_INFO2 always carries it; the rest of a root device's commands never do
-    assert paths == [(lib.UBLK_CMD_GET_DEV_INFO2, "/dev/ublkc2"), (lib.UBLK_CMD_GET_PARAMS, ""),
+    # a root device answers GET_DEV_INFO (no node needed) and its commands carry no path
+    assert paths == [(lib.UBLK_CMD_GET_DEV_INFO, ""), (lib.UBLK_CMD_GET_PARAMS, ""),
                      (lib.UBLK_CMD_DEL_DEV, "")]
+
+
+def test_root_keeps_a_device_whose_node_is_missing(monkeypatch):
+    """/dev/ublkcN gone (a static /dev, an rm): root's GET_DEV_INFO needs no node, so the
+    device is neither hidden from list nor taken for deleted."""
+    k = FakeKernel(set(), lib.UBLK_F_UNPRIVILEGED_DEV | lib.UBLK_F_CMD_IOCTL_ENCODE)
+    real = k.us_ctrl_cmd
+
+    def no_node(fd, op, cmd):
+        if cmd.dev_path_len:
+            return -errno.ENOENT
+        return real(fd, op, cmd)
+
+    k.us_ctrl_cmd = no_node
+    monkeypatch.setattr(ctrlmod, "lib", k)
+    with ctrlmod.Control("/dev/null") as c:
+        assert c.get_dev_info(3).dev_id == 3
 
 
 def test_a_kernel_without_unprivileged_devices_gets_no_path(monkeypatch):
@@ -334,7 +353,25 @@ def test_rules_refuse_an_interpreter_udev_cannot_run(monkeypatch):
 
 def test_rules_use_this_interpreter():
     p = _udev("udev-rules")
-    assert p.returncode == 0 and f"{sys.executable} -P -m ublkshell udev add %k".encode() in p.stdout
+    assert p.returncode == 0 and f"{sys.executable} -I -m ublkshell udev add %k".encode() in p.stdout
+
+
+def test_rules_refuse_an_interpreter_a_user_could_change(monkeypatch, tmp_path):
+    """udev runs the rule's program as root: never one in a directory a user owns."""
+    d = tmp_path / "venv" / "bin"
+    d.mkdir(parents=True)
+    exe = d / "python3"
+    exe.write_text("")
+    os.chown(tmp_path / "venv", 60001, 60001)
+    monkeypatch.setattr(sys, "executable", str(exe))
+    with pytest.raises(UblkError, match=r"venv is not root's alone \(owner uid 60001"):
+        udev.rules()
+
+
+def test_a_user_on_a_kernel_without_unprivileged_devices_is_one_line(as_user):
+    with pytest.raises(UblkError, match="UBLK_F_UNPRIVILEGED_DEV"):
+        unprivileged.check_kernel(lib.UBLK_F_USER_COPY)
+    unprivileged.check_kernel(lib.UBLK_F_UNPRIVILEGED_DEV)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two other users")

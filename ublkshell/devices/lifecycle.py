@@ -4,6 +4,7 @@ import os
 
 from . import fuse as fusedev, ids as devids, paths, registry, spawn, unprivileged
 from .. import procs
+from .._native import lib
 from ..kernel.ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
 from ..errors import UblkError
 from .io_modes import io_mode_of, zero_copy_of
@@ -17,8 +18,9 @@ def add(spec: dict, timeout: float = spawn.ADD_TIMEOUT) -> dict:
         module = fusedev.DAEMON_MODULE
     else:
         unprivileged.check_spec(spec)
-        with Control():
-            pass  # fail here, with the driver hint, rather than inside the daemon
+        # fail here, with the driver hint, rather than inside the daemon
+        with Control() as ctrl:
+            unprivileged.check_kernel(ctrl.features)
         module = spawn.DAEMON_MODULE
     return spawn.spawn_daemon(spec, timeout, module)
 
@@ -99,6 +101,9 @@ def delete(dev_id: int, timeout: float = 20.0) -> None:
             # no entry (a daemon killed before writing it, or another user's device): the
             # kernel's pid, only if it is ours
             pid, start = unprivileged.believed_pid(info)
+            if os.geteuid() == 0 and info.flags & lib.UBLK_F_UNPRIVILEGED_DEV:
+                # a user's daemon: STOP_DEV ends it; root signals no process a user named
+                pid, start = -1, None
             procs.stop_daemon(pid, start, timeout)
         if dev_id in list_device_ids():
             ctrl.stop_and_delete(dev_id)

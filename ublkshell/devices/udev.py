@@ -34,7 +34,7 @@ RULES = """\
 KERNEL=="ublk-control", GROUP="{group}", MODE="0660", OPTIONS+="static_node=ublk-control"
 # A device a user added is handed to that user (root's devices stay root's):
 ACTION=="add", SUBSYSTEM=="ublk-char", KERNEL=="ublkc[0-9]*", RUN+="{exe} udev add %k"
-ACTION=="add", SUBSYSTEM=="block", KERNEL=="ublkb[0-9]*", RUN+="{exe} udev add %k"
+ACTION=="add", SUBSYSTEM=="block", ENV{{DEVTYPE}}=="disk", KERNEL=="ublkb[0-9]*", RUN+="{exe} udev add %k"
 """
 
 
@@ -56,8 +56,25 @@ def rules(exe: str | None = None, group: str = DEFAULT_GROUP) -> str:
         if any(c.isspace() or c in "\"'\\%$" for c in sys.executable):
             raise UblkError(f"{sys.executable!r}: udev cannot run a program whose path has spaces, "
                             "quotes or % in it: install ublkshell elsewhere")
-        exe = f"{sys.executable} -P -m ublkshell"
+        _root_only(os.path.realpath(sys.executable))
+        _root_only(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        # -I: no PYTHON* variables, no user site, no script directory decide what root runs
+        exe = f"{sys.executable} -I -m ublkshell"
     return RULES.format(rules_file=RULES_FILE, group=group, exe=exe)
+
+
+def _root_only(path: str) -> None:
+    """udev runs the rule's program as root for every ublk device: refuse to name one that
+    a user could change (a checkout or venv of theirs), or any directory above it."""
+    p = path
+    while True:
+        st = os.stat(p)
+        if st.st_uid != 0 or st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            raise UblkError(f"{p} is not root's alone (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): "
+                            f"udev would run {path} as root; install ublkshell where only root can write")
+        if p == "/":
+            return
+        p = os.path.dirname(p)
 
 
 def hand_over(kind: str, dev_id: int) -> str:

@@ -42,6 +42,15 @@ def check_spec(spec: dict) -> None:
                          "use --zero-copy auto or off")
 
 
+def check_kernel(features: int) -> None:
+    """A user's device needs the kernel to offer it, and to say so: where GET_FEATURES is
+    missing (before 6.5) no later command would carry the device's path, and a device
+    added there would be left, out of its owner's reach, until root deleted it."""
+    if unprivileged() and not features & lib.UBLK_F_UNPRIVILEGED_DEV:
+        raise UblkError("this kernel's ublk_drv does not offer devices to users who are not root "
+                        "(UBLK_F_UNPRIVILEGED_DEV through GET_FEATURES, Linux 6.5 and later)")
+
+
 def add_flags(flags: int) -> int:
     """ADD_DEV flags for this caller: the unprivileged bit for a user, and none of those
     the kernel refuses with it (zero copy `auto` then means off)."""

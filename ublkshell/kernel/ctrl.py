@@ -145,7 +145,12 @@ class Control:
         return cdev_path(dev_id) if self._unpriv.get(dev_id) else None
 
     def _dev_cmd(self, name, dev_id, **kw):
-        return self._cmd(name, dev_id, path=self._path_for(dev_id), **kw)
+        try:
+            return self._cmd(name, dev_id, path=self._path_for(dev_id), **kw)
+        except CtrlError:
+            # the id may name another device by now: ask again next time
+            self._unpriv.pop(dev_id, None)
+            raise
 
     # -- queries ---------------------------------------------------------
     def get_features(self) -> int:
@@ -155,18 +160,24 @@ class Control:
 
     def get_dev_info(self, dev_id: int):
         info = ffi.new("struct ublksrv_ctrl_dev_info *")
-        if self.features & lib.UBLK_F_UNPRIVILEGED_DEV:
-            # GET_DEV_INFO2 always carries the path: one command that works whoever added
-            # the device, and tells us whether the later ones must carry it too
+        try:
+            # root's devices answer without a path, so a missing or odd /dev/ublkcN (a static
+            # /dev, an rm) never hides one of them from root's list or del
+            self._cmd("GET_DEV_INFO", dev_id, buf=info)
+        except CtrlError as e:
+            # EINVAL: an unprivileged device, which wants its path; EPERM: a user asking
+            # about root's device (GET_DEV_INFO2 says so again, or serves the user's own)
+            if not self.features & lib.UBLK_F_UNPRIVILEGED_DEV or e.errno not in (errno.EINVAL, errno.EPERM):
+                raise
             try:
                 self._cmd("GET_DEV_INFO2", dev_id, buf=info, path=cdev_path(dev_id))
-            except CtrlError as e:
-                if e.errno == errno.ENOENT:
-                    # no /dev/ublkcN: the device is gone (or going)
-                    raise CtrlError("GET_DEV_INFO2", dev_id, errno.ENODEV) from None
-                raise
-        else:
-            self._cmd("GET_DEV_INFO", dev_id, buf=info)
+            except CtrlError as e2:
+                if e2.errno != errno.ENOENT:
+                    raise
+                if dev_id not in list_device_ids():
+                    raise CtrlError("GET_DEV_INFO2", dev_id, errno.ENODEV) from None  # gone meanwhile
+                raise UblkError(f"device {dev_id}: {cdev_path(dev_id)} is missing, and the kernel "
+                                "takes commands on a device a user added only with it") from None
         self._unpriv[dev_id] = bool(info.flags & lib.UBLK_F_UNPRIVILEGED_DEV)
         return info
 
