@@ -4,6 +4,7 @@ import os
 
 from . import fuse as fusedev, ids as devids, paths, registry, spawn
 from .. import procs
+from .._native import lib
 from ..kernel.ctrl import CONTROL_PATH, Control, CtrlError, list_device_ids
 from ..errors import UblkError
 from .io_modes import io_mode_of, zero_copy_of
@@ -56,6 +57,8 @@ def describe(ctrl: Control, dev_id: int) -> dict:
         d["target"] = entry.get("describe", entry.get("target", "-"))
         d["daemon_alive"] = procs.entry_daemon_alive(entry)
         d["pid"] = entry.get("pid", d["pid"])
+    # zoned: the geometry its daemon recorded (conventional zones are only known there)
+    d["zoned"] = (entry or {}).get("zoned") if info.flags & lib.UBLK_F_ZONED else None
     return d
 
 

@@ -17,7 +17,7 @@ from .paths import mem_path
 from .. import files
 from .._native import ffi, lib
 from ..errors import UblkError, UsageError
-from ..units import parse_size
+from ..units import human, parse_size
 from .recovery_modes import check_mode
 from .io_modes import IO_MODES, ZERO_COPY_MODES
 
@@ -79,6 +79,13 @@ class Target:
         """`--zero-copy auto`: does registering the request's pages beat the driver's copy here?"""
         return False
 
+    def dev_flags(self, features: int) -> int:
+        """UBLK_F_* the target itself needs at ADD_DEV (zoned mem), given what the kernel offers."""
+        return 0
+
+    def zone_cfg(self, cfg) -> None:
+        """Fill the native config's zone fields (zoned mem only)."""
+
     def fill_params(self, p, max_io_bytes: int, zero_copy: bool = False) -> None:
         shift = self.block_size.bit_length() - 1
         p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_DISCARD
@@ -101,38 +108,105 @@ class Target:
 
 
 class MemTarget(Target):
-    """Data in a tmpfs file of the data dir that outlives the daemon (recovery)."""
+    """Data in a tmpfs file of the data dir that outlives the daemon (recovery); zoned, the
+    zone state in a second file beside it (native/zones.c says why a file)."""
 
     def attach(self, dev_id: int) -> None:
         path = mem_path(dev_id)
-        if self.spec.get("recover"):
-            # the dead daemon's data: a missing file must not become an empty disk
-            try:
-                self.fd = files.open_nofollow(path, os.O_RDWR)
-            except FileNotFoundError:
-                raise UblkError(f"the mem data of device {devids.name(dev_id)} ({path}) is gone: "
-                                "cannot recover it") from None
-            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-                raise UblkError(f"{path}: not a regular file: cannot recover from it")
-        else:
-            # whatever an earlier device of this id left is replaced, never followed
-            self.fd = files.create_new(path)
-            try:
-                os.ftruncate(self.fd, self.size)
-            except OSError as e:
-                raise UblkError(f"mem: cannot make {path} {self.size} bytes: {e.strerror}") from None
+        self.zone_fd = -1
+        if self.spec.get("zoned"):
+            self.zones_path = path + ".zones"
+            # its length is native/zones.c's layout for this many zones
+            nr = self.size // self.spec["zoned"]["zone_size"]
+            self.zone_fd = self._open_store(dev_id, self.zones_path, int(lib.us_zones_file_size(nr)))
+        self.fd = self._open_store(dev_id, path, self.size)
         # the file is the device's size: a zero-copy read through the ring never comes back short
         self.backing_bytes = self.size
         self.path = path
 
+    def _open_store(self, dev_id: int, path: str, size: int) -> int:
+        if self.spec.get("recover"):
+            # the dead daemon's data: a missing file must not become an empty disk
+            try:
+                fd = files.open_nofollow(path, os.O_RDWR)
+            except FileNotFoundError:
+                raise UblkError(f"the mem data of device {devids.name(dev_id)} ({path}) "
+                                "is gone: cannot recover it") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UblkError(f"{path}: not a regular file: cannot recover from it")
+            return fd
+        # whatever an earlier device of this id left is replaced, never followed
+        fd = files.create_new(path)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            raise UblkError(f"mem: cannot make {path} {size} bytes: {e.strerror}") from None
+        return fd
+
+    def describe(self) -> str:
+        z = self.spec.get("zoned")
+        if not z:
+            return self.name
+        conv = f", {z['conv_zones']} conventional" if z["conv_zones"] else ""
+        return f"{self.name} zoned {human(z['zone_size'])} x {self.size // z['zone_size']}{conv}"
+
     def state(self) -> dict:
-        return {"mem_path": getattr(self, "path", None)}
+        out = {"mem_path": getattr(self, "path", None)}
+        z = self.spec.get("zoned")
+        if z:
+            out["zones_path"] = getattr(self, "zones_path", None)
+            out["zoned"] = zone_geometry(z, self.size)
+        return out
 
     def write_log_fd(self) -> int:
         return self.fd
 
+    def close(self) -> None:
+        if getattr(self, "zone_fd", -1) >= 0:
+            os.close(self.zone_fd)
+            self.zone_fd = -1
+        super().close()
+
     def remove(self) -> None:
         files.unlink_quiet(getattr(self, "path", None))
+        files.unlink_quiet(getattr(self, "zones_path", None))
+
+    def fill_params(self, p, max_io_bytes: int, zero_copy: bool = False) -> None:
+        super().fill_params(p, max_io_bytes, zero_copy)
+        z = self.spec.get("zoned")
+        if not z:
+            return
+        # a host-managed drive: no discard or write-zeroes (their effect on a write pointer is
+        # not what a zoned drive defines), zone size as chunk_sectors, the limits as given
+        p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_ZONED
+        p.basic.chunk_sectors = z["zone_size"] >> 9
+        p.zoned.max_open_zones = z["max_open"]
+        p.zoned.max_active_zones = z["max_active"]
+        p.zoned.max_zone_append_sectors = min(max_io_bytes, z["zone_size"]) >> 9
+
+    def dev_flags(self, features: int) -> int:
+        """ADD_DEV flags the target needs: zoned wants UBLK_F_ZONED and user copy, which the
+        driver insists on for it (its data crosses /dev/ublkcN, native/ublk_buffers.c)."""
+        if not self.spec.get("zoned"):
+            return 0
+        missing = [n for n, b in (("UBLK_F_ZONED", lib.UBLK_F_ZONED), ("UBLK_F_USER_COPY", lib.UBLK_F_USER_COPY))
+                   if not features & b]
+        if missing:
+            raise UblkError(f"--zoned: this kernel's ublk_drv does not offer {' and '.join(missing)} "
+                            "(zoned ublk devices: Linux 6.6 and later, built with CONFIG_BLK_DEV_ZONED)")
+        return lib.UBLK_F_ZONED | lib.UBLK_F_USER_COPY
+
+    def zone_cfg(self, cfg) -> None:
+        z = self.spec.get("zoned")
+        if not z:
+            return
+        cfg.zone_sectors = z["zone_size"] >> 9
+        cfg.zone_conv = z["conv_zones"]
+        cfg.zone_max_open = z["max_open"]
+        cfg.zone_max_active = z["max_active"]
+        cfg.zone_fd = self.zone_fd
 
 
 class LoopTarget(Target):
@@ -236,6 +310,7 @@ def _from_table() -> dict:
         out[name] = type(f"{name.title()}Target", (base,), {
             "name": name, "kind": i, "help": ffi.string(info.help).decode() if info.help else "",
             "needs_size": bool(info.options & lib.US_OPT_SIZE),
+            "zoned_ok": bool(info.options & lib.US_OPT_ZONED),
             "read_only": bool(info.flags & lib.US_TGT_F_READ_ONLY),
             "zero_copy": bool(info.flags & lib.US_TGT_F_ZERO_COPY),
             "stores_data": info.backing != lib.US_BACKING_NONE})
@@ -247,6 +322,10 @@ TARGETS = _from_table()
 
 
 POWERCUT_LOG = 256 << 20
+# --zone-size: null_blk's default; a chunk_sectors (u32) holds at most 2^31 sectors (1T)
+DEFAULT_ZONE_SIZE = "256M"
+MIN_ZONE_SIZE = 64 << 10
+MAX_ZONE_SIZE = 1 << 40
 # 1 EiB: sector numbers and byte offsets stay far from 64-bit overflow everywhere
 MAX_DEVICE_SIZE = 1 << 60
 TRANSPORTS = ("ublk", "fuse")
@@ -255,7 +334,8 @@ TRANSPORTS = ("ublk", "fuse")
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
                max_io="512k", dev_id=-1, transport="ublk", loop=False, powercut=False,
                no_records=False, recovery=None, io_mode="auto", coalesce_ns=0,
-               zero_copy="auto") -> dict:
+               zero_copy="auto", zoned=False, zone_size=None, conv_zones=None, max_open=None,
+               max_active=None) -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -316,7 +396,68 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
     check_zero_copy(zero_copy, target, transport)
     if transport != "fuse":
         spec["zero_copy"] = zero_copy
+    z = check_zoned(spec, zoned, zone_size, conv_zones, max_open, max_active)
+    if z:
+        spec["zoned"] = z
     return spec
+
+
+def zone_geometry(z: dict, size: int) -> dict:
+    """What `list` and `info` show of a zoned device (docs/schema.md, zoned)."""
+    return {"zone_size": z["zone_size"], "zones": size // z["zone_size"], "conv_zones": z["conv_zones"],
+            "max_open": z["max_open"], "max_active": z["max_active"]}
+
+
+def check_zoned(spec: dict, zoned: bool, zone_size, conv_zones, max_open, max_active) -> dict | None:
+    """`--zoned` and its geometry: {zone_size (bytes), conv_zones, max_open, max_active (0: no
+    limit)}, or None. The numbers arrive range-checked (verbs.ADD_ARGS); what they mean
+    together is checked here, each fault in one line."""
+    given = [o for o, v in (("--zone-size", zone_size), ("--conv-zones", conv_zones),
+                            ("--max-open", max_open), ("--max-active", max_active)) if v is not None]
+    if not zoned:
+        if given:
+            raise UsageError(f"{given[0]} is for zoned devices: add --zoned")
+        return None
+    target = spec["target"]
+    if not TARGETS[target].zoned_ok:
+        keep = ", ".join(n for n, t in TARGETS.items() if t.zoned_ok)
+        raise UsageError(f"--zoned: the {target} target has no zones (zoned targets: {keep})")
+    if spec.get("transport") == "fuse":
+        raise UsageError("--zoned is ublk's (UBLK_F_ZONED): a FUSE file has no zones")
+    if spec.get("powercut"):
+        raise UsageError("--powercut undoes data, not write pointers: it cannot be used with --zoned")
+    if spec.get("io_mode") == "batch":
+        raise UsageError("--io-mode batch: ublkshell's batch front end does not carry zone append "
+                         "LBAs; a zoned device serves per tag (--io-mode auto or per-tag)")
+    if spec.get("zero_copy") in ("on", "fallback"):
+        raise UsageError(f"--zero-copy {spec['zero_copy']}: the driver moves a zoned device's data "
+                         "only by user copy (UBLK_F_USER_COPY); use --zero-copy auto or off")
+    zs = parse_size(zone_size if zone_size is not None else DEFAULT_ZONE_SIZE, "--zone-size",
+                    lo=MIN_ZONE_SIZE, hi=MAX_ZONE_SIZE)
+    if zs & (zs - 1):
+        raise UsageError(f"--zone-size: {zone_size} is not a power of two (e.g. 64M, 256M)")
+    if zs < spec["block_size"]:
+        raise UsageError(f"--zone-size: {zone_size} is smaller than the block size ({spec['block_size']})")
+    size = spec["size"]
+    if size % zs:
+        raise UsageError(f"--size: {human(size)} is not a multiple of the zone size ({human(zs)})")
+    nr = size // zs
+    if nr > lib.US_ZONES_MAX:
+        raise UsageError(f"--zone-size: {human(zs)} makes {nr} zones, more than {lib.US_ZONES_MAX}: "
+                         "use larger zones")
+    conv = conv_zones or 0
+    if conv >= nr:
+        raise UsageError(f"--conv-zones: {conv} leaves no sequential zone (the device has {nr} zones)")
+    seq = nr - conv
+    for opt, v in (("--max-open", max_open), ("--max-active", max_active)):
+        if v is not None and v > seq:
+            raise UsageError(f"{opt}: {v} is more than the {seq} sequential zones")
+    if max_open is not None and max_active is not None and max_open > max_active:
+        raise UsageError(f"--max-open: {max_open} is more than --max-active {max_active} "
+                         "(an open zone is an active one)")
+    return {"zone_size": zs, "conv_zones": conv, "max_open": max_open or 0, "max_active": max_active or 0}
+
+
 
 
 def check_zero_copy(mode: str, target: str, transport: str) -> None:
