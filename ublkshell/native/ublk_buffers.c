@@ -20,6 +20,12 @@
  * /dev/ublkcN before the target runs and a READ's data written out with
  * pwrite before the commit (never linked to it): one syscall where the
  * driver's copy took none.
+ *
+ * User copy alone (a zoned device: the driver accepts UBLK_F_ZONED only with
+ * UBLK_F_USER_COPY): the driver copies nothing, so every WRITE's and
+ * ZONE_APPEND's data is read in before the IO starts and every READ's data
+ * (and a REPORT_ZONES answer) written out before the commit, by the same two
+ * calls the copy path uses.
  */
 #define _GNU_SOURCE
 #include <errno.h>
