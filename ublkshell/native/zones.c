@@ -28,6 +28,10 @@
  * it across its copy into the data file, so that the pointer never runs ahead
  * of data another queue could read. The copy is a memcpy into tmpfs; a write
  * to a conventional zone and every read take no lock.
+ *
+ * Longer than 400 lines: it is one state machine (its file, its transitions,
+ * its resource counts and the requests that drive them), which reads best
+ * whole; a split would put halves of each transition in two files.
  */
 #define _GNU_SOURCE
 #include <errno.h>
