@@ -64,6 +64,9 @@ def test_geometry_write_pointer_zone_ops_faults_and_trace(devices):
     # a sequential zone only at its write pointer: off it, EIO as a real drive
     z2 = 2 * ZONE
     assert errno_of(pwrite_direct, p, pattern(4096, 2), z2 + 4096) == errno.EIO
+    # after a failed write the block layer fails the zone's writes until a zone report (or
+    # reset) tells it the pointer again, as for any zoned drive: the report comes from us
+    assert report(p)[2]["wp"] == 0
     data = pattern(MB, 3)
     pwrite_direct(p, data, z2)
     assert errno_of(pwrite_direct, p, pattern(4096, 2), z2) == errno.EIO, "behind the pointer"
