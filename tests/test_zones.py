@@ -260,3 +260,19 @@ def test_zone_ops_are_named():
     assert op_name(lib.UBLK_IO_OP_REPORT_ZONES) == "report_zones"
     (rule,) = parse("fail op=zone_reset,zone_finish")
     assert rule["ops"] == ["zone_finish", "zone_reset"]
+
+
+def test_a_rule_on_a_zone_op_matches_that_op_only(tmp_path, monkeypatch):
+    from ublkshell.faults import grammar, table
+    from ublkshell.observe import shm as shm_mod
+    monkeypatch.setenv("UBLKSHELL_DATA_DIR", str(tmp_path))
+    s = shm_mod.create(13, nr_queues=1, depth=4, records=16, pid=os.getpid())
+    try:
+        (r,) = table.add(13, "fail op=zone_reset,zone_append")
+
+        def ev(op):
+            return grammar.fault_label(lib.us_fault_eval(s.base, 0, 0, op, 2048, 0))
+        assert ev(lib.UBLK_IO_OP_ZONE_RESET) == ev(lib.UBLK_IO_OP_ZONE_APPEND) == f"fail#{r['id']}"
+        assert ev(lib.UBLK_IO_OP_ZONE_FINISH) == ev(lib.UBLK_IO_OP_WRITE) == ""
+    finally:
+        s.close()
