@@ -56,7 +56,7 @@ class Zones:
 
     def report(self, sector=0, nr=NR):
         n = self.io(lib.UBLK_IO_OP_REPORT_ZONES, sector, nr)
-        assert n == nr * 64, "the whole buffer, or the kernel requeues the rest"
+        assert n == nr * 64, "every entry asked for, past the last zone zeroed"
         out = []
         for i in range(nr):
             start, length, wp, typ, cond = struct.unpack_from("<QQQBB", ffi.buffer(self.buf, n), i * 64)

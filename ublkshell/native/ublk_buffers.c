@@ -92,7 +92,15 @@ int us_io_copy_out(struct us_queue *q, unsigned tag, struct us_io *io, int resul
 		return result;
 	int r = copy_out(q, tag, io->buf, (size_t)result, 0);
 
-	return r ? r : result;
+	if (r)
+		return r;
+	/*
+	 * A zone report fills the entries asked for, but the kernel's buffer may
+	 * be longer (its last chunk of a long report), and a count short of it
+	 * leaves the request partly done and requeued for ever. Without a mapped
+	 * buffer the driver clamps the count to the request's bytes: claim them all.
+	 */
+	return op == UBLK_IO_OP_REPORT_ZONES ? (int)q->dev->cfg.max_io_bytes : result;
 }
 
 int us_io_zero_tail(struct us_queue *q, unsigned tag, struct us_io *io, unsigned from, unsigned len)

@@ -457,8 +457,8 @@ static int reset_all(struct us_zones *zs)
 /*
  * REPORT_ZONES: struct blk_zone entries from the zone holding sector on, as
  * many as asked and fit in len bytes; the rest of the buffer zeros (a zero
- * length ends the kernel's walk). The result is every byte of the buffer:
- * a short count would leave the request partly done and requeued.
+ * length ends the kernel's walk). The result is the bytes filled; the front
+ * end answers the driver for the whole request (ublk_buffers.c).
  */
 static int report(struct us_zones *zs, uint64_t sector, uint32_t nr_zones, char *buf, size_t len)
 {
