@@ -7,10 +7,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # build-essential also brings gcc's ASan and UBSan runtimes (gcc-N -> libgcc-N-dev -> libasan,
 # libubsan), which scripts/sanitize.sh preloads: nothing more to list for them
-# btrfs-progs: mkfs.btrfs -O zoned and btrfs check on a zoned device (tests/vm/test_zoned.py)
 packages=(build-essential pkg-config liburing-dev libfuse3-dev fuse3 fio e2fsprogs xfsprogs
           util-linux qemu-system-x86 busybox-static cpio xz-utils kmod tmux python3-venv blktrace
-          zsh bash-completion btrfs-progs)
+          zsh bash-completion)
 
 missing=()
 for p in "${packages[@]}"; do
