@@ -107,7 +107,8 @@ def test_fio_zbd_verify(devices):
                       "-q", "2")
     f = run(["fio", "--name=zbd", f"--filename={dev['path']}", "--zonemode=zbd", "--direct=1",
              "--ioengine=psync", "--rw=write", "--bs=64k", f"--offset={2 * ZONE}", "--size=96M",
-             "--verify=crc32c", "--do_verify=1", "--output-format=json"], timeout=240)
+             "--verify=crc32c", "--do_verify=1", "--verify_state_save=0", "--output-format=json"],
+            timeout=240)
     js = json.loads(f.stdout[f.stdout.index("{"):])
     job = js["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] == 96 * MB and job["read"]["io_bytes"] == 96 * MB
