@@ -70,7 +70,8 @@ def test_human():
     (["powercut", "0", "--keep", "2"], "ublkshell: --keep: 2 is outside 0..1"),
     (["powercut", "0", "--partial", "--keep", "0.3"], "ublkshell: powercut: --partial or --keep P, not both"),
     (["fail", "0", "op=wrte"],
-     "ublkshell: fail: column 8: unknown op 'wrte' (read, write, flush, discard, write_zeroes)"),
+     "ublkshell: fail: column 8: unknown op 'wrte' (read, write, flush, discard, write_zeroes, zone_open, "
+     "zone_close, zone_finish, zone_append, zone_reset_all, zone_reset, report_zones)"),
     (["delay", "12"], "ublkshell: delay: column 9: delay needs a duration: delay 5ms, or delay 1ms..50ms"),
     (["clear", "0", "x"], "ublkshell: argument RULE: invalid int value: 'x'"),
 ])

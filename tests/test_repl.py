@@ -224,7 +224,9 @@ def test_c_info_and_trace_from_start(server, env, dev7):
 @pytest.mark.parametrize("line,code,message", [
     ("frob", 2, "ublkshell: unknown command 'frob' (`help` lists them)"),
     ("stats x", 2, "ublkshell: argument id: 'x' is not a device id (a number like 0, or fuseN for a FUSE device)"),
-    ("trace 7 op=nope", 2, "ublkshell: trace filter op=nope: 'nope' is not an op (choose from read, write, flush, discard, write_zeroes, or several: op=write,flush)"),
+    ("trace 7 op=nope", 2, "ublkshell: trace filter op=nope: 'nope' is not an op (choose from read, write, flush, "
+     "discard, write_zeroes, zone_open, zone_close, zone_finish, zone_append, zone_reset_all, zone_reset, "
+     "report_zones, or several: op=write,flush)"),
     ("serve", 2, "ublkshell: unknown command 'serve' (`help` lists them)"),
     ("completion bash", 2, "ublkshell: unknown command 'completion' (`help` lists them)"),
     ("stats 12345", 1, "ublkshell: device 12345 has no statistics (not served by ublkshell?)"),

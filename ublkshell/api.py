@@ -143,13 +143,17 @@ for _a in ("fail", "drop", "corrupt", "torn", "hang", "flakey"):
 
 def device(target: str = "mem", *, size=None, file=None, queues: int = 1, depth: int = 128,
            block_size=None, max_io: str = "512k", recovery=None, powercut: bool = False,
-           io_mode: str = "auto", coalesce=0, zero_copy: str = "auto") -> Device:
+           io_mode: str = "auto", coalesce=0, zero_copy: str = "auto", zoned: bool = False,
+           zone_size=None, conv_zones=None, max_open=None, max_active=None) -> Device:
     """Add a device (its IO daemon outlives this process until deleted); use it with `with`.
-    io_mode, coalesce and zero_copy are `add --io-mode`, `--coalesce` and `--zero-copy`."""
+    io_mode, coalesce and zero_copy are `add --io-mode`, `--coalesce` and `--zero-copy`;
+    zoned and the rest `--zoned`, `--zone-size`, `--conv-zones`, `--max-open`, `--max-active`."""
     args = {"target": target, "size": None if size is None else str(size), "file": file,
             "queues": queues, "depth": depth, "block_size": block_size, "max_io": max_io,
             "dev_id": -1, "powercut": powercut, "io_mode": io_mode, "coalesce": coalesce,
-            "zero_copy": zero_copy}
+            "zero_copy": zero_copy, "zoned": zoned,
+            "zone_size": None if zone_size is None else str(zone_size), "conv_zones": conv_zones,
+            "max_open": max_open, "max_active": max_active}
     if recovery:
         args["recovery"] = "requeue" if recovery is True else recovery
     return Device(_verb("add")(args))

@@ -153,6 +153,18 @@ def cli_parser() -> argparse.ArgumentParser:
                         "loop on a file or device not in RAM, where the kernel offers it. off: the "
                         "driver copies. fallback: every registration fails on purpose, so every IO "
                         "takes the driver's fallback and the copy path (for testing that path)")
+    a.add_argument("--zoned", action="store_true",
+                   help="mem: a host-managed zoned device (UBLK_F_ZONED, Linux 6.6+): writes only at a "
+                        "zone's write pointer (else EIO), zone open/close/finish/reset, zone append, "
+                        "`blkzone report`; per-tag IO with user copy, no zero copy")
+    a.add_argument("--zone-size", metavar="SIZE",
+                   help="--zoned: zone size, a power of two from 64k to 1T that divides --size (default 256M)")
+    a.add_argument("--conv-zones", type=int, metavar="N",
+                   help="--zoned: conventional zones (written anywhere) at the start (default 0)")
+    a.add_argument("--max-open", type=int, metavar="N",
+                   help="--zoned: most zones open at once (default: no limit)")
+    a.add_argument("--max-active", type=int, metavar="N",
+                   help="--zoned: most zones open or closed at once (default: no limit)")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
     offer(a, {"--type": TARGETS, "--file": PATH, "--transport": None, "--recovery": RECOVERY_MODES,
               "--io-mode": None, "--zero-copy": None})

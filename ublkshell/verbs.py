@@ -8,9 +8,9 @@ from typing import Any, Callable, NamedTuple
 from .devices import ids as devids
 from .errors import UsageError
 from .devices.io_modes import MAX_COALESCE_NS
-from .observe.names import MAX_DEPTH
+from .observe.names import MAX_DEPTH, US_ZONES_MAX
 from .observe.render import (render_add, render_del, render_features, render_inflight, render_lat,
-                             render_list, render_stats)
+                             render_list, render_stats, zoned_line)
 from .validate import ID, JSON, Arg, check, dev_ids, duration, flag, text, text_or_flag, whole, words
 
 
@@ -23,7 +23,9 @@ def run_add(a: dict) -> dict:
                       block_size=a["block_size"], max_io=a["max_io"], dev_id=a["dev_id"],
                       transport=a["transport"], loop=a["loop"], powercut=a["powercut"],
                       no_records=a["no_records"], recovery=a["recovery"], io_mode=a["io_mode"],
-                      coalesce_ns=a["coalesce"], zero_copy=a["zero_copy"])
+                      coalesce_ns=a["coalesce"], zero_copy=a["zero_copy"], zoned=a["zoned"],
+                      zone_size=a["zone_size"], conv_zones=a["conv_zones"], max_open=a["max_open"],
+                      max_active=a["max_active"])
     return add(spec)
 
 
@@ -44,6 +46,11 @@ ADD_ARGS = {
     "io_mode": Arg("--io-mode", text(64), "auto"),
     "coalesce": Arg("--coalesce", duration("us", hi=MAX_COALESCE_NS), 0),
     "zero_copy": Arg("--zero-copy", text(64), "auto"),
+    "zoned": Arg("--zoned", flag, False),
+    "zone_size": Arg("--zone-size", text(64)),
+    "conv_zones": Arg("--conv-zones", whole(0, US_ZONES_MAX - 1)),
+    "max_open": Arg("--max-open", whole(1, US_ZONES_MAX)),
+    "max_active": Arg("--max-active", whole(1, US_ZONES_MAX)),
     **JSON,
 }
 
@@ -106,6 +113,8 @@ def run_info(a: dict) -> dict:
 
 def render_info(r: dict) -> str:
     out = [render_list([r["list"]])] if r["list"] else []
+    if r["list"] and r["list"].get("zoned"):
+        out.append(zoned_line(r["list"]["zoned"]))
     if r["stats"]:
         out.append(render_stats(r["stats"]))
     if r["error"]:

@@ -126,7 +126,10 @@ class Daemon:
         spec = self.spec
         self.target.open()
         flags = recovery_flags(spec.get("recovery"), self.ctrl.features)
-        flags |= io_mode_flags(spec.get("io_mode", "auto"), self.ctrl.features, spec["depth"])
+        # zoned: per tag, as the batch front end carries no zone append LBA (targets.check_zoned)
+        flags |= io_mode_flags("per-tag" if spec.get("zoned") else spec.get("io_mode", "auto"),
+                               self.ctrl.features, spec["depth"])
+        flags |= self.target.dev_flags(self.ctrl.features)
         flags |= zero_copy_flags(spec.get("zero_copy", "auto"), self.ctrl.features,
                                  self.target.zero_copy_pays())
         if self.ctrl.ioctl_encode:
@@ -218,6 +221,7 @@ class Daemon:
         cfg.no_records = 1 if spec.get("no_records") else 0
         cfg.coalesce_us = int(spec.get("coalesce_us", 0))
         cfg.zc_fallback = 1 if spec.get("zero_copy") == "fallback" else 0
+        self.target.zone_cfg(cfg)
         if info.flags & lib.UBLK_F_AUTO_BUF_REG and not info.flags & lib.UBLK_F_USER_COPY:
             raise UblkError(f"device {self.dev_id} was added with zero copy (UBLK_F_AUTO_BUF_REG) but "
                             "without user copy (UBLK_F_USER_COPY), which ublkshell's copy path needs")

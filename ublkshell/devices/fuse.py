@@ -179,7 +179,7 @@ def describe(dev_id: int, entry: dict) -> dict:
         "daemon_alive": alive, "file": entry.get("file"), "mount": entry.get("mount"),
         "loop": entry.get("loop") if alive else None,
         # one shape for both transports (docs/schema.md, list_entry): ublk's keys, empty
-        "recovery": None, "io_mode": None, "zero_copy": False,
+        "recovery": None, "io_mode": None, "zero_copy": False, "zoned": None,
     }
 
 

@@ -59,6 +59,8 @@ def describe(ctrl: Control, dev_id: int) -> dict:
         d["target"] = entry.get("describe", entry.get("target", "-"))
         d["daemon_alive"] = procs.entry_daemon_alive(entry)
         d["pid"] = entry.get("pid", d["pid"])
+    # zoned: the geometry its daemon recorded (conventional zones are only known there)
+    d["zoned"] = (entry or {}).get("zoned") if info.flags & lib.UBLK_F_ZONED else None
     return d
 
 

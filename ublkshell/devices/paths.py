@@ -27,6 +27,9 @@ def logdir() -> str:
 
 def forget(dev_id: int) -> None:
     """Drop what a deleted device left on the host: its mem data, statistics, registry entry."""
-    files.unlink_quiet(mem_path(dev_id, create=False))
+    mem = mem_path(dev_id, create=False)
+    files.unlink_quiet(mem)
+    # a zoned mem device's zone state (devices/targets.py)
+    files.unlink_quiet(mem and mem + ".zones")
     files.unlink_quiet(stats_path(dev_id))
     registry.remove(dev_id)

@@ -136,6 +136,8 @@ def resize(dev_id: int, size_text: str, force: bool = False) -> dict:
             if e.errno == errno.ENODEV:
                 raise UblkError(f"device {name} does not exist") from None
             raise
+        if info.flags & lib.UBLK_F_ZONED:
+            raise UblkError(f"resize: device {name} is zoned, and its zones are fixed at `add`")
         if info.state != lib.UBLK_S_DEV_LIVE:
             raise UblkError(f"resize: device {name} is not live (its daemon is gone?): recover it first")
         entry = registry.read(dev_id)

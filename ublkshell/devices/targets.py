@@ -17,9 +17,10 @@ from .paths import mem_path
 from .. import files
 from .._native import ffi, lib
 from ..errors import UblkError, UsageError
-from ..units import parse_size
+from ..units import human, parse_size
 from .recovery_modes import check_mode
 from .io_modes import IO_MODES, ZERO_COPY_MODES
+from .zoned import check_zoned, zone_geometry
 
 _BLKGETSIZE64 = 0x80081272
 _BLKSSZGET = 0x1268
@@ -79,6 +80,13 @@ class Target:
         """`--zero-copy auto`: does registering the request's pages beat the driver's copy here?"""
         return False
 
+    def dev_flags(self, features: int) -> int:
+        """UBLK_F_* the target itself needs at ADD_DEV (zoned mem), given what the kernel offers."""
+        return 0
+
+    def zone_cfg(self, cfg) -> None:
+        """Fill the native config's zone fields (zoned mem only)."""
+
     def fill_params(self, p, max_io_bytes: int, zero_copy: bool = False) -> None:
         shift = self.block_size.bit_length() - 1
         p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_DISCARD
@@ -101,38 +109,105 @@ class Target:
 
 
 class MemTarget(Target):
-    """Data in a tmpfs file of the data dir that outlives the daemon (recovery)."""
+    """Data in a tmpfs file of the data dir that outlives the daemon (recovery); zoned, the
+    zone state in a second file beside it (native/zones.c says why a file)."""
 
     def attach(self, dev_id: int) -> None:
         path = mem_path(dev_id)
-        if self.spec.get("recover"):
-            # the dead daemon's data: a missing file must not become an empty disk
-            try:
-                self.fd = files.open_nofollow(path, os.O_RDWR)
-            except FileNotFoundError:
-                raise UblkError(f"the mem data of device {devids.name(dev_id)} ({path}) is gone: "
-                                "cannot recover it") from None
-            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-                raise UblkError(f"{path}: not a regular file: cannot recover from it")
-        else:
-            # whatever an earlier device of this id left is replaced, never followed
-            self.fd = files.create_new(path)
-            try:
-                os.ftruncate(self.fd, self.size)
-            except OSError as e:
-                raise UblkError(f"mem: cannot make {path} {self.size} bytes: {e.strerror}") from None
+        self.zone_fd = -1
+        if self.spec.get("zoned"):
+            self.zones_path = path + ".zones"
+            # its length is native/zones.c's layout for this many zones
+            nr = self.size // self.spec["zoned"]["zone_size"]
+            self.zone_fd = self._open_store(dev_id, self.zones_path, int(lib.us_zones_file_size(nr)))
+        self.fd = self._open_store(dev_id, path, self.size)
         # the file is the device's size: a zero-copy read through the ring never comes back short
         self.backing_bytes = self.size
         self.path = path
 
+    def _open_store(self, dev_id: int, path: str, size: int) -> int:
+        if self.spec.get("recover"):
+            # the dead daemon's data: a missing file must not become an empty disk
+            try:
+                fd = files.open_nofollow(path, os.O_RDWR)
+            except FileNotFoundError:
+                raise UblkError(f"the mem data of device {devids.name(dev_id)} ({path}) "
+                                "is gone: cannot recover it") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UblkError(f"{path}: not a regular file: cannot recover from it")
+            return fd
+        # whatever an earlier device of this id left is replaced, never followed
+        fd = files.create_new(path)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            raise UblkError(f"mem: cannot make {path} {size} bytes: {e.strerror}") from None
+        return fd
+
+    def describe(self) -> str:
+        z = self.spec.get("zoned")
+        if not z:
+            return self.name
+        conv = f", {z['conv_zones']} conventional" if z["conv_zones"] else ""
+        return f"{self.name} zoned {human(z['zone_size'])} x {self.size // z['zone_size']}{conv}"
+
     def state(self) -> dict:
-        return {"mem_path": getattr(self, "path", None)}
+        out = {"mem_path": getattr(self, "path", None)}
+        z = self.spec.get("zoned")
+        if z:
+            out["zones_path"] = getattr(self, "zones_path", None)
+            out["zoned"] = zone_geometry(z, self.size)
+        return out
 
     def write_log_fd(self) -> int:
         return self.fd
 
+    def close(self) -> None:
+        if getattr(self, "zone_fd", -1) >= 0:
+            os.close(self.zone_fd)
+            self.zone_fd = -1
+        super().close()
+
     def remove(self) -> None:
         files.unlink_quiet(getattr(self, "path", None))
+        files.unlink_quiet(getattr(self, "zones_path", None))
+
+    def fill_params(self, p, max_io_bytes: int, zero_copy: bool = False) -> None:
+        super().fill_params(p, max_io_bytes, zero_copy)
+        z = self.spec.get("zoned")
+        if not z:
+            return
+        # a host-managed drive: no discard or write-zeroes (their effect on a write pointer is
+        # not what a zoned drive defines), zone size as chunk_sectors, the limits as given
+        p.types = lib.UBLK_PARAM_TYPE_BASIC | lib.UBLK_PARAM_TYPE_ZONED
+        p.basic.chunk_sectors = z["zone_size"] >> 9
+        p.zoned.max_open_zones = z["max_open"]
+        p.zoned.max_active_zones = z["max_active"]
+        p.zoned.max_zone_append_sectors = min(max_io_bytes, z["zone_size"]) >> 9
+
+    def dev_flags(self, features: int) -> int:
+        """ADD_DEV flags the target needs: zoned wants UBLK_F_ZONED and user copy, which the
+        driver insists on for it (its data crosses /dev/ublkcN, native/ublk_buffers.c)."""
+        if not self.spec.get("zoned"):
+            return 0
+        missing = [n for n, b in (("UBLK_F_ZONED", lib.UBLK_F_ZONED), ("UBLK_F_USER_COPY", lib.UBLK_F_USER_COPY))
+                   if not features & b]
+        if missing:
+            raise UblkError(f"--zoned: this kernel's ublk_drv does not offer {' and '.join(missing)} "
+                            "(zoned ublk devices: Linux 6.6 and later, built with CONFIG_BLK_DEV_ZONED)")
+        return lib.UBLK_F_ZONED | lib.UBLK_F_USER_COPY
+
+    def zone_cfg(self, cfg) -> None:
+        z = self.spec.get("zoned")
+        if not z:
+            return
+        cfg.zone_sectors = z["zone_size"] >> 9
+        cfg.zone_conv = z["conv_zones"]
+        cfg.zone_max_open = z["max_open"]
+        cfg.zone_max_active = z["max_active"]
+        cfg.zone_fd = self.zone_fd
 
 
 class LoopTarget(Target):
@@ -236,6 +311,7 @@ def _from_table() -> dict:
         out[name] = type(f"{name.title()}Target", (base,), {
             "name": name, "kind": i, "help": ffi.string(info.help).decode() if info.help else "",
             "needs_size": bool(info.options & lib.US_OPT_SIZE),
+            "zoned_ok": bool(info.options & lib.US_OPT_ZONED),
             "read_only": bool(info.flags & lib.US_TGT_F_READ_ONLY),
             "zero_copy": bool(info.flags & lib.US_TGT_F_ZERO_COPY),
             "stores_data": info.backing != lib.US_BACKING_NONE})
@@ -255,7 +331,8 @@ TRANSPORTS = ("ublk", "fuse")
 def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_size=None,
                max_io="512k", dev_id=-1, transport="ublk", loop=False, powercut=False,
                no_records=False, recovery=None, io_mode="auto", coalesce_ns=0,
-               zero_copy="auto") -> dict:
+               zero_copy="auto", zoned=False, zone_size=None, conv_zones=None, max_open=None,
+               max_active=None) -> dict:
     """Check the options of `add` and turn them into the daemon's spec."""
     if target not in TARGETS:
         raise UsageError(f"-t/--type: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -316,6 +393,9 @@ def build_spec(target: str, file=None, size=None, queues=1, depth=128, block_siz
     check_zero_copy(zero_copy, target, transport)
     if transport != "fuse":
         spec["zero_copy"] = zero_copy
+    z = check_zoned(spec, TARGETS, zoned, zone_size, conv_zones, max_open, max_active)
+    if z:
+        spec["zoned"] = z
     return spec
 
 

@@ -23,7 +23,12 @@ struct us_fault_view {
 #define MAX_DELAY_NS	60000000000ULL	/* longer would stall `del` for as long */
 #define MIN_PHASE_NS	1000000ULL
 #define MAX_PHASE_NS	86400000000000ULL
-#define OPS_SERVED	((1u << (UBLK_IO_OP_WRITE_ZEROES + 1)) - 1)
+#define OPS_SERVED	(((1u << (UBLK_IO_OP_WRITE_ZEROES + 1)) - 1) | ZONE_OPS)
+/* what a zoned device serves besides: a rule may match them too (names.c names them) */
+#define ZONE_OPS	(1u << UBLK_IO_OP_ZONE_OPEN | 1u << UBLK_IO_OP_ZONE_CLOSE | \
+			 1u << UBLK_IO_OP_ZONE_FINISH | 1u << UBLK_IO_OP_ZONE_APPEND | \
+			 1u << UBLK_IO_OP_ZONE_RESET_ALL | 1u << UBLK_IO_OP_ZONE_RESET | \
+			 1u << UBLK_IO_OP_REPORT_ZONES)
 #define BAD_OPS		(1u << UBLK_IO_OP_READ | 1u << UBLK_IO_OP_WRITE | 1u << UBLK_IO_OP_WRITE_ZEROES)
 /* how long a writer waits for queue threads to leave the heal log before it gives up emptying it */
 #define HEAL_QUIESCE_NS	1000000000ULL

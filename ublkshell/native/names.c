@@ -18,6 +18,20 @@ static const struct {
 	[US_OP_OTHER] = { -1, "other" },
 };
 
+/* ops without a counter slot of their own (counted as "other"), named in records and rules */
+static const struct {
+	int		code;
+	const char	*name;
+} zone_op_table[] = {
+	{ UBLK_IO_OP_ZONE_OPEN, "zone_open" },
+	{ UBLK_IO_OP_ZONE_CLOSE, "zone_close" },
+	{ UBLK_IO_OP_ZONE_FINISH, "zone_finish" },
+	{ UBLK_IO_OP_ZONE_APPEND, "zone_append" },
+	{ UBLK_IO_OP_ZONE_RESET_ALL, "zone_reset_all" },
+	{ UBLK_IO_OP_ZONE_RESET, "zone_reset" },
+	{ UBLK_IO_OP_REPORT_ZONES, "report_zones" },
+};
+
 static const struct {
 	uint32_t	bit;
 	const char	*name;
@@ -50,6 +64,19 @@ const char *us_op_name(int idx)
 int us_op_code(int idx)
 {
 	return idx >= 0 && idx < US_NR_OPS ? op_table[idx].code : -1;
+}
+
+const char *us_op_code_name(int code)
+{
+	int i;
+
+	for (i = 0; i < US_OP_OTHER; i++)
+		if (op_table[i].code == code)
+			return op_table[i].name;
+	for (i = 0; i < NELEM(zone_op_table); i++)
+		if (zone_op_table[i].code == code)
+			return zone_op_table[i].name;
+	return NULL;
 }
 
 const char *us_io_flag_name(int i)

@@ -53,7 +53,7 @@ static int io_end(struct us_queue *q, unsigned tag, int result)
 		result = us_fault_finish(q, tag, io, result);
 	if (q->dev->wlog)
 		us_wlog_end(q, io, result);
-	if (io->bounce)
+	if (io->bounce || q->dev->ucopy)
 		result = us_io_copy_out(q, tag, io, result);
 	us_rec_end(q, tag, io, result);
 	return result;
@@ -104,9 +104,11 @@ void us_io_start(struct us_queue *q, unsigned tag)
 	io->attempt = 0;
 	io->fault = 0;
 	io->bounce = 0;
+	/* a fault's leftovers must not reach io_end of an IO no rule looked at */
+	memset(&io->fh, 0, sizeof(io->fh));
 	q->turn_ios++;
 	us_rec_begin(q, tag, io);
-	r = us_fault_start(q, tag, io);
+	r = io->copy_err ? io->copy_err : us_fault_start(q, tag, io);
 	if (r == US_FAULT_PASS)
 		us_start_target(q, tag);
 	else if (r != US_QUEUED)

@@ -42,7 +42,10 @@ static void prep_uring_cmd(struct us_queue *q, struct io_uring_sqe *sqe, unsigne
 	cmd->tag = tag;
 	cmd->result = result;
 	/* zero copy: no buffer here; sqe->addr names the slot the tag's next request is registered at */
-	cmd->addr = q->dev->zc ? 0 : (uint64_t)(uintptr_t)q->ios[tag].buf;
+	cmd->addr = q->dev->zc || q->dev->ucopy ? 0 : (uint64_t)(uintptr_t)q->ios[tag].buf;
+	/* user copy has no buffer to name: the field carries where a zone append landed */
+	if (op == q->dev->op_commit && (q->ios[tag].op_flags & 0xff) == UBLK_IO_OP_ZONE_APPEND)
+		cmd->zone_append_lba = q->ios[tag].append_lba;
 	if (q->dev->zc)
 		sqe->addr = us_zc_cmd_addr(q, tag);
 	q->cmd_inflight++;
@@ -290,6 +293,7 @@ struct us_dev *us_dev_start(const struct us_dev_cfg *cfg, int *err)
 	d->fe = cfg->dev_flags & UBLK_F_BATCH_IO ? &us_ublk_batch_frontend : &ublk_frontend;
 	/* the daemon refuses AUTO_BUF_REG without USER_COPY, the copy path, before it gets here */
 	d->zc = !!(cfg->dev_flags & UBLK_F_AUTO_BUF_REG);
+	d->ucopy = !d->zc && (cfg->dev_flags & UBLK_F_USER_COPY);
 	*err = us_dev_target_init(d);
 	if (*err) {
 		free(d);

@@ -69,6 +69,10 @@ static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 	size_t len = (size_t)io->nr_sectors << 9;
 	int r;
 
+	/* zoned: every op through the zone state machine (zones.c); data in buf (user copy) */
+	if (q->dev->tgt_data)
+		return us_zones_io(q->dev->tgt_data, io->op_flags, io->start_sector, io->nr_sectors,
+				   io->buf, q->dev->cfg.max_io_bytes, &io->append_lba);
 	/* zero copy: the request's pages to or from the tmpfs file, through the ring as loop does */
 	if (io->zc)
 		return us_target_loop.queue_io(q, tag, io);
@@ -94,7 +98,24 @@ static int mem_queue_io(struct us_queue *q, unsigned tag, struct us_io *io)
 
 static int mem_init(struct us_dev *d)
 {
-	return d->cfg.backing_fd >= 0 ? 0 : -EINVAL;
+	const struct us_dev_cfg *c = &d->cfg;
+	int err;
+
+	if (c->backing_fd < 0)
+		return -EINVAL;
+	if (!c->zone_sectors)
+		return 0;
+	/* zoned: the driver moves no data itself then (user copy), which this path is written for */
+	if (c->zone_fd < 0 || d->zc)
+		return -EINVAL;
+	d->tgt_data = us_zones_open(c->zone_fd, c->backing_fd, c->dev_bytes >> 9, c->zone_sectors,
+				    c->zone_conv, c->zone_max_open, c->zone_max_active, &err);
+	return d->tgt_data ? 0 : err;
+}
+
+static void mem_deinit(struct us_dev *d)
+{
+	us_zones_close(d->tgt_data);
 }
 
 const struct us_target_type us_target_mem = {
@@ -102,7 +123,7 @@ const struct us_target_type us_target_mem = {
 		.name = "mem",
 		.help = "RAM (a sparse tmpfs file that outlives the daemon)",
 		.backing = US_BACKING_MEM,
-		.options = US_OPT_SIZE,
+		.options = US_OPT_SIZE | US_OPT_ZONED,
 		.flags = US_TGT_F_ZERO_COPY,
 		/* the copying path serves in the thread; zero copy takes loop's one SQE */
 		.sqes_per_io = 1,
@@ -110,4 +131,5 @@ const struct us_target_type us_target_mem = {
 	.queue_io = mem_queue_io,
 	.io_done = us_loop_io_done,
 	.init = mem_init,
+	.deinit = mem_deinit,
 };

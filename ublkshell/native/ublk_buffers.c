@@ -20,6 +20,12 @@
  * /dev/ublkcN before the target runs and a READ's data written out with
  * pwrite before the commit (never linked to it): one syscall where the
  * driver's copy took none.
+ *
+ * User copy alone (a zoned device: the driver accepts UBLK_F_ZONED only with
+ * UBLK_F_USER_COPY): the driver copies nothing, so every WRITE's and
+ * ZONE_APPEND's data is read in before the IO starts and every READ's data
+ * (and a REPORT_ZONES answer) written out before the commit, by the same two
+ * calls the copy path uses.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -46,6 +52,14 @@ void us_ublk_serve(struct us_queue *q, unsigned tag)
 	io->start_sector = iod->start_sector;
 	/* only requests that carry data are registered (FLUSH, DISCARD: nothing to move) */
 	io->zc = q->dev->zc && (op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE);
+	io->copy_err = 0;
+	/*
+	 * User copy: the data is in buf before the IO starts, as the driver's own
+	 * copy would have put it, so faults (corrupt) and targets see it alike.
+	 */
+	if (q->dev->ucopy && (op == UBLK_IO_OP_WRITE || op == UBLK_IO_OP_ZONE_APPEND))
+		io->copy_err = us_pread_full(q->dev->cfg.cdev_fd, io->buf, (size_t)io->nr_sectors << 9,
+					     user_copy_off(q, tag, 0));
 	us_io_start(q, tag);
 }
 
@@ -70,11 +84,23 @@ static int copy_out(struct us_queue *q, unsigned tag, const char *buf, size_t le
 
 int us_io_copy_out(struct us_queue *q, unsigned tag, struct us_io *io, int result)
 {
-	if (!io->bounce || (io->op_flags & 0xff) != UBLK_IO_OP_READ || result <= 0)
+	unsigned op = io->op_flags & 0xff;
+
+	/* a zone report goes up as a READ's data does (user copy only) */
+	if (!(io->bounce || q->dev->ucopy) || result <= 0 ||
+	    (op != UBLK_IO_OP_READ && op != UBLK_IO_OP_REPORT_ZONES))
 		return result;
 	int r = copy_out(q, tag, io->buf, (size_t)result, 0);
 
-	return r ? r : result;
+	if (r)
+		return r;
+	/*
+	 * A zone report fills the entries asked for, but the kernel's buffer may
+	 * be longer (its last chunk of a long report), and a count short of it
+	 * leaves the request partly done and requeued for ever. Without a mapped
+	 * buffer the driver clamps the count to the request's bytes: claim them all.
+	 */
+	return op == UBLK_IO_OP_REPORT_ZONES ? (int)q->dev->cfg.max_io_bytes : result;
 }
 
 int us_io_zero_tail(struct us_queue *q, unsigned tag, struct us_io *io, unsigned from, unsigned len)

@@ -79,6 +79,10 @@ struct us_io {
 	struct us_fault_hit fh;
 	struct __kernel_timespec ts;	/* delay fault: read by the kernel at submit */
 	void		*wlog;		/* powercut: this write's entry in the write log */
+	/* zoned: where a ZONE_APPEND landed, committed in the command's zone_append_lba */
+	uint64_t	append_lba;
+	/* user copy: reading a WRITE's data from /dev/ublkcN failed with this (-errno), 0 none */
+	int32_t		copy_err;
 	uint32_t	flush_mark;	/* powercut: this FLUSH's number */
 };
 
@@ -184,6 +188,12 @@ struct us_dev {
 	struct us_wlog	*wlog;		/* --powercut: what unflushed writes overwrote */
 	int		zc;		/* UBLK_F_AUTO_BUF_REG: READ and WRITE arrive as registered pages */
 	int		tgt_zc;		/* the target serves such pages (US_TGT_F_ZERO_COPY) */
+	/*
+	 * UBLK_F_USER_COPY without zero copy (a zoned device, which the driver
+	 * allows no other way): the driver moves no data, every READ's and
+	 * WRITE's bytes cross /dev/ublkcN with pread/pwrite (ublk_buffers.c)
+	 */
+	int		ucopy;
 	struct us_queue	q[];
 };
 

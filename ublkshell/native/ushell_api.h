@@ -21,6 +21,7 @@ enum us_backing {
 enum us_target_opts {
 	US_OPT_SIZE = 1,	/* --size is required */
 	US_OPT_FILE = 2,	/* -f/--file is required (--size then optional: at most the file) */
+	US_OPT_ZONED = 4,	/* --zoned and its geometry (--zone-size, --conv-zones, --max-open, --max-active) */
 };
 enum us_target_flags {
 	US_TGT_F_READ_ONLY = 1,	/* writes fail with EROFS; the device is announced read-only */
@@ -61,7 +62,34 @@ struct us_dev_cfg {
 	unsigned	coalesce_us;
 	/* zero copy: name slots the ring lacks, so every request takes the driver's fallback (NEED_REG_BUF) */
 	int		zc_fallback;
+	/* zoned (UBLK_F_ZONED): zone size in sectors, 0 for a device without zones; the rest only then */
+	uint64_t	zone_sectors;
+	uint32_t	zone_conv;	/* conventional zones, at the start */
+	uint32_t	zone_max_open;	/* 0: no limit */
+	uint32_t	zone_max_active; /* 0: no limit */
+	int		zone_fd;	/* the zone state file (zones.c), beside the data */
 };
+
+/*
+ * Zones (zones.c): the state machine of a zoned mem device, callable on its
+ * own (tests). The state file must be us_zones_file_size(nr_zones) bytes:
+ * zeros are formatted, a file written before is adopted if its geometry is
+ * this one (-EINVAL otherwise). NULL with *err = -errno.
+ */
+enum { US_ZONES_MAX = 1048576 };	/* zones a device may have: the state file stays 16 MiB or less */
+struct us_zones;
+uint64_t us_zones_file_size(uint32_t nr_zones);
+struct us_zones *us_zones_open(int state_fd, int data_fd, uint64_t dev_sectors, uint64_t zone_sectors,
+			       uint32_t nr_conv, uint32_t max_open, uint32_t max_active, int *err);
+void us_zones_close(struct us_zones *zs);
+/*
+ * Serve one request on a zoned device (UBLK_IO_OP_* in op_flags; for
+ * REPORT_ZONES nr is the number of zones): data in or out of buf (buf_len
+ * bytes of room). The result as a target gives it; *lba: where an append
+ * (or write) landed.
+ */
+int us_zones_io(struct us_zones *zs, uint32_t op_flags, uint64_t sector, uint32_t nr, char *buf,
+		size_t buf_len, uint64_t *lba);
 
 struct us_dev;
 
@@ -160,6 +188,8 @@ uint64_t us_now_ns(void);
 const char *us_op_name(int idx);
 int us_op_code(int idx);
 const char *us_io_flag_name(int i);
+/* the name of any UBLK_IO_OP_* an IO can carry (the slots' ops and the zone ops), NULL if none */
+const char *us_op_code_name(int code);
 uint32_t us_io_flag_bit(int i);
 const char *us_fault_action_name(uint32_t action);
 /* one IO through the recording code, without a device (tests) */

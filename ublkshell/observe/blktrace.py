@@ -34,13 +34,14 @@ PROCESS_NAME = b"ublkshell"
 
 def categories(r: dict) -> int:
     """The BLK_TC_* bits of a record, as the kernel's blktrace sets them for a request: a
-    flush carries only FLUSH (blkparse shows FN), discard and write-zeroes are writes."""
+    flush carries only FLUSH (blkparse shows FN), discard, write-zeroes and zone append are
+    writes; the zone management ops carry none (N)."""
     op = r["op"]
     if op == "read":
         c = TC_READ
     elif op == "flush":
         c = TC_FLUSH
-    elif op in ("write", "discard", "write_zeroes"):
+    elif op in ("write", "discard", "write_zeroes", "zone_append"):
         c = TC_WRITE
     else:
         c = 0

@@ -12,7 +12,9 @@ def _name(p) -> str | None:
 # the per-op counter slots of records.h, in their order: read .. write_zeroes, other
 OPS = tuple(_name(lib.us_op_name(i)) for i in range(lib.US_NR_OPS))
 # ublk op code -> name, for the ops an IO can be named by (trace filters, rules' op=)
-OP_NAMES = {lib.us_op_code(i): OPS[i] for i in range(lib.US_NR_OPS) if lib.us_op_code(i) >= 0}
+# (zone ops too: they count as "other" but records and rules name them)
+OP_NAMES = {code: _name(lib.us_op_code_name(code)) for code in range(256)
+            if lib.us_op_code_name(code) != ffi.NULL}
 OP_CODES = {name: code for code, name in OP_NAMES.items()}
 IO_OPS = tuple(OP_CODES)
 # (UBLK_IO_F_* bit, name) of the flags a record's op_flags may carry
@@ -28,6 +30,7 @@ MAX_DEPTH = lib.UBLK_MAX_QUEUE_DEPTH
 FAULT_SLOTS = lib.US_FAULT_SLOTS
 FAULT_MAX_LBA = lib.US_FAULT_MAX_LBA
 FAULT_MAX_ID = lib.US_FAULT_MAX_ID
+US_ZONES_MAX = lib.US_ZONES_MAX
 
 
 def op_name(op_flags: int) -> str:

@@ -16,7 +16,16 @@ def render_add(dev: dict) -> str:
             f"{q} queue{'s' if q > 1 else ''} x {dev['depth']}"
             + (f", {dev['io_mode']} IO" if dev.get("io_mode") else "")
             + (", zero copy" if dev.get("zero_copy") else "")
-            + (f", recovery {dev['recovery']}" if dev.get("recovery") else "") + ")")
+            + (f", recovery {dev['recovery']}" if dev.get("recovery") else "") + ")"
+            + ("\n" + zoned_line(dev["zoned"]) if dev.get("zoned") else ""))
+
+
+def zoned_line(z: dict) -> str:
+    """A zoned device's geometry in one line (add, info)."""
+    def limit(n):
+        return str(n) if n else "no limit"
+    return (f"zoned: {z['zones']} zones of {human(z['zone_size'])} ({z['conv_zones']} conventional), "
+            f"max open {limit(z['max_open'])}, max active {limit(z['max_active'])}")
 
 
 def render_add_fuse(dev: dict) -> str:

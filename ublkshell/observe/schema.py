@@ -123,6 +123,9 @@ ENTRY = {
     "loop": F("str?", "its loop device (add --loop)", when=FUSE_ONLY),
     "loop_seq": F("uint?", "that loop device's diskseq", when=FUSE_ONLY),
     "mem_path": F("str?", "mem: the data file", when="with the mem target"),
+    "zones_path": F("str?", "mem --zoned: the zone state file beside the data", when="on zoned devices"),
+    "zoned": F("obj", "the zone geometry: zone_size (bytes), zones, conv_zones, max_open, max_active "
+               "(0: no limit)", when="on zoned devices"),
     "direct_io": F("bool", "loop: the store is opened O_DIRECT", when="with the loop target"),
     "in_memory": F("bool", "loop: the store lives in RAM (tmpfs)", when="with the loop target"),
     "file_id": F("[uint]", "loop: the store's [st_dev, st_ino], which `resize` grows",
@@ -142,6 +145,8 @@ LIST_ENTRY = {
     "zero_copy": F("bool", "the kernel registers request pages (false on FUSE)"),
     "file": F("str?", "the FUSE device's file; null on ublk"), "mount": F("str?", "its FUSE mount; null on ublk"),
     "loop": F("str?", "its loop device; null on ublk or without --loop"),
+    "zoned": F("obj?", "zoned (UBLK_F_ZONED): zone_size (bytes), zones, conv_zones, max_open, max_active "
+               "(0: no limit); null: not zoned"),
 }
 INFO = {
     "id": HANDLE, "name": NAME, "transport": TRANSPORT,
