@@ -5,7 +5,6 @@ kernel: only the encoding is under test here; tests/vm/test_unprivileged.py has
 the real driver), the udev verb's checks, and the refusals."""
 import errno
 import os
-import struct
 import subprocess
 import sys
 

@@ -6,7 +6,6 @@ Each reply carries the request's id: {"id", "ok": true, "result"} or
 {"id", "event": {...}} lines until a final ok/error reply.
 """
 import json
-import os
 
 from ..files import default_socket
 
