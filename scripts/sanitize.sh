@@ -22,7 +22,7 @@ py="$root/.venv/bin/python"
 tests=(tests/test_records.py tests/test_trace_batch.py tests/test_fault_grammar.py tests/test_fault_engine.py
        tests/test_writelog.py tests/test_shm_input.py tests/test_recovery_args.py
        tests/test_server.py tests/test_server_inproc.py tests/test_fusetree.py
-       tests/test_fuse_transport.py tests/test_fuse_faults.py
+       tests/test_fuse_transport.py tests/test_fuse_faults.py tests/test_zones.py
        tests/test_inputs_fuzz.py::test_rule_lines_parse_to_rules_that_fit_and_round_trip)
 
 die() { echo "sanitize: $*" >&2; exit 1; }
