@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # libubsan), which scripts/sanitize.sh preloads: nothing more to list for them
 packages=(build-essential pkg-config liburing-dev libfuse3-dev fuse3 fio e2fsprogs xfsprogs
           util-linux qemu-system-x86 busybox-static cpio xz-utils kmod tmux python3-venv blktrace
-          zsh bash-completion f2fs-tools)
+          zsh bash-completion f2fs-tools btrfs-progs)
 
 missing=()
 for p in "${packages[@]}"; do
