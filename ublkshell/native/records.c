@@ -225,17 +225,17 @@ void us_rec_begin(struct us_queue *q, unsigned tag, struct us_io *io)
 	WR(q->shmq->inflight, RD(q->shmq->inflight) + 1);
 }
 
-void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result)
+static inline void rec_end_at(struct us_queue *q, unsigned tag, struct us_io *io, int result,
+			      uint64_t now)
 {
 	struct us_shm_queue *sq = q->shmq;
 	struct us_op_stats *os;
 	struct us_rec *r;
-	uint64_t now, lat, seq;
+	uint64_t lat, seq;
 	int b;
 
 	if (!sq)
 		return;
-	now = us_now_ns();
 	lat = now - io->t_start_ns;
 	os = &sq->ops[us_op_index(io->op_flags)];
 	WR(os->ios, RD(os->ios) + 1);
@@ -268,6 +268,12 @@ void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result)
 
 	WR(q->shm_tags[tag].state, 0);
 	WR(sq->inflight, RD(sq->inflight) - 1);
+}
+
+void us_rec_end(struct us_queue *q, unsigned tag, struct us_io *io, int result)
+{
+	if (q->shmq)
+		rec_end_at(q, tag, io, result, us_now_ns());
 }
 
 uint64_t us_rec_head(void *base, int q_id)
@@ -382,7 +388,7 @@ int us_shm_record_io(void *base, int q_id, unsigned tag, uint32_t op_flags, uint
 	io.start_sector = sector;
 	io.nr_sectors = nr_sectors;
 	us_rec_begin(&q, tag, &io);
-	io.t_start_ns -= lat_ns;
-	us_rec_end(&q, tag, &io, result);
+	/* exactly lat_ns, however long this thread was held up between the two calls */
+	rec_end_at(&q, tag, &io, result, io.t_start_ns + lat_ns);
 	return 0;
 }
