@@ -7,7 +7,6 @@ tree file with a twin says the same numbers as its twin, and a FUSE device is `f
 all of them, never its internal number."""
 import errno
 import json
-import mmap
 import os
 import re
 import shutil
@@ -26,6 +25,9 @@ from ublkshell.observe.names import OPS
 from ublkshell.observe.render import pow2_hist
 from ublkshell.observe.stats import fmt_ns
 from ublkshell.units import human
+
+# the FUSE device helpers are the transport tests' own
+from test_fuse_transport import pread_direct, pwrite_direct  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSE0 = devids.parse("fuse0")
@@ -94,26 +96,6 @@ needs_fuse = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control")
     or not shutil.which("losetup"),
     reason="a FUSE-transport device needs root, /dev/fuse, the loop driver and losetup")
-
-
-def pread_direct(path, offset, length) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, length)
-        n = os.preadv(fd, [buf], offset)
-        return bytes(buf[:n])
-    finally:
-        os.close(fd)
-
-
-def pwrite_direct(path, offset, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-    finally:
-        os.close(fd)
 
 
 class World:

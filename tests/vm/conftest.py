@@ -106,6 +106,15 @@ def _cli_here(argv, timeout, check):
     return p
 
 
+def errno_of(fn, *args) -> int:
+    """The errno fn(*args) fails with, 0 if it succeeds."""
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
 def await_writes(dev_id: int, n: int, fio, after: str) -> None:
     """Return once the device has completed n more writes while fio runs: a loop that
     breaks a device under load is paced by IO, not by time (emulation speed varies)."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import cli, pattern, pread_direct, pwrite_direct, run
+from .conftest import cli, errno_of, pattern, pread_direct, pwrite_direct, run
 from .test_consumers import fio_verify
 
 KB = 1024
@@ -28,14 +28,6 @@ def rule(dev, action, *words):
 
 def faults(dev):
     return json.loads(cli("faults", str(dev["id"]), "--json").stdout)
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 @pytest.mark.parametrize("target", ["mem", "loop"])

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from .conftest import cli, pattern, pread_direct, pwrite_direct, run
+from .conftest import cli, errno_of, pattern, pread_direct, pwrite_direct, run
 
 MB = 1 << 20
 ZONE = 16 * MB
@@ -29,14 +29,6 @@ def report(path) -> list[dict]:
         zones.append({"start": int(m[1], 16), "len": int(m[2], 16), "wp": int(m[4], 16),
                       "cond": int(m[5]), "type": int(m[6])})
     return zones
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 def sysfs(path, name):
