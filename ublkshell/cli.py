@@ -193,9 +193,8 @@ def main(argv=None) -> int:
         from .devices.udev import main as udev_main
 
         return udev_main(argv)
-    parser = commands.cli_parser()
     try:
-        rc = _dispatch(parser, argv)
+        rc = _dispatch(_parser(), argv)
         # what is still buffered goes out here, where a reader that left is handled below
         sys.stdout.flush()
         return rc
@@ -223,6 +222,18 @@ def main(argv=None) -> int:
         return 70
 
 
+_parsers = []
+
+
+def _parser():
+    """The command table, built once per process: building it is most of a verb's own cost
+    under emulation (~0.4 s), and the tests and the API call main() many times. Parsing
+    leaves a parser as it was, so one serves every call."""
+    if not _parsers:
+        _parsers.append(commands.cli_parser())
+    return _parsers[0]
+
+
 def _error(e) -> None:
     from .colour import paint
 
@@ -247,6 +258,10 @@ def _dispatch(parser, argv) -> int:
         return _cmd_trace(args)
     if args.verb == "record":
         return _cmd_record(args)
+    if args.verb == "replay":
+        from .crash.replay import run as replay
+
+        return replay(commands.args_of(args))
     if args.verb == "serve":
         from .bridge.protocol import SOCKET_PATH
         from .bridge.server import default_mount, serve

@@ -19,7 +19,6 @@ import errno
 import fcntl
 import os
 import stat
-import tempfile
 
 from .errors import UblkError
 
@@ -152,6 +151,8 @@ def data_dir(create: bool = True):
         if found is None:
             # mkdtemp: an unguessable name, created with O_EXCL semantics and mode 0700,
             # so nobody can have made it first in the world-writable /dev/shm
+            import tempfile
+
             found = tempfile.mkdtemp(prefix=DATA_PREFIX, dir=SHM_ROOT)
             write_atomic(pointer, found.encode() + b"\n")
     return private_dir(found, create=False)
@@ -198,6 +199,8 @@ def make_temp(path: str) -> tuple[int, str]:
     """A private temporary file beside path (same directory, O_EXCL, unguessable name),
     to be filled and then renamed over path."""
     d, base = os.path.split(path)
+    import tempfile
+
     return tempfile.mkstemp(dir=d, prefix=f".{base}.", suffix=".tmp")
 
 

@@ -5,7 +5,6 @@ socket). Numbers are read exactly (no float rounding, no overflow to
 infinity) and bounded before anything is computed from them, so `1.5e400k`
 or forty digits of seconds are a one-line error naming the option."""
 import re
-from fractions import Fraction
 
 from .errors import UsageError
 
@@ -22,7 +21,10 @@ _SIZE_RE = re.compile(_NUMBER + r"([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
 _DURATION_RE = re.compile(_NUMBER + r"(ns|us|ms|s|m|h)?")
 
 
-def _exact(whole: str, frac: str | None) -> Fraction:
+def _exact(whole: str, frac: str | None):
+    # imported here: every daemon imports this module, few parse a size
+    from fractions import Fraction
+
     return Fraction(int(whole)) + (Fraction(int(frac), 10 ** len(frac)) if frac else 0)
 
 

@@ -13,14 +13,11 @@ SIGTERM means "delete the device": STOP_DEV (the queues drain and see the
 abort), close /dev/ublkcN, DEL_DEV. SIGKILL is what `kill` uses: the
 kernel's abort path then runs for real.
 """
-import argparse
 import errno
-import json
 import os
 import signal
 import sys
 import time
-import traceback
 
 from .. import procs
 from .._native import ffi, lib
@@ -32,6 +29,7 @@ from ..devices.recovery_modes import recovery_flags, recovery_mode
 from ..devices.targets import make_target
 from ..devices import ids as devids, registry, unprivileged
 from ..observe import shm
+from .daemon_main import daemon_main, log as _log
 
 # how long a recovering daemon waits for the kernel to let go of the dead one
 RECOVERY_WAIT = float(os.environ.get("UBLKSHELL_RECOVERY_WAIT", "15"))
@@ -51,11 +49,6 @@ def _on_signal(signum, frame):
 
 def _on_powercut(signum, frame):
     _powercut.append(signum)
-
-
-def _log(msg: str) -> None:
-    sys.stderr.write(f"{time.strftime('%H:%M:%S')} ublkshell-daemon[{os.getpid()}]: {msg}\n")
-    sys.stderr.flush()
 
 
 def _open_cdev(dev_id: int) -> int:
@@ -360,53 +353,6 @@ def _kick_requeue(dev_id: int) -> None:
         _log(f"dev {dev_id}: kicking the requeue list: {e.strerror}")
     finally:
         os.close(fd)
-
-
-def daemon_main(argv, prog: str, make, handlers: dict, on_failure=None) -> int:
-    """What every device daemon does around its own start and serve: take --spec and
-    --ready-fd, leave the working directory, install its signal handlers, tell the
-    spawner in one JSON line whether it serves."""
-    ap = argparse.ArgumentParser(prog=prog)
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--ready-fd", type=int, default=-1)
-    args = ap.parse_args(argv)
-    # hold no directory of a filesystem that may end up on our own device
-    os.chdir("/")
-    for s, handler in handlers.items():
-        signal.signal(s, handler)
-
-    def report(msg: dict) -> None:
-        if args.ready_fd >= 0:
-            try:
-                os.write(args.ready_fd, (json.dumps(msg) + "\n").encode())
-                os.close(args.ready_fd)
-            except OSError:
-                pass
-            args.ready_fd = -1
-
-    d = None
-    try:
-        d = make(json.loads(args.spec))
-        entry = d.start()
-    except Exception as e:
-        if isinstance(e, UblkError):
-            msg = str(e)
-        elif isinstance(e, OSError):
-            msg = f"{e.filename or ''}: {e.strerror}".lstrip(": ")
-        else:
-            # a bug: the spawner gets one line, the log gets the traceback
-            msg = f"internal error: {type(e).__name__}: {e}"
-            traceback.print_exc()
-        _log(f"failed: {msg}")
-        if d is not None and on_failure is not None:
-            try:
-                on_failure(d)
-            except Exception as e2:
-                _log(f"cleaning up after the failure: {type(e2).__name__}: {e2}")
-        report({"ok": False, "error": msg})
-        return 1
-    report({"ok": True, "device": entry})
-    return d.serve()
 
 
 def main(argv=None) -> int:

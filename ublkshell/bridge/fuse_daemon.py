@@ -193,7 +193,7 @@ def _on_powercut(signum, frame):
 
 
 def main(argv=None) -> int:
-    from .daemon import daemon_main
+    from .daemon_main import daemon_main
 
     stop = {s: _on_signal for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     return daemon_main(argv, "ublkshell-fuse-daemon", FuseDaemon, {**stop, signal.SIGUSR1: _on_powercut})

@@ -10,7 +10,6 @@ raw number works too. In paths the names appear as they are typed: the
 registry's `devices/fuse0.json`, the statistics in `fuse0.stats`, the stats
 tree's `fuse0/` next to `ublkb0/`.
 """
-import argparse
 
 FUSE_BASE = 1 << 20
 FUSE_PREFIX = "fuse"
@@ -81,4 +80,6 @@ def arg(text: str) -> int:
     try:
         return parse(text)
     except ValueError as e:
+        import argparse
+
         raise argparse.ArgumentTypeError(str(e)) from None
