@@ -14,7 +14,7 @@ LAYERS = [
     {"kernel", "vm"},
     {"devices"},
     {"validate"},
-    {"observe", "faults"},
+    {"observe", "faults", "crash"},
     {"verbs", "commands", "api", "demo", "completions"},
     {"bridge"},
     {"repl", "cli", "pytest_plugin", "__main__", "__init__"},

@@ -4,6 +4,7 @@ are then checked once more, by the same rules for every face, in verbs.call (val
 import argparse
 
 from . import __version__
+from .crash.parsers import add_parsers as add_crash_parsers
 from .devices import ids as devids
 from .devices.parsers import add_parsers as add_device_parsers
 from .devices.targets import TARGETS as target_table
@@ -52,6 +53,8 @@ examples:
   ublkshell inflight 0                            tags being served now, with their age
   ublkshell trace 0 op=write min_lat=1ms          every IO as it completes, until Ctrl-C
   ublkshell record 0 -o run --duration 30s        blktrace files: blkparse -i run, btt (or --format fio-iolog)
+  ublkshell replay run.log img --size 1G --to-mark M
+                                                  a dm-log-writes log replayed to a mark, in img
   ublkshell delay 0 5ms op=write                  every write to dev 0 takes 5 ms longer
   ublkshell fail 0 lba 2048..4095 op=read         reads of those sectors fail with EIO
   ublkshell faults 0 | ublkshell clear 0          list the fault rules (with hits) | remove them
@@ -287,6 +290,7 @@ def cli_parser() -> argparse.ArgumentParser:
     _trace_stops(rec)
     offer(rec, {"--output": PATH, "--format": None})
 
+    offer(add_crash_parsers(sub), {"log": PATH, "target": PATH, "--check-at": None})
     add_device_parsers(sub)
 
     demo = sub.add_parser("demo", help="a mem device with ext4 on it, end to end",

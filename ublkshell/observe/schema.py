@@ -278,6 +278,28 @@ KINDS = {
                     "skipped": F("{str: uint}", "ops fio cannot replay, left out", "IOs",
                                  when="with --format fio-iolog"),
                     "read_with": F("[str]", "commands that read the files")}),
+    # -- crash states ----------------------------------------------------------
+    "replay_entry": Kind("One entry of a dm-log-writes log", ("replay --list --json",),
+                         {"entry": F("uint", "its index, from 0"),
+                          "flags": F("[str]", "write, flush, fua, discard, mark, meta"),
+                          "sector": F("uint", "first sector, in the log's sector size"),
+                          "sectors": F("uint", "sectors written or discarded"),
+                          "mark": F("str?", "a mark's name; null: not a mark")}),
+    "replay": Kind("What `replay` wrote", ("replay --json",), {
+        "log": F("str", "the log"), "target": F("str", "what it was replayed onto"),
+        "entries": F("uint", "entries replayed"), "last_entry": F("uint?", "the last one; null: none"),
+        "sector_size": F("uint", "the log's sector size", "bytes"),
+        "writes": F("uint", "write entries"), "bytes": F("uint", "bytes they wrote", "bytes"),
+        "discards": F("uint", "discards (written as zeroes)"), "flushes": F("uint", "flush entries"),
+        "marks": F("uint", "marks"), "checks": F("uint", "checks that ran (all passed)")}),
+    "replay_failed": Kind("A `replay --check` that failed", ("replay --check CMD --json",), {
+        "log": F("str", "the log"), "target": F("str", "it holds the state the check failed on"),
+        "failed_entry": F("uint", "the entry after which the check failed"),
+        "flags": F("[str]", "that entry's flags"), "check_status": F("int", "the check's exit status"),
+        "output": F("str", "the check's last lines"), "rebuild": F("str", "the command that rebuilds the state"),
+        "writes": F("uint", "write entries replayed"), "bytes": F("uint", "bytes they wrote", "bytes"),
+        "discards": F("uint", "discards"), "flushes": F("uint", "flush entries"), "marks": F("uint", "marks"),
+        "checks": F("uint", "checks that ran, the failed one included")}),
     # -- faults ----------------------------------------------------------------
     "faults": Kind("A device's fault rules", ("faults --json", "socket faults", "tree faults.json"),
                    {"device": DEVICE, "seed": F("uint", "the seed of p= and random choices"),
