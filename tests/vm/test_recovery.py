@@ -327,8 +327,13 @@ def test_recover_after_powercut_serves_the_post_crash_data(devices):
 # 8 cycles by default keep the CI run short; UBLKSHELL_RECOVERY_CYCLES=N soaks (20, 200...)
 FIO_CYCLES = int(os.environ.get("UBLKSHELL_RECOVERY_CYCLES", "8"))
 WRITES_PER_CYCLE = 300
-# fio must still be writing when the last cycle's kill comes: enough 16 MiB passes for that
-FIO_LOOPS = max(1, -(-FIO_CYCLES * WRITES_PER_CYCLE * 3 // 2 // 4096))
+# fio must still be writing when the last cycle's kill comes. A cycle takes more writes than it
+# waits for: fio writes in bursts of its verify backlog (256, then 256 verifying reads), plus the
+# 16 in flight at the kill; passes over an 8 MiB region (2048 writes), a quarter to spare.
+# (16 MiB passes with half to spare ran out after 5 and 6 cycles once recovery got faster.)
+FIO_REGION = 8 << 20
+FIO_PER_LOOP = FIO_REGION // 4096
+FIO_LOOPS = -(-FIO_CYCLES * (WRITES_PER_CYCLE + 256 + 16) * 5 // 4 // FIO_PER_LOOP)
 
 
 @pytest.mark.parametrize("mode", ["reissue", "requeue"])
@@ -339,7 +344,7 @@ def test_kill_and_recover_repeatedly_under_fio_verify(devices, mode):
 
     dev = devices.add("-t", "mem", "--size", "16M", f"--recovery={mode}")
     argv = ["fio", "--name=verify", f"--filename={dev['path']}", "--rw=randwrite", "--bs=4k",
-            "--size=16M", f"--loops={FIO_LOOPS}", "--ioengine=io_uring", "--direct=1", "--iodepth=16",
+            f"--size={FIO_REGION}", f"--loops={FIO_LOOPS}", "--ioengine=io_uring", "--direct=1", "--iodepth=16",
             "--verify=crc32c", "--do_verify=1", "--verify_backlog=256", "--serialize_overlap=1",
             "--verify_state_save=0",
             "--output-format=json"]
@@ -366,8 +371,8 @@ def test_kill_and_recover_repeatedly_under_fio_verify(devices, mode):
     assert fio.returncode == 0 and "verify" not in err, err
     if mode == "reissue":
         assert job["error"] == 0
-        assert job["write"]["total_ios"] == FIO_LOOPS * 4096
-        assert job["read"]["total_ios"] == FIO_LOOPS * 4096  # every write verified
+        assert job["write"]["total_ios"] == FIO_LOOPS * FIO_PER_LOOP
+        assert job["read"]["total_ios"] == FIO_LOOPS * FIO_PER_LOOP  # every write verified
     else:
         # only EIO, and only on the few IOs a dead daemon held (counted with continue_on_error)
         assert job["error"] in (0, errno.EIO) and job["first_error"] in (0, errno.EIO), job

@@ -23,6 +23,34 @@ def jcli(*args):
     return json.loads(cli(*args, "--json").stdout)
 
 
+def stall_report(dev_id: int, fio_pid: int) -> str:
+    """What the block layer and the driver hold when IO stopped (the soak's rare stall): blk-mq's
+    debugfs for the disk and each hardware queue, the disk's in-flight counts, the daemon's view,
+    and where fio waits."""
+    import glob
+
+    out = [f"== stall report for ublkb{dev_id}"]
+    base = f"/sys/kernel/debug/block/ublkb{dev_id}"
+    paths = [f"{base}/state", f"{base}/requeue_list", f"/sys/block/ublkb{dev_id}/inflight",
+             f"/proc/{fio_pid}/stack", f"/proc/{fio_pid}/wchan"]
+    for hctx in sorted(glob.glob(f"{base}/hctx*")):
+        paths += [f"{hctx}/{n}" for n in ("state", "flags", "dispatch", "busy", "tags", "dispatched",
+                                          "queued", "run", "active")]
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                text = f.read(8192).decode(errors="replace").strip()
+        except OSError as e:
+            text = f"({e.strerror})"
+        out.append(f"-- {path}\n{text}")
+    for verb in ("list", "inflight"):
+        p = cli(verb, *([str(dev_id)] if verb == "inflight" else []), "--json", check=False)
+        out.append(f"-- ublkshell {verb}\n{p.stdout.strip() or p.stderr.strip()}")
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()[-30:]
+    out.append("-- dmesg (last 30 lines)\n" + "\n".join(dmesg))
+    return "\n".join(out)
+
+
 # Opt-in: on 7.3.4 about one hand-over in 40 under load leaves the requests that arrived during
 # the quiesce bouncing on the requeue list, and fio waits forever (docs/design.md, Live changes):
 # a default run must not hang on a kernel race it cannot end.
@@ -39,13 +67,17 @@ def test_upgrade_under_fio_verify_fails_nothing(devices):
     pids, took = {dev["pid"]}, []
     try:
         for n in range(UPGRADES):
-            await_writes(dev["id"], WRITES_BETWEEN, fio, f"{n} upgrades")
-            r = jcli("upgrade", str(dev["id"]))
-            check("upgrade", r)
-            assert r["pid"] not in pids and r["old_pid"] in pids, r
-            pids.add(r["pid"])
-            took.append(r["seconds"])
-            assert r["requeued"] == 0, r  # the VM mounts debugfs, as systemd does
+            try:
+                await_writes(dev["id"], WRITES_BETWEEN, fio, f"{n} upgrades")
+                r = jcli("upgrade", str(dev["id"]))
+                check("upgrade", r)
+                assert r["pid"] not in pids and r["old_pid"] in pids, r
+                pids.add(r["pid"])
+                took.append(r["seconds"])
+                assert r["requeued"] == 0, r  # the VM mounts debugfs, as systemd does
+            except AssertionError:
+                print(stall_report(dev["id"], fio.pid), flush=True)
+                raise
             print(f"upgrade {n + 1}: {r['seconds']:.2f} s (old daemon done in {r['quiesce_seconds']:.2f} s, "
                   f"{r['retries']} retries)", flush=True)
         out, err = fio.communicate(timeout=600)
