@@ -327,13 +327,13 @@ def test_recover_after_powercut_serves_the_post_crash_data(devices):
 # 8 cycles by default keep the CI run short; UBLKSHELL_RECOVERY_CYCLES=N soaks (20, 200...)
 FIO_CYCLES = int(os.environ.get("UBLKSHELL_RECOVERY_CYCLES", "8"))
 WRITES_PER_CYCLE = 300
-# fio must still be writing when the last cycle's kill comes. A cycle takes more writes than it
-# waits for: fio writes in bursts of its verify backlog (256, then 256 verifying reads), plus the
-# 16 in flight at the kill; passes over an 8 MiB region (2048 writes), a quarter to spare.
-# (16 MiB passes with half to spare ran out after 5 and 6 cycles once recovery got faster.)
+# fio must still be writing when the last cycle's kill comes. A cycle takes more writes than the
+# 300 it waits for (fio writes in bursts of its verify backlog, and goes on writing while
+# `recover` returns): up to ~880 in CI runs, where fio ran out after 5, 6 and 7 of 8 cycles when
+# given less. 1280 writes a cycle, in passes over an 8 MiB region (2048 writes), leave ~45% spare.
 FIO_REGION = 8 << 20
 FIO_PER_LOOP = FIO_REGION // 4096
-FIO_LOOPS = -(-FIO_CYCLES * (WRITES_PER_CYCLE + 256 + 16) * 5 // 4 // FIO_PER_LOOP)
+FIO_LOOPS = -(-FIO_CYCLES * 1280 // FIO_PER_LOOP)
 
 
 @pytest.mark.parametrize("mode", ["reissue", "requeue"])
