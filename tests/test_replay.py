@@ -204,6 +204,11 @@ def test_hostile_targets_and_options(tmp_path):
     b2.n += 1
     rc, out, _ = replay(b2.save(tmp_path / "odd.log"), "--list")
     assert rc == 0 and "\\xff\\xfeA" in out
+    # nor does a terminal get a mark's escape sequence
+    b3 = Builder()
+    b3.mark("\x1b]0;owned\x07\x1b[2J")
+    rc, out, _ = replay(b3.save(tmp_path / "esc.log"), "--list")
+    assert rc == 0 and "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned\\x07" in out
 
 
 ops = st.one_of(

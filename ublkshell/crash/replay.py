@@ -94,10 +94,16 @@ def _list(entries: list[Entry], as_json: bool) -> int:
             print(json.dumps({"entry": e.index, "flags": flag_names(e.flags).split("|"), "sector": e.sector,
                               "sectors": e.nr_sectors, "mark": e.mark}))
         else:
-            what = f"mark {e.mark}" if e.flags & MARK else (
+            what = f"mark {_shown(e.mark)}" if e.flags & MARK else (
                 f"sector {e.sector} +{e.nr_sectors}" if e.nr_sectors else "")
             print(f"{e.index:8d} {flag_names(e.flags):<20s} {what}".rstrip())
     return 0
+
+
+def _shown(text: str) -> str:
+    """A mark's name as a terminal may show it: a log is anyone's file, and its control
+    characters (an escape sequence) are printed as escapes, not sent to the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class Target:
