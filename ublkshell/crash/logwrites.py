@@ -1,5 +1,5 @@
-"""dm-log-writes' on-disk log format: read a log the kernel's log-writes target (or
-ublkshell) wrote, entry by entry, checking every field against the file before use.
+"""dm-log-writes' on-disk log format: read a log the kernel's log-writes target wrote,
+entry by entry, checking every field against the file before use.
 
 Layout (drivers/md/dm-log-writes.c): the super block fills the first log sector; each entry
 is one sector holding its header (and a mark's name), then, unless it is a discard, the

@@ -16,7 +16,7 @@ import time
 
 from ..errors import UblkError, UsageError
 from ..validate import Arg, check, flag, text, whole, U64
-from .logwrites import DISCARD, FLUSH, FUA, MARK, Entry, Log, flag_names
+from .logwrites import DISCARD, FLUSH, MARK, Entry, Log, flag_names
 
 CHECK_AT = ("flush", "mark", "each")
 # a check's output is shown only when it fails: its last lines
@@ -289,7 +289,7 @@ def _check_point(e: Entry, at: str) -> bool:
         return True
     if at == "mark":
         return bool(e.flags & MARK)
-    return bool(e.flags & (FLUSH | FUA))
+    return e.persists
 
 
 def _run_check(target: Target, argv: list[str], e: Entry) -> tuple[int, str] | None:
