@@ -23,7 +23,11 @@ tests=(tests/test_records.py tests/test_trace_batch.py tests/test_fault_grammar.
        tests/test_writelog.py tests/test_shm_input.py tests/test_recovery_args.py
        tests/test_server.py tests/test_server_inproc.py tests/test_fusetree.py
        tests/test_fuse_transport.py tests/test_fuse_faults.py tests/test_zones.py
-       tests/test_inputs_fuzz.py::test_rule_lines_parse_to_rules_that_fit_and_round_trip)
+       tests/test_inputs_fuzz.py::test_rule_lines_parse_to_rules_that_fit_and_round_trip
+       tests/test_logdevice.py::test_the_log_orders_writes_as_dm_log_writes_does
+       tests/test_logdevice.py::test_past_the_memory_bound_logging_stops_and_the_log_stays_valid
+       tests/test_logdevice.py::test_a_fuse_device_log_replays_raw_io_byte_for_byte_at_every_mark
+       tests/test_logdevice.py::test_past_its_memory_bound_a_device_stops_logging_and_says_so)
 
 die() { echo "sanitize: $*" >&2; exit 1; }
 

@@ -96,6 +96,10 @@ class Device:
     def powercut(self, keep: float = 0.0) -> dict:
         return _verb("powercut")({"id": self.id, "keep": keep})
 
+    def mark(self, name: str) -> int:
+        """A named point in the device's write log (added with log_writes=FILE); its entry number."""
+        return _verb("mark")({"id": self.id, "name": name})["entry"]
+
     def kill(self) -> dict:
         return _verb("kill")({"id": self.id})
 
@@ -144,16 +148,19 @@ for _a in ("fail", "drop", "corrupt", "torn", "hang", "flakey"):
 def device(target: str = "mem", *, size=None, file=None, queues: int = 1, depth: int = 128,
            block_size=None, max_io: str = "512k", recovery=None, powercut: bool = False,
            io_mode: str = "auto", coalesce=0, zero_copy: str = "auto", zoned: bool = False,
-           zone_size=None, conv_zones=None, max_open=None, max_active=None) -> Device:
+           zone_size=None, conv_zones=None, max_open=None, max_active=None, log_writes=None,
+           log_writes_memory=None) -> Device:
     """Add a device (its IO daemon outlives this process until deleted); use it with `with`.
     io_mode, coalesce and zero_copy are `add --io-mode`, `--coalesce` and `--zero-copy`;
-    zoned and the rest `--zoned`, `--zone-size`, `--conv-zones`, `--max-open`, `--max-active`."""
+    zoned and the rest `--zoned`, `--zone-size`, `--conv-zones`, `--max-open`, `--max-active`;
+    log_writes and log_writes_memory `--log-writes FILE` and `--log-writes-memory SIZE`."""
     args = {"target": target, "size": None if size is None else str(size), "file": file,
             "queues": queues, "depth": depth, "block_size": block_size, "max_io": max_io,
             "dev_id": -1, "powercut": powercut, "io_mode": io_mode, "coalesce": coalesce,
             "zero_copy": zero_copy, "zoned": zoned,
             "zone_size": None if zone_size is None else str(zone_size), "conv_zones": conv_zones,
-            "max_open": max_open, "max_active": max_active}
+            "max_open": max_open, "max_active": max_active, "log_writes": log_writes,
+            "log_writes_memory": None if log_writes_memory is None else str(log_writes_memory)}
     if recovery:
         args["recovery"] = "requeue" if recovery is True else recovery
     return Device(_verb("add")(args))

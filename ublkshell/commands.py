@@ -26,10 +26,12 @@ SERVER_VERBS = ("add", "del", "list", "info", "features", "stats", "lat", "infli
 SERVER_VERBS += ("kill", "recover")
 # live changes
 SERVER_VERBS += ("resize", "quiesce", "resume", "upgrade")
+# the write log (add --log-writes)
+SERVER_VERBS += ("mark",)
 VERBS = (*SERVER_VERBS, "trace", "top", *SHELL_ONLY)
 ID_VERBS = {"del", "stats", "lat", "inflight", "trace", "info", "top", *FAULT_VERBS}
 # daemon death and recovery
-ID_VERBS |= {"kill", "recover", "resize", "quiesce", "resume", "upgrade"}
+ID_VERBS |= {"kill", "recover", "resize", "quiesce", "resume", "upgrade", "mark"}
 RECOVERY_MODES = ("requeue", "reissue", "fail")
 MULTI_ID_VERBS = {"del", "top"}
 TARGETS = tuple(target_table)  # the native target table names them (native/targets.c)
@@ -168,8 +170,18 @@ def cli_parser() -> argparse.ArgumentParser:
                    help="--zoned: most zones open at once (default: no limit)")
     a.add_argument("--max-active", type=int, metavar="N",
                    help="--zoned: most zones open or closed at once (default: no limit)")
+    a.add_argument("--log-writes", metavar="FILE",
+                   help="log every write the device completes, with its data, flushes and FUA, to "
+                        "FILE (a new file) in dm-log-writes' format: `mark ID NAME` names points in "
+                        "it, `replay FILE TARGET --to-mark NAME` rebuilds the device as it stood "
+                        "there (docs/crashtest.md). Writes wait in memory for the next flush, as "
+                        "dm-log-writes holds them")
+    a.add_argument("--log-writes-memory", metavar="SIZE",
+                   help="--log-writes: most write data held in memory, waiting for a flush or for "
+                        "the log's disk (default 256M); past it logging stops (the log stays "
+                        "valid up to there, `info` says why)")
     a.add_argument("--json", action="store_true", help="print the new device as JSON")
-    offer(a, {"--type": TARGETS, "--file": PATH, "--transport": None, "--recovery": RECOVERY_MODES,
+    offer(a, {"--type": TARGETS, "--file": PATH, "--log-writes": PATH, "--transport": None, "--recovery": RECOVERY_MODES,
               "--io-mode": None, "--zero-copy": None})
 
     d = sub.add_parser("del", help="delete devices",

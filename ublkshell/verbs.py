@@ -26,6 +26,10 @@ def run_add(a: dict) -> dict:
                       coalesce_ns=a["coalesce"], zero_copy=a["zero_copy"], zoned=a["zoned"],
                       zone_size=a["zone_size"], conv_zones=a["conv_zones"], max_open=a["max_open"],
                       max_active=a["max_active"])
+    if a["log_writes"] is not None or a["log_writes_memory"] is not None:
+        from .crash.logdevice import check_spec
+
+        spec["log_writes"] = check_spec(a["log_writes"], a["log_writes_memory"], spec.get("zoned"))
     return add(spec)
 
 
@@ -51,6 +55,8 @@ ADD_ARGS = {
     "conv_zones": Arg("--conv-zones", whole(0, US_ZONES_MAX - 1)),
     "max_open": Arg("--max-open", whole(1, US_ZONES_MAX)),
     "max_active": Arg("--max-active", whole(1, US_ZONES_MAX)),
+    "log_writes": Arg("--log-writes", text()),
+    "log_writes_memory": Arg("--log-writes-memory", text(64)),
     **JSON,
 }
 
@@ -108,13 +114,25 @@ def run_info(a: dict) -> dict:
     if entry is None:
         # statistics without a device: its daemon kept them after the device went
         error = f"device {devids.name(dev_id)} is not among the kernel's devices"
-    return {"device": devids.name(dev_id), "list": entry, "stats": stats, "error": error}
+    r = {"device": devids.name(dev_id), "list": entry, "stats": stats, "error": error}
+    from .devices import registry
+
+    log = ((registry.read(dev_id) or {}).get("spec") or {}).get("log_writes")
+    if isinstance(log, dict):
+        from .crash.marks import device_status
+
+        r["log_writes"] = dict(path=str(log.get("path")), status=device_status(dev_id))
+    return r
 
 
 def render_info(r: dict) -> str:
     out = [render_list([r["list"]])] if r["list"] else []
     if r["list"] and r["list"].get("zoned"):
         out.append(zoned_line(r["list"]["zoned"]))
+    if r.get("log_writes"):
+        from .crash.marks import status_line
+
+        out.append(status_line(r["log_writes"]["path"], r["log_writes"]["status"]))
     if r["stats"]:
         out.append(render_stats(r["stats"]))
     if r["error"]:
@@ -272,6 +290,22 @@ _HANDOVER_ARGS = {**ID, "timeout": Arg("--timeout", duration(default_unit="s", l
 VERBS["quiesce"] = Verb(run_quiesce, render_quiesce, _HANDOVER_ARGS)
 VERBS["upgrade"] = Verb(run_upgrade, render_upgrade, _HANDOVER_ARGS)
 VERBS["resume"] = Verb(run_resume, render_resume, {**ID, **JSON})
+
+
+# -- the write log (add --log-writes): marks -------------------------------------
+def run_mark(a: dict) -> dict:
+    from .crash.marks import run_mark as run
+
+    return run(a)
+
+
+def render_mark(r: dict) -> str:
+    from .crash.marks import render_mark as render
+
+    return render(r)
+
+
+VERBS["mark"] = Verb(run_mark, render_mark, {**ID, "name": Arg("NAME", text(), required=True), **JSON})
 
 
 # -- daemon death and recovery (kill, recover) ---------------------------------

@@ -85,6 +85,8 @@ class Daemon:
         self.dev = ffi.NULL
         self.stats = None
         self.abandoned = 0  # tags a dead daemon was serving (recovery only)
+        self.logw = None    # --log-writes (crash/logdevice.py)
+        self.served = False
 
     @property
     def recovering(self) -> bool:
@@ -109,6 +111,7 @@ class Daemon:
             unprivileged.wait_for_disk(self.dev_id, _log)
         entry = self._entry(info)
         registry.write(self.dev_id, entry)
+        self.served = True
         how = f"recovered (#{entry['recoveries']})" if self.recovering else "serving"
         _log(f"dev {self.dev_id}: {how} {self.target.describe()} "
              f"({entry['queues']} queues x {entry['depth']})")
@@ -223,6 +226,13 @@ class Daemon:
             cfg.write_log_fd = self.target.write_log_fd()
         for q, cpu in enumerate(_affinity(self.ctrl, self.dev_id, info.nr_hw_queues)[:64]):
             cfg.cpus[q] = cpu
+        if spec.get("log_writes"):
+            from ..crash.logdevice import DeviceLog
+
+            self.logw = DeviceLog(spec["log_writes"], self.target.block_size,
+                                  lib.us_fault_area_of(self.stats.base), _log)
+            self.logw.open(resume=self.recovering)
+            cfg.logw = self.logw.lw
         err = ffi.new("int *")
         self.dev = lib.us_dev_start(cfg, err)
         if self.dev == ffi.NULL:
@@ -261,7 +271,11 @@ class Daemon:
         stop_sent_at = None
         started = time.monotonic()
         kicks = list(REQUEUE_KICKS) if self.recovering else []
-        while not lib.us_dev_wait(self.dev, 200):
+        # a mark waits for this loop: look more often while there is a log
+        wait_ms = 50 if self.logw else 200
+        while not lib.us_dev_wait(self.dev, wait_ms):
+            if self.logw:
+                self.logw.poll()
             if kicks and time.monotonic() - started >= kicks[0]:
                 kicks.pop(0)
                 _kick_requeue(self.dev_id)
@@ -296,6 +310,9 @@ class Daemon:
         lib.us_dev_abort(self.dev)
         if not lib.us_dev_wait(self.dev, 10000):
             _log(f"dev {self.dev_id}: powercut: queues did not stop in 10 s")
+        if self.logw:
+            # what was made durable is logged; what was not dies with the power, as on the media
+            self.logw.sync()
         n = lib.us_dev_powercut(self.dev, keep, int(area.seed) if area != ffi.NULL else 0, area)
         if n < 0:
             _log(f"dev {self.dev_id}: powercut: {os.strerror(-n)}")
@@ -319,6 +336,10 @@ class Daemon:
         if self.dev != ffi.NULL:
             lib.us_dev_free(self.dev)
             self.dev = ffi.NULL
+        if self.logw:
+            # no queue is left to log: writes still held go in (an end mark if the device goes)
+            self.logw.close(orderly=delete, served=self.served or self.recovering)
+            self.logw = None
         if self.cdev >= 0:
             os.close(self.cdev)
             self.cdev = -1

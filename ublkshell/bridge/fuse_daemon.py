@@ -54,6 +54,8 @@ class FuseDaemon:
         self.disk = None
         self.loopdev = None
         self.loop_seq = None
+        self.logw = None    # --log-writes (crash/logdevice.py)
+        self.served = False
 
     @property
     def name(self) -> str:
@@ -96,6 +98,12 @@ class FuseDaemon:
         if spec.get("powercut"):
             cfg.write_log_bytes = int(spec["powercut"])
             cfg.write_log_fd = self.target.write_log_fd()
+        if spec.get("log_writes"):
+            from ..crash.logdevice import DeviceLog
+
+            self.logw = DeviceLog(spec["log_writes"], self.target.block_size, self.stats.fault_area(), _log)
+            self.logw.open(resume=False)
+            cfg.logw = self.logw.lw
         err = ffi.new("char[256]")
         self.fuse = lib.us_fuse_start(cfg, self.mount.encode(), f"ublkshell-{self.name}".encode(),
                                       err, len(err))
@@ -128,6 +136,7 @@ class FuseDaemon:
             **self.target.state(),
         }
         registry.write(self.dev_id, entry)
+        self.served = True
         _log(f"{self.name}: serving {self.target.describe()} as {self.disk}"
              + (f" ({self.loopdev})" if self.loopdev else ""))
         return entry
@@ -137,7 +146,9 @@ class FuseDaemon:
         while not _stop:
             if _powercut:
                 self.powercut()
-            if lib.us_fuse_wait(self.fuse, 200):
+            if self.logw:
+                self.logw.poll()
+            if lib.us_fuse_wait(self.fuse, 50 if self.logw else 200):
                 _log(f"{self.name}: the FUSE session ended (unmounted or aborted from outside)")
                 self.teardown(delete=False)
                 return 1
@@ -150,6 +161,9 @@ class FuseDaemon:
         area = self.stats.fault_area()
         keep = int(area.powercut_keep) if area != ffi.NULL else 0
         n = lib.us_fuse_powercut(self.fuse, keep, int(area.seed) if area != ffi.NULL else 0, area)
+        if self.logw:
+            # what was made durable is logged; what was not dies with the power, as on the media
+            self.logw.sync()
         if n < 0:
             _log(f"{self.name}: powercut: {os.strerror(-n)}")
         else:
@@ -181,6 +195,10 @@ class FuseDaemon:
             else:
                 # exiting closes /dev/fuse, which aborts the connection and ends the workers
                 _log(f"{self.name}: FUSE workers still held: leaving them to the process exit")
+        if self.logw and self.fuse == ffi.NULL:
+            # the workers are gone: nothing logs any more (else the process exit ends the log)
+            self.logw.close(orderly=delete, served=self.served)
+            self.logw = None
         self.target.close()
         if delete and self.dev_id >= 0:
             self.target.remove()

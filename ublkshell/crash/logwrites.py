@@ -87,6 +87,7 @@ class Log:
                 raise LogError(f"{path}: the super block counts {nr} entries, more than "
                                f"{self.size} bytes can hold (truncated log?)")
             self.super = Super(nr, sectorsize)
+            self.end_at = -1   # after a full iteration: the byte after the last counted entry
         except BaseException:
             os.close(self.fd)
             raise
@@ -129,6 +130,7 @@ class Log:
                     raise LogError(f"{where}: its {nr_sectors * ss} bytes of data run past the end of "
                                    "the log (truncated log?)")
             yield Entry(index, sector, nr_sectors, flags, mark, data_at)
+        self.end_at = pos
 
     def read_data(self, entry: Entry, offset: int, length: int) -> bytes:
         """length bytes of entry's data from byte offset within it."""

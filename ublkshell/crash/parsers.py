@@ -1,7 +1,9 @@
-"""The command line's parser for `replay` (crash/replay.py runs it). commands.py adds it to
+"""The command line's parsers for `replay` (crash/replay.py runs it) and `mark` (crash/marks.py). commands.py adds it to
 the one command table, as it adds devices/parsers.py's and faults/verbs.py's."""
 import argparse
 
+from ..devices import ids as devids
+from .logdevice import MAX_MARK
 from .replay import CHECK_AT
 
 
@@ -38,4 +40,19 @@ def add_parsers(sub) -> argparse.ArgumentParser:
                         "each: after every entry")
     r.add_argument("--json", action="store_true", help="JSON: one object per entry with --list, "
                                                        "else a summary")
+    m = sub.add_parser(
+        "mark", help="name a point in a device's write log (add --log-writes)",
+        description=(
+            "Append a mark named NAME to the device's write log, after every entry logged so far\n"
+            "(writes still waiting for a flush come after it, as with dm-log-writes' `dmsetup\n"
+            "message DEV 0 mark NAME`). Returns once the mark is in the file; prints its entry\n"
+            "number. `replay LOG TARGET --to-mark NAME` rebuilds the device as it stood there."),
+        epilog="examples:\n"
+               "  ublkshell add -t mem --size 256M --log-writes /var/tmp/run1.log\n"
+               "  mkfs.ext4 -q /dev/ublkb0 && sync && ublkshell mark 0 after-mkfs\n"
+               "  ublkshell replay /var/tmp/run1.log img --size 256M --to-mark after-mkfs",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("id", type=devids.arg, metavar="ID")
+    m.add_argument("name", metavar="NAME", help=f"up to {MAX_MARK} bytes")
+    m.add_argument("--json", action="store_true")
     return r

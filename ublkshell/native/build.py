@@ -16,7 +16,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a target is its own target_*.c (registered by one line in targets.c): none is listed here
 SOURCES = ["pipeline.c", "ring.c", "ctrl.c", "records.c", "names.c", "faults.c", "faults_rules.c",
-           "faults_heal.c", "writelog.c", "targets.c", "ring_batch.c", "ublk_buffers.c", "zones.c", "fuse_transport.c", "fuse_session.c"]
+           "faults_heal.c", "writelog.c", "logwrites.c", "logwrites_file.c", "targets.c", "ring_batch.c", "ublk_buffers.c", "zones.c", "fuse_transport.c", "fuse_session.c"]
 SOURCES += sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "target_*.c")))
 
 

@@ -23,7 +23,7 @@
 
 #include <stdint.h>
 
-#define US_FAULT_MAGIC		0x32746c7561666b75ULL	/* "ukfault2": LBA flag, heal log, pc_failed */
+#define US_FAULT_MAGIC		0x33746c7561666b75ULL	/* "ukfault3": LBA flag, heal log, pc_failed, write log */
 #define US_FAULT_SLOTS		256
 /* a record's fault field holds action | id << 8 in 32 bits */
 #define US_FAULT_MAX_ID		0xffffff
@@ -95,6 +95,29 @@ struct us_fault_busy {
 	uint32_t	pad[15];
 };
 
+/*
+ * The device's --log-writes log, seen from outside the daemon: its daemon
+ * copies the status in a few times a second, and takes mark requests here.
+ * A mark's writer holds the file's flock from writing mark_name until
+ * mark_done reaches its mark_req, so one request is in the box at a time.
+ */
+#define US_LW_MARK_MAX		512
+struct us_lw_box {
+	uint32_t	on;		/* 1 while the daemon has a log open */
+	int32_t		error;		/* positive errno once logging stopped (ENOBUFS: over the memory bound) */
+	uint64_t	entries;	/* counted by the log's super block */
+	uint64_t	log_bytes;
+	uint64_t	held_bytes;	/* write data in the daemon's memory, waiting for a flush or the disk */
+	uint64_t	held_max;
+	uint64_t	limit;		/* the bound on held_bytes */
+	uint32_t	marks;
+	int32_t		mark_err;	/* the daemon's answer to mark_req: 0 or a positive errno */
+	uint64_t	mark_index;	/* that mark's entry number in the log (from 0) */
+	uint64_t	mark_req;	/* bumped by a writer after mark_name */
+	uint64_t	mark_done;	/* the last mark_req the daemon answered */
+	char		mark_name[US_LW_MARK_MAX];	/* NUL-terminated */
+};
+
 struct us_fault_area {
 	uint64_t	magic;
 	uint32_t	gen;		/* odd while a writer changes rules or seed */
@@ -119,6 +142,7 @@ struct us_fault_area {
 	struct us_fault_ctr ctr[US_FAULT_SLOTS];
 	struct us_fault_busy busy[US_FAULT_BUSY];
 	struct us_heal_entry heal[US_HEAL_ENTRIES];
+	struct us_lw_box lw;
 };
 
 #endif

@@ -22,6 +22,7 @@ struct us_fuse_cfg {
 	int		backing_in_memory; /* loop: the file lives in RAM: copy in the queue thread */
 	uint64_t	write_log_bytes; /* powercut: log unflushed writes up to this much, 0 off */
 	int		write_log_fd;	/* powercut: reads old data and puts it back (buffered) */
+	struct us_lwlog	*logw;		/* --log-writes (us_lw_open), NULL none; the caller closes it */
 	int		no_records;	/* 1: keep no counters or records; faults still apply */
 };
 

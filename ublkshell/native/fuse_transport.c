@@ -268,6 +268,7 @@ struct us_dev *fx_dev_new(struct us_fuse *f, int *err)
 	d->cfg.no_records = c->no_records;
 	d->cfg.write_log_bytes = c->write_log_bytes;
 	d->cfg.write_log_fd = c->write_log_fd;
+	d->cfg.logw = c->logw;
 	d->fe = &fuse_frontend;
 	d->fe_data = f;
 	d->q[0].dev = d;

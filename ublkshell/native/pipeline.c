@@ -4,8 +4,9 @@
  * FUSE) fills a tag's us_io and calls us_io_start on its queue thread; from
  * there every IO takes the same path whatever brought it:
  *
- *   record begin -> fault rules -> power-cut log -> target (queue_io, io_done)
- *   -> fault finish -> power-cut log -> record end -> front end's complete()
+ *   record begin -> fault rules -> power-cut log, write log -> target (queue_io,
+ *   io_done) -> fault finish -> power-cut log, write log -> record end
+ *   -> front end's complete()
  *
  * Delays and hangs park the IO on the same ring (faults.c), so a front end
  * gets them for free as long as it reaps its ring through us_handle_cqe.
@@ -53,6 +54,8 @@ static int io_end(struct us_queue *q, unsigned tag, int result)
 		result = us_fault_finish(q, tag, io, result);
 	if (q->dev->wlog)
 		us_wlog_end(q, io, result);
+	if (io->lw)
+		us_lw_end(q, io, result);
 	if (io->bounce || q->dev->ucopy)
 		result = us_io_copy_out(q, tag, io, result);
 	us_rec_end(q, tag, io, result);
@@ -68,11 +71,12 @@ void us_io_complete(struct us_queue *q, unsigned tag, int result)
  * Zero copy, but this IO's data must pass through here: the target computes
  * it, or the driver could not register the request's pages (ublk_buffers.c).
  * A corrupt fault bounces its IO when it matches (faults.c). The power-cut log
- * keeps only what a write overwrites, read from the store, so it needs no copy.
+ * keeps only what a write overwrites, read from the store, so it needs no copy;
+ * the write log (--log-writes) keeps a write's data, so it does.
  */
 static int must_copy(const struct us_queue *q, const struct us_io *io)
 {
-	return !q->dev->tgt_zc || io->op_flags & UBLK_IO_F_NEED_REG_BUF;
+	return !q->dev->tgt_zc || io->op_flags & UBLK_IO_F_NEED_REG_BUF || q->dev->cfg.logw;
 }
 
 void us_start_target(struct us_queue *q, unsigned tag)
@@ -89,6 +93,8 @@ void us_start_target(struct us_queue *q, unsigned tag)
 	}
 	if (q->dev->wlog)
 		us_wlog_begin(q, io);
+	if (q->dev->cfg.logw)
+		us_lw_begin(q, io);
 	r = q->dev->tgt->queue_io(q, tag, io);
 
 	if (r != US_QUEUED)
@@ -104,6 +110,7 @@ void us_io_start(struct us_queue *q, unsigned tag)
 	io->attempt = 0;
 	io->fault = 0;
 	io->bounce = 0;
+	io->lw = NULL;
 	/* a fault's leftovers must not reach io_end of an IO no rule looked at */
 	memset(&io->fh, 0, sizeof(io->fh));
 	q->turn_ios++;

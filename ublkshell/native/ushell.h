@@ -84,6 +84,7 @@ struct us_io {
 	/* user copy: reading a WRITE's data from /dev/ublkcN failed with this (-errno), 0 none */
 	int32_t		copy_err;
 	uint32_t	flush_mark;	/* powercut: this FLUSH's number */
+	void		*lw;		/* --log-writes: this IO's block, from target start to io_end */
 };
 
 struct us_queue;
@@ -240,6 +241,9 @@ void us_fault_area_init(struct us_fault_area *a);
 /* writelog.c: powercut's memory of unflushed writes (us_wlog_new/free: ushell_api.h) */
 void us_wlog_begin(struct us_queue *q, struct us_io *io);
 void us_wlog_end(struct us_queue *q, struct us_io *io, int result);
+/* logwrites.c: the --log-writes log's hooks, beside the power-cut log's */
+void us_lw_begin(struct us_queue *q, struct us_io *io);
+void us_lw_end(struct us_queue *q, struct us_io *io, int result);
 
 /* target_mem.c: read len bytes whole, zeros past the end of the file; 0 or -errno */
 int us_pread_zero(int fd, char *buf, size_t len, off_t off);

@@ -68,6 +68,7 @@ struct us_dev_cfg {
 	uint32_t	zone_max_open;	/* 0: no limit */
 	uint32_t	zone_max_active; /* 0: no limit */
 	int		zone_fd;	/* the zone state file (zones.c), beside the data */
+	struct us_lwlog	*logw;		/* --log-writes (us_lw_open), NULL none; the caller closes it */
 };
 
 /*
@@ -139,6 +140,45 @@ int us_wlog_powercut(struct us_wlog *w, uint32_t keep_ppm, uint64_t seed, struct
  */
 void *us_wlog_test_begin(struct us_wlog *w, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors);
 void us_wlog_test_end(struct us_wlog *w, void *io, int completed);
+
+/*
+ * add --log-writes (logwrites.c): a dm-log-writes log of what the device
+ * completes, appended to fd by a writer thread. sectorsize: the device's
+ * logical block size (the log's unit). entries, next_off: where an adopted log
+ * goes on (0, 0 for a new one). limit: bytes of write data the log may hold in
+ * memory (waiting for a flush, or for the writer); past it logging stops.
+ * The device takes it through cfg.logw; close it after the queues are gone.
+ */
+struct us_lwlog;
+struct us_lw_status {
+	uint64_t	entries;	/* counted by the log's super block */
+	uint64_t	log_bytes;	/* the log file's length */
+	uint64_t	held_bytes;	/* write data in memory now */
+	uint64_t	held_max;	/* the most there ever was */
+	uint32_t	marks;
+	int32_t		error;		/* positive errno once logging stopped (ENOBUFS: over limit) */
+};
+struct us_lwlog *us_lw_open(int fd, uint32_t sectorsize, uint64_t entries, uint64_t next_off,
+			    uint64_t limit, int *err);
+/*
+ * Append a mark after everything logged so far and wait until it is in the
+ * file: 0 with *index its entry number, or -errno (-EINVAL: empty, or longer
+ * than a sector holds beside the entry header).
+ */
+int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *index);
+/* wait until what is ready is in the file: 0 or -errno (-ETIMEDOUT) */
+int us_lw_sync(struct us_lwlog *lw, int timeout_ms);
+void us_lw_status(struct us_lwlog *lw, struct us_lw_status *st);
+/*
+ * Stop the writer and free. end_mark non-NULL (an orderly end): writes still
+ * held are logged first, then a mark of that name if it is not empty.
+ * 0, or -errno: logging had stopped, or the last write or fsync failed.
+ */
+int us_lw_close(struct us_lwlog *lw, const char *end_mark);
+/* Tests: an IO as the pipeline hands it to the log (buf: a WRITE's data, filled before end) */
+void *us_lw_test_begin(struct us_lwlog *lw, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors);
+char *us_lw_test_buf(void *io);
+void us_lw_test_end(struct us_lwlog *lw, void *io, int result);
 
 /*
  * The device's shared memory (records.h): layout, initialisation, readers.

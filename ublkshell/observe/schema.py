@@ -205,7 +205,19 @@ KINDS = {
                       "features": F("{str: bool}", "each UBLK_F_* flag by name: offered")}),
     "info": Kind("A device in one call", ("info --json", "socket info"),
                  {"device": DEVICE, "list": F("@list_entry?", "its `list` entry; null: not among the devices"),
-                  "stats": F("@stats?", "its stats; null: none"), "error": F("str?", "why one is missing")}),
+                  "stats": F("@stats?", "its stats; null: none"), "error": F("str?", "why one is missing"),
+                  "log_writes": F("@log_writes", "its write log", when="with add --log-writes")}),
+    "log_writes": Kind("A device's write log (add --log-writes)", (), {
+        "path": F("str", "the log file"),
+        "status": F("@log_status?", "null: its daemon has no log open (gone, or never started)")}),
+    "log_status": Kind("What the device's daemon says of its write log", (), {
+        "entries": F("uint", "entries the log's super block counts"),
+        "bytes": F("uint", "the log file's length", "bytes"),
+        "held": F("uint", "write data in the daemon's memory now, waiting for a flush or the disk", "bytes"),
+        "held_max": F("uint", "the most there ever was", "bytes"),
+        "memory": F("uint", "the bound on held (--log-writes-memory)", "bytes"),
+        "marks": F("uint", "marks logged"),
+        "error": F("str?", "why logging stopped; null: it goes on")}),
     "tree_info": Kind("A device, for the tree", ("tree info.json",), INFO, "The same numbers as the `info` text."),
     # -- statistics ------------------------------------------------------------
     "stats": Kind("Counters and latency of a device", ("stats --json", "socket stats", "tree stats.json"),
@@ -279,6 +291,10 @@ KINDS = {
                                  when="with --format fio-iolog"),
                     "read_with": F("[str]", "commands that read the files")}),
     # -- crash states ----------------------------------------------------------
+    "mark": Kind("A mark in a device's write log", ("mark --json",), {
+        "device": DEVICE, "mark": F("str", "its name"),
+        "entry": F("uint", "its entry number in the log, from 0 (what `replay --list` shows)"),
+        "entries": F("uint", "entries in the log once it was written")}),
     "replay_entry": Kind("One entry of a dm-log-writes log", ("replay --list --json",),
                          {"entry": F("uint", "its index, from 0"),
                           "flags": F("[str]", "write, flush, fua, discard, mark, meta"),
@@ -350,6 +366,7 @@ VERB_KINDS = {"add": "device_entry", "del": "del", "list": "list", "info": "info
               "resize": "resize", "quiesce": "quiesce", "resume": "resume", "upgrade": "upgrade",
               "stats": "stats", "lat": "lat", "inflight": "inflight", "metrics": "metrics", "faults": "faults",
               "clear": "clear", "seed": "seed", "powercut": "powercut", "kill": "kill", "recover": "recover",
+              "mark": "mark",
               **{a: "rule_added" for a in ("delay", "fail", "drop", "corrupt", "torn", "hang", "flakey",
                                            "badblocks")}}
 # the stats tree's .json twins (per device; `queues/N/` per queue) and what each line or file is

@@ -139,9 +139,10 @@ class Shell:
         from ..verbs import VERBS as RENDER, dumps
 
         a = commands.args_of(args)
-        if verb == "add" and a.get("file"):
-            # the daemon starts from the server's directory, not ours
-            a["file"] = os.path.abspath(os.path.expanduser(a["file"]))
+        for path_arg in ("file", "log_writes"):
+            if verb == "add" and a.get(path_arg):
+                # the daemon starts from the server's directory, not ours
+                a[path_arg] = os.path.abspath(os.path.expanduser(a[path_arg]))
         result = self.call(verb, **a)
         render = RENDER[verb][1]
         if getattr(args, "json", False):

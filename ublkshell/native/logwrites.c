@@ -1,0 +1,382 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * add --log-writes: every write the device completes, in dm-log-writes' on-disk
+ * format (crash/logwrites.py reads it), so that `replay`, fstests' replay-log
+ * and our own crash checker can rebuild the device as it stood at any flush.
+ *
+ * The order is dm-log-writes' order, which is the order data reaches stable
+ * media on a disk with a volatile cache: a completed WRITE, DISCARD or
+ * WRITE_ZEROES waits in memory ("held") until a FLUSH that arrives after it
+ * completes; then it is logged, followed by the FLUSH. A FUA write is logged
+ * as soon as it completes. A failed FLUSH leaves the writes it captured held
+ * for the next one. Marks go after what is logged so far, never after held
+ * writes. WRITE_ZEROES is logged as a write of zeroes, as the kernel's target
+ * sees it (it emulates write-zeroes by writing zero pages).
+ *
+ * What is logged is what reached the target and was acknowledged: a write a
+ * fault failed or dropped never touched the store, so the log leaves it out
+ * and a replay rebuilds what the store holds.
+ *
+ * Queue threads only link blocks under a mutex and copy the data once; one
+ * writer thread per device appends to the file, so the IO never waits for
+ * the log's disk. Memory is bounded: past the limit (writes held without a
+ * flush, or a writer that cannot keep up) logging stops for good, the log
+ * stays valid up to its last counted entry, and the status says why.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/uio.h>
+
+#include "ushell.h"
+#include "logwrites_int.h"
+
+static void list_add(struct lw_list *l, struct lw_block *b)
+{
+	b->next = NULL;
+	if (l->tail)
+		l->tail->next = b;
+	else
+		l->head = b;
+	l->tail = b;
+}
+
+/* move all of from behind to */
+static void list_splice(struct lw_list *to, struct lw_list *from)
+{
+	if (!from->head)
+		return;
+	if (to->tail)
+		to->tail->next = from->head;
+	else
+		to->head = from->head;
+	to->tail = from->tail;
+	from->head = from->tail = NULL;
+}
+
+/* what a block holds against the memory bound: a WRITE's data (a mark's name is not charged) */
+static uint64_t block_bytes(const struct lw_block *b)
+{
+	return b->zeroes || (b->flags & LW_MARK) ? 0 : b->data_len;
+}
+
+void lw_free_chain(struct us_lwlog *lw, struct lw_block *b)
+{
+	while (b) {
+		struct lw_block *next = b->next;
+
+		lw_free_chain(lw, b->cap_head);
+		lw->bytes -= block_bytes(b);
+		free(b);
+		b = next;
+	}
+}
+
+/* under lock: logging ends for good; what is not yet written is dropped */
+void lw_stop_logging(struct us_lwlog *lw, int err)
+{
+	if (!lw->error)
+		lw->error = err;
+	lw_free_chain(lw, lw->held.head);
+	lw->held.head = lw->held.tail = NULL;
+	lw_free_chain(lw, lw->ready.head);
+	lw->ready.head = lw->ready.tail = NULL;
+	pthread_cond_broadcast(&lw->idle);
+}
+
+struct us_lwlog *us_lw_open(int fd, uint32_t sectorsize, uint64_t entries, uint64_t next_off,
+			    uint64_t limit, int *err)
+{
+	struct us_lwlog *lw;
+
+	*err = -EINVAL;
+	if (sectorsize < 512 || sectorsize > 4096 || (sectorsize & (sectorsize - 1)) ||
+	    (next_off && next_off < sectorsize) || next_off % sectorsize)
+		return NULL;
+	*err = -ENOMEM;
+	lw = calloc(1, sizeof(*lw));
+	if (!lw)
+		return NULL;
+	lw->zero_len = 1 << 20;
+	lw->zero = calloc(1, lw->zero_len);
+	if (!lw->zero)
+		goto fail;
+	lw->fd = fd;
+	lw->sectorsize = sectorsize;
+	for (lw->shift = 0; (512U << lw->shift) < sectorsize; lw->shift++)
+		;
+	lw->entries = entries;
+	lw->next_off = next_off ? next_off : sectorsize;
+	lw->limit = limit;
+	if (pthread_mutex_init(&lw->lock, NULL))
+		goto fail;
+	pthread_cond_init(&lw->work, NULL);
+	pthread_cond_init(&lw->idle, NULL);
+	/* a valid (empty or adopted) log before the first IO: replay reads it at once */
+	*err = -lw_write_super(lw);
+	if (*err)
+		goto fail_sync;
+	if (pthread_create(&lw->thr, NULL, lw_writer, lw)) {
+		*err = -EAGAIN;
+		goto fail_sync;
+	}
+	*err = 0;
+	return lw;
+fail_sync:
+	pthread_cond_destroy(&lw->work);
+	pthread_cond_destroy(&lw->idle);
+	pthread_mutex_destroy(&lw->lock);
+fail:
+	free(lw->zero);
+	free(lw);
+	return NULL;
+}
+
+/* under lock: count a new block's data against the limit; 0 if logging goes on */
+static int charge(struct us_lwlog *lw, uint64_t len)
+{
+	if (lw->error)
+		return -1;
+	if (lw->bytes + len > lw->limit) {
+		lw_stop_logging(lw, ENOBUFS);
+		return -1;
+	}
+	lw->bytes += len;
+	if (lw->bytes > lw->held_max)
+		lw->held_max = lw->bytes;
+	return 0;
+}
+
+static void lw_begin(struct us_lwlog *lw, struct us_io *io)
+{
+	unsigned op = io->op_flags & 0xff;
+	struct lw_block *b;
+
+	io->lw = NULL;
+	/* a commit linked behind the target's SQE would skip io_end's logging */
+	io->fh.nolink = 1;
+	if (op != UBLK_IO_OP_FLUSH && op != UBLK_IO_OP_WRITE && op != UBLK_IO_OP_DISCARD &&
+	    op != UBLK_IO_OP_WRITE_ZEROES)
+		return;
+	if (op != UBLK_IO_OP_FLUSH && !io->nr_sectors)
+		return;
+	/* WRITE data is copied at completion, when the store holds it too */
+	b = calloc(1, sizeof(*b) + (op == UBLK_IO_OP_WRITE ? (size_t)io->nr_sectors << 9 : 0));
+	pthread_mutex_lock(&lw->lock);
+	if (!b) {
+		lw_stop_logging(lw, ENOMEM);
+	} else if (lw->error) {
+		free(b);
+		b = NULL;
+	} else if (op == UBLK_IO_OP_FLUSH) {
+		b->flags = LW_FLUSH;
+		b->cap_head = lw->held.head;
+		b->cap_tail = lw->held.tail;
+		lw->held.head = lw->held.tail = NULL;
+	}
+	pthread_mutex_unlock(&lw->lock);
+	io->lw = b;
+}
+
+static void lw_end(struct us_lwlog *lw, struct us_io *io, int result)
+{
+	struct lw_block *b = io->lw;
+	unsigned op = io->op_flags & 0xff;
+	uint64_t len = (uint64_t)io->nr_sectors << 9;
+
+	if (!b)
+		return;
+	io->lw = NULL;
+	if (op == UBLK_IO_OP_FLUSH) {
+		pthread_mutex_lock(&lw->lock);
+		if (lw->error) {
+			lw_free_chain(lw, b);
+		} else if (result < 0) {
+			/* nothing was made durable: the captured writes wait for the next FLUSH */
+			struct lw_list cap = { b->cap_head, b->cap_tail };
+
+			list_splice(&cap, &lw->held);
+			lw->held = cap;
+			b->cap_head = b->cap_tail = NULL;
+			lw_free_chain(lw, b);
+		} else {
+			list_add(&lw->ready, b);
+			pthread_cond_signal(&lw->work);
+		}
+		pthread_mutex_unlock(&lw->lock);
+		return;
+	}
+	if (result < 0) {
+		free(b);	/* never charged: it holds no captured writes */
+		return;
+	}
+	b->sector = io->start_sector >> lw->shift;
+	b->nr_sectors = io->nr_sectors >> lw->shift;
+	if (op == UBLK_IO_OP_DISCARD) {
+		b->flags = LW_DISCARD;
+	} else {
+		b->data_len = (uint32_t)len;
+		b->zeroes = op == UBLK_IO_OP_WRITE_ZEROES;
+		if (!b->zeroes)
+			memcpy(b->data, io->buf, len);
+		if (io->op_flags & UBLK_IO_F_FUA)
+			b->flags = LW_FUA;
+	}
+	if (io->op_flags & UBLK_IO_F_META)
+		b->flags |= LW_META;
+	pthread_mutex_lock(&lw->lock);
+	if (charge(lw, block_bytes(b))) {
+		free(b);
+	} else if (b->flags & LW_FUA) {
+		list_add(&lw->ready, b);
+		pthread_cond_signal(&lw->work);
+	} else {
+		list_add(&lw->held, b);
+	}
+	pthread_mutex_unlock(&lw->lock);
+}
+
+void us_lw_begin(struct us_queue *q, struct us_io *io)
+{
+	lw_begin(q->dev->cfg.logw, io);
+}
+
+void us_lw_end(struct us_queue *q, struct us_io *io, int result)
+{
+	lw_end(q->dev->cfg.logw, io, result);
+}
+
+/* under lock: wait until the writer has written everything queued before this call */
+static int drain_locked(struct us_lwlog *lw, int timeout_ms)
+{
+	struct timespec until;
+
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += timeout_ms / 1000;
+	until.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+	if (until.tv_nsec >= 1000000000) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000;
+	}
+	while ((lw->ready.head || lw->busy) && !lw->error)
+		if (pthread_cond_timedwait(&lw->idle, &lw->lock, &until) == ETIMEDOUT)
+			return -ETIMEDOUT;
+	return lw->error ? -lw->error : 0;
+}
+
+int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *index)
+{
+	size_t len = strlen(name);
+	struct lw_block *b;
+	int r;
+
+	/* the name shares the header sector with the entry, and readers want a NUL after it */
+	if (!len || len > lw->sectorsize - sizeof(struct lw_entry) - 1)
+		return -EINVAL;
+	b = calloc(1, sizeof(*b) + len);
+	if (!b)
+		return -ENOMEM;
+	memcpy(b->data, name, len);
+	b->data_len = (uint32_t)len;
+	b->flags = LW_MARK;
+	pthread_mutex_lock(&lw->lock);
+	if (lw->error) {
+		r = -lw->error;
+		free(b);
+	} else {
+		list_add(&lw->ready, b);
+		lw->marks++;
+		pthread_cond_signal(&lw->work);
+		r = drain_locked(lw, timeout_ms);
+		if (!r && index)
+			*index = lw->last_mark;
+	}
+	pthread_mutex_unlock(&lw->lock);
+	return r;
+}
+
+int us_lw_sync(struct us_lwlog *lw, int timeout_ms)
+{
+	int r;
+
+	pthread_mutex_lock(&lw->lock);
+	r = drain_locked(lw, timeout_ms);
+	pthread_mutex_unlock(&lw->lock);
+	return r;
+}
+
+void us_lw_status(struct us_lwlog *lw, struct us_lw_status *st)
+{
+	pthread_mutex_lock(&lw->lock);
+	st->entries = lw->entries;
+	st->log_bytes = lw->next_off;
+	st->held_bytes = lw->bytes;
+	st->held_max = lw->held_max;
+	st->marks = lw->marks;
+	st->error = lw->error;
+	pthread_mutex_unlock(&lw->lock);
+}
+
+int us_lw_close(struct us_lwlog *lw, const char *end_mark)
+{
+	int r;
+
+	if (!lw)
+		return 0;
+	pthread_mutex_lock(&lw->lock);
+	/* as dm-log-writes' teardown: writes never flushed still happened to the device */
+	if (end_mark && !lw->error)
+		list_splice(&lw->ready, &lw->held);
+	pthread_mutex_unlock(&lw->lock);
+	if (end_mark && *end_mark)
+		us_lw_mark(lw, end_mark, 60000, NULL);
+	pthread_mutex_lock(&lw->lock);
+	lw->stop = 1;
+	pthread_cond_signal(&lw->work);
+	pthread_mutex_unlock(&lw->lock);
+	pthread_join(lw->thr, NULL);
+	r = lw->error;
+	if (!r && lw_write_super(lw) == 0 && fsync(lw->fd) < 0 && errno != EINVAL)
+		r = errno;
+	pthread_mutex_lock(&lw->lock);
+	lw_free_chain(lw, lw->held.head);
+	lw_free_chain(lw, lw->ready.head);
+	pthread_mutex_unlock(&lw->lock);
+	pthread_cond_destroy(&lw->work);
+	pthread_cond_destroy(&lw->idle);
+	pthread_mutex_destroy(&lw->lock);
+	free(lw->zero);
+	free(lw);
+	return -r;
+}
+
+/* ---- tests: drive the log without a device --------------------------------- */
+
+void *us_lw_test_begin(struct us_lwlog *lw, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors)
+{
+	struct us_io *io = calloc(1, sizeof(*io) + ((size_t)nr_sectors << 9));
+
+	if (!io)
+		return NULL;
+	io->op_flags = op_flags;
+	io->start_sector = sector;
+	io->nr_sectors = nr_sectors;
+	io->buf = (char *)(io + 1);
+	lw_begin(lw, io);
+	return io;
+}
+
+char *us_lw_test_buf(void *io)
+{
+	return ((struct us_io *)io)->buf;
+}
+
+void us_lw_test_end(struct us_lwlog *lw, void *io, int result)
+{
+	lw_end(lw, io, result);
+	free(io);
+}
