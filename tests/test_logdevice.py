@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ublkshell._native import ffi, lib
 from ublkshell.crash import logwrites
 from ublkshell.crash.logwrites import DISCARD, FLUSH, FUA, MARK, Log
+from ublkshell.observe import schema
 
 from vm import test_replay as vr
 from vm.conftest import cli, pattern, pread_direct, pwrite_direct
@@ -252,7 +253,10 @@ def test_hostile_log_paths_and_marks_are_one_line_errors(fuse_env, tmp_path):
         r = cli("mark", dev["name"], name, check=False)
         assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     odd = "\x1b[2J\udcff mark"
-    at = json.loads(cli("mark", dev["name"], odd, "--json").stdout)["entry"]
+    got = json.loads(cli("mark", dev["name"], odd, "--json").stdout)
+    schema.check("mark", got)
+    schema.check("info", json.loads(cli("info", dev["name"], "--json").stdout))
+    at = got["entry"]
     entries = vr.listed(log)
     assert "mark" in entries[at]["flags"] and entries[at]["entry"] == at
     listed = cli("replay", log, "--list").stdout

@@ -262,6 +262,13 @@ def _dispatch(parser, argv) -> int:
         from .crash.replay import run as replay
 
         return replay(commands.args_of(args))
+    if args.verb == "crashtest":
+        from .crash.crashtest import run as crashtest
+
+        a = commands.args_of(args)
+        if a["workload"][:1] == ["--"]:
+            a["workload"] = a["workload"][1:]
+        return crashtest(a)
     if args.verb == "serve":
         from .bridge.protocol import SOCKET_PATH
         from .bridge.server import default_mount, serve

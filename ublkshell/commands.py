@@ -57,6 +57,8 @@ examples:
   ublkshell record 0 -o run --duration 30s        blktrace files: blkparse -i run, btt (or --format fio-iolog)
   ublkshell replay run.log img --size 1G --to-mark M
                                                   a dm-log-writes log replayed to a mark, in img
+  ublkshell crashtest --fs ext4 -- sh -c 'echo hi > f; sync'
+                                                  the workload once, fsck in every crash state it allows
   ublkshell delay 0 5ms op=write                  every write to dev 0 takes 5 ms longer
   ublkshell fail 0 lba 2048..4095 op=read         reads of those sectors fail with EIO
   ublkshell faults 0 | ublkshell clear 0          list the fault rules (with hits) | remove them

@@ -66,7 +66,7 @@ def run(argv, timeout=120, check=True, **kw):
 
 
 # Verbs that run until stopped, or start a server or shell, always get a process of their own.
-OWN_PROCESS = {"serve", "demo", "top", "vm", "trace"}
+OWN_PROCESS = {"serve", "demo", "top", "vm", "trace", "crashtest"}
 
 
 def cli(*args, timeout=180, check=True, process=False):

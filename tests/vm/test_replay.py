@@ -21,7 +21,7 @@ import pytest
 
 from .conftest import cli, pattern, pwrite_direct, run
 
-SIZE = 64 << 20
+SIZE = 32 << 20
 EXT4_MARKS = ("mkfs", "files", "trimmed")
 RAW_MARKS = ("written", "discarded")
 BLKDISCARD, BLKZEROOUT = 0x1277, 0x127F

@@ -1,4 +1,5 @@
-"""The command line's parsers for `replay` (crash/replay.py runs it) and `mark` (crash/marks.py). commands.py adds it to
+"""The command line's parsers for `replay` (crash/replay.py runs it), `mark` (crash/marks.py) and
+`crashtest` (crash/crashtest.py). commands.py adds it to
 the one command table, as it adds devices/parsers.py's and faults/verbs.py's."""
 import argparse
 
@@ -38,6 +39,9 @@ def add_parsers(sub) -> argparse.ArgumentParser:
     r.add_argument("--check-at", metavar="|".join(CHECK_AT), default="flush",
                    help="flush: after each flush or FUA write (default); mark: at each mark; "
                         "each: after every entry")
+    r.add_argument("--skip", metavar="N,N,...",
+                   help="leave these write or discard entries out (a crash state in which they never "
+                        "reached the media; `crashtest` prints such commands)")
     r.add_argument("--json", action="store_true", help="JSON: one object per entry with --list, "
                                                        "else a summary")
     m = sub.add_parser(
@@ -55,4 +59,55 @@ def add_parsers(sub) -> argparse.ArgumentParser:
     m.add_argument("id", type=devids.arg, metavar="ID")
     m.add_argument("name", metavar="NAME", help=f"up to {MAX_MARK} bytes")
     m.add_argument("--json", action="store_true")
+    add_crashtest_parser(sub)
     return r
+
+
+def add_crashtest_parser(sub) -> None:
+    from .crashtest import FS
+
+    c = sub.add_parser(
+        "crashtest", help="run a workload once, then check the file system in every crash state it allows",
+        description=(
+            "Make a file system on a new mem device that logs its writes (add --log-writes), run\n"
+            "WORKLOAD in it once (its cwd and $UBLKSHELL_MNT are the mount, $UBLKSHELL_DEV the\n"
+            "device), then, for every persistence point the log holds (each FLUSH and FUA write),\n"
+            "build the images a crash before that point could leave: everything before the\n"
+            "previous point plus a subset of the writes in between (every prefix, every single\n"
+            "write dropped, --states random subsets). Each is mounted (the journal replays), given\n"
+            "--check, unmounted and checked by the file system's checker (fsck.ext4 -fn,\n"
+            "xfs_repair -n, btrfs check --readonly). The workload never runs again. The first\n"
+            "failing state is printed with its epoch's writes and the `replay` command that\n"
+            "rebuilds it. Exit status 1 when a state failed."),
+        epilog="examples:\n"
+               "  ublkshell crashtest -- sh -c 'for i in 1 2 3; do echo $i > f$i; sync f$i; mv f$i g$i; done'\n"
+               "  ublkshell crashtest --mount-opts nobarrier -- sh -c 'cp -r /usr/share/doc/bash d; rm -r d'\n"
+               "      (without barriers nothing orders the writes: expect failures)\n"
+               "  ublkshell crashtest --check 'test ! -e g1 || grep -qx 1 g1' -- sh -c '...'\n"
+               "      a state fails when the check fails in its mount ({} is the mount)\n"
+               "  ublkshell crashtest --fs none --check './verify {}' -- ./my-db-commit \"$UBLKSHELL_DEV\"\n"
+               "      no file system: the check gets each crash image\n"
+               "(docs/crashtest.md: the model, what the bounds leave out)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--fs", default="ext4", metavar="|".join(FS), help="the file system (default ext4)")
+    c.add_argument("--size", default="256M", help="the device (default 256M; 16M..64G)")
+    c.add_argument("--mkfs-opts", default="", metavar="OPTS", help="more mkfs options, e.g. '-O ^has_journal'")
+    c.add_argument("--mount-opts", default="", metavar="OPTS",
+                   help="mount options for the workload and for every state, e.g. nobarrier")
+    c.add_argument("--check", metavar="CMD",
+                   help="run in each state's mount (cwd; {} is the mount; with --fs none, the image); "
+                        "must exit 0. Split as a shell would, run without one")
+    c.add_argument("--states", type=int, default=8, metavar="N",
+                   help="random subsets tried per epoch, beside every prefix and every single drop (default 8)")
+    c.add_argument("--max-states", type=int, default=2000, metavar="N", help="stop after N states (default 2000)")
+    c.add_argument("--seed", type=int, default=0, help="the random subsets' seed (default 0)")
+    c.add_argument("--jobs", type=int, metavar="N", help="states checked at once (default: the CPU count)")
+    c.add_argument("--log", metavar="FILE", help="keep the write log as FILE (a new file; kept anyway when a "
+                                                 "state fails)")
+    c.add_argument("--workdir", metavar="DIR", help="where the images go (default $TMPDIR or /tmp): "
+                                                    "size x (jobs + 1) of space")
+    c.add_argument("--keep-going", action="store_true", help="check every state, not only up to the first "
+                                                             "epoch that fails")
+    c.add_argument("--json", action="store_true", help="a JSON summary on stdout (the workload's output "
+                                                       "goes to stderr)")
+    c.add_argument("workload", nargs=argparse.REMAINDER, metavar="-- WORKLOAD...")

@@ -35,6 +35,7 @@ REPLAY_ARGS = {
     "size": Arg("--size", text(64)),
     "check": Arg("--check", text(4096)),
     "check_at": Arg("--check-at", text(16), "flush"),
+    "skip": Arg("--skip", text(1 << 20)),
 }
 
 
@@ -50,11 +51,30 @@ def run(args: dict) -> int:
     elif not a["target"]:
         raise UsageError("replay: which TARGET (a block device or an image file)? or --list")
     check_argv = _check_argv(a["check"]) if a["check"] else None
+    skip = _skip(a["skip"]) if a["skip"] else set()
     with Log(a["log"]) as log:
         entries = _until(log, a["to_entry"], a["to_mark"])
+        if skip:
+            writes = {e.index for e in entries if e.data_at >= 0 or e.flags & DISCARD}
+            bad = sorted(skip - writes)
+            if bad:
+                raise UsageError(f"replay: --skip {bad[0]}: not a write or discard entry of the entries "
+                                 "replayed (see --list)")
+            entries = [e for e in entries if e.index not in skip]
         if a["list"]:
             return _list(entries, a["json"])
         return _replay(log, entries, a, check_argv)
+
+
+def _skip(text: str) -> set[int]:
+    """`--skip 12,15,40`: entries left out (a crash state in which those writes never persisted)."""
+    out = set()
+    for word in text.split(","):
+        if not word.strip().isdigit():
+            raise UsageError(f"replay: --skip: {word.strip()[:20]!r} is not an entry number "
+                             "(give N,N,... as `--list` counts them)")
+        out.add(int(word))
+    return out
 
 
 def _check_argv(cmd: str) -> list[str]:
@@ -155,12 +175,16 @@ class Target:
 
             fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
             return
-        if _punch(self.fd, offset, length):
-            return
-        buf = bytes(min(length, CHUNK))
-        while length:
-            n = os.pwrite(self.fd, buf[:min(length, len(buf))], offset)
-            offset, length = offset + n, length - n
+        _zero_file(self.fd, offset, length)
+
+
+def _zero_file(fd: int, offset: int, length: int) -> None:
+    if _punch(fd, offset, length):
+        return
+    buf = bytes(min(length, CHUNK))
+    while length:
+        n = os.pwrite(fd, buf[:min(length, len(buf))], offset)
+        offset, length = offset + n, length - n
 
 
 def _open_existing(path: str) -> int:
@@ -275,13 +299,28 @@ def _replay(log: Log, entries: list[Entry], a: dict, check_argv: list[str] | Non
 
 
 def _copy(log: Log, e: Entry, target: Target, ss: int) -> None:
+    _write_data(log, e, target.fd, target.path)
+
+
+def _write_data(log: Log, e: Entry, fd: int, path: str) -> None:
+    ss = log.super.sectorsize
     done, total = 0, e.nr_sectors * ss
     while done < total:
         data = log.read_data(e, done, min(CHUNK, total - done))
-        n = os.pwrite(target.fd, data, e.sector * ss + done)
+        n = os.pwrite(fd, data, e.sector * ss + done)
         if n != len(data):
-            raise UblkError(f"replay: {target.path}: a short write at entry {e.index}")
+            raise UblkError(f"replay: {path}: a short write at entry {e.index}")
         done += n
+
+
+def apply_to_file(log: Log, e: Entry, fd: int) -> None:
+    """One entry onto an image file (crashtest's states): data as written, a discard as a
+    punched hole (zeroes); flushes and marks change nothing."""
+    ss = log.super.sectorsize
+    if e.flags & DISCARD:
+        _zero_file(fd, e.sector * ss, e.nr_sectors * ss)
+    elif e.data_at >= 0:
+        _write_data(log, e, fd, "an image")
 
 
 def _check_point(e: Entry, at: str) -> bool:
@@ -315,7 +354,8 @@ def _run_check(target: Target, argv: list[str], e: Entry) -> tuple[int, str] | N
 
 def _report_failure(a: dict, e: Entry, failed: tuple[int, str], counts: dict, length: int) -> int:
     rc, tail = failed
-    rebuild = (f"ublkshell replay {shlex.quote(a['log'])} NEW.img --size {length} --to-entry {e.index}")
+    rebuild = (f"ublkshell replay {shlex.quote(a['log'])} NEW.img --size {length} --to-entry {e.index}"
+               + (f" --skip {a['skip']}" if a["skip"] else ""))
     if a["json"]:
         print(json.dumps({"log": a["log"], "target": a["target"], "failed_entry": e.index,
                           "flags": flag_names(e.flags).split("|"), "check_status": rc, "output": tail,
