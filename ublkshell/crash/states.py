@@ -75,19 +75,22 @@ def states(epoch: Epoch, n_random: int, rng: random.Random, first: bool) -> list
     k = len(epoch.writes)
     if not k:
         return [State(epoch, (), "base")] if first else []
+    prefixes = [("prefix", tuple(range(j))) for j in range(0 if first else 1, k)]
+    drops = [("drop", tuple(p for p in range(k) if p != i)) for i in range(k)] if k >= 2 else []
+    randoms = [("random", tuple(p for p in range(k) if rng.random() < 0.5))
+               for _ in range(n_random if k >= 2 else 0)]
+    # kinds taken in turn: a run that --max-states cuts short still saw some of each
     seen, out = set(), []
-
-    def add(applied, why):
-        applied = tuple(applied)
+    for group in _round_robin(prefixes, drops, randoms) + [("all", tuple(range(k)))]:
+        why, applied = group
         if applied not in seen:
             seen.add(applied)
             out.append(State(epoch, applied, why))
-    for j in range(0 if first else 1, k):
-        add(range(j), "prefix")
-    if k >= 2:
-        for i in range(k):
-            add([p for p in range(k) if p != i], "drop")
-    for _ in range(n_random if k >= 2 else 0):
-        add([p for p in range(k) if rng.random() < 0.5], "random")
-    add(range(k), "all")
+    return out
+
+
+def _round_robin(*lists) -> list:
+    out = []
+    for i in range(max(map(len, lists), default=0)):
+        out += [lst[i] for lst in lists if i < len(lst)]
     return out
