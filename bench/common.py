@@ -101,7 +101,7 @@ def wait_for_node(path: str, seconds: float = 15.0) -> None:
 
 
 def fio(dev: str, rw: str, qd: int, runtime: int, size: int | None = None, jobs: int = 1,
-        bs: str = "4k", batch: int = 1) -> float:
+        bs: str = "4k", batch: int = 1, extra: tuple = ()) -> float:
     """IOPS of a time-based fio run of bs blocks (jobs processes, summed); size= keeps it inside
     [0, size). batch > 1: fio submits IOs batch at a time and reaps them batch at a time (as a
     client with many IOs ready at once does), not one by one as fio does by default."""
@@ -112,7 +112,7 @@ def fio(dev: str, rw: str, qd: int, runtime: int, size: int | None = None, jobs:
                f"--bs={bs}", f"--rw={rw}", f"--iodepth={qd}", f"--numjobs={jobs}", "--group_reporting",
                "--time_based",
                f"--runtime={runtime}", "--randrepeat=0", "--norandommap", *area,
-               "--output-format=json"],
+               *extra, "--output-format=json"],
               f"fio {rw} qd{qd} on {dev}", timeout=runtime * 10 + 60)
     # fio may print warnings before the JSON document.
     start = out.find("{")

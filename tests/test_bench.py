@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["overhead.py", "loop_vs_kernel.py", "io_modes.py", "zero_copy.py"]
+SCRIPTS = ["overhead.py", "loop_vs_kernel.py", "io_modes.py", "zero_copy.py", "log_writes.py"]
 CONTROL = "/dev/ublk-control"
 NOBODY = 65534
 

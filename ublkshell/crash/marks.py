@@ -19,7 +19,10 @@ WAIT_S = MARK_WAIT_MS / 1000 + 5
 
 
 def check_name(name: str) -> bytes:
-    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise UsageError("mark: NAME holds a character that is not text (a lone surrogate)") from None
     if not raw:
         raise UsageError("mark: NAME is empty")
     if b"\0" in raw:
@@ -47,10 +50,17 @@ def run_mark(a: dict) -> dict:
         req = int(box.mark_req) + 1
         box.mark_req = req
         deadline = time.monotonic() + WAIT_S
+        looked = time.monotonic()
         while int(box.mark_done) != req:
-            if time.monotonic() > deadline or not box.on:
-                raise UblkError(f"device {name}: its daemon did not take the mark within "
-                                f"{WAIT_S:.0f} s (is it running? see `ublkshell list`)")
+            now = time.monotonic()
+            if now - looked > 0.5:
+                looked = now
+                if not _daemon_alive(dev_id):
+                    raise UblkError(f"device {name}: its daemon is not running (see `ublkshell list`)")
+            if now > deadline:
+                raise UblkError(f"device {name}: the mark is not in the log after {WAIT_S:.0f} s: the "
+                                "log's writer is behind (`info` shows what it holds); it goes in when "
+                                "the writer gets there")
             time.sleep(0.01)
         if box.mark_err:
             raise UblkError(f"device {name}: the mark was not logged: "
@@ -59,9 +69,18 @@ def run_mark(a: dict) -> dict:
                 "entries": int(box.entries)}
 
 
+def _daemon_alive(dev_id: int) -> bool:
+    from .. import procs
+    from ..devices import registry
+
+    entry = registry.read(dev_id)
+    return entry is not None and procs.entry_daemon_alive(entry)
+
+
 def render_mark(r: dict) -> str:
-    shown = r["mark"].encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
-    return f"dev {r['device']}: mark {shown!r} is entry {r['entry']} of the log"
+    # a name is printed as typed, its control characters as escapes (never sent to the terminal)
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in r["mark"])
+    return f"dev {r['device']}: mark '{shown}' is entry {r['entry']} of the log"
 
 
 def device_status(dev_id: int) -> dict | None:
@@ -69,6 +88,8 @@ def device_status(dev_id: int) -> dict | None:
     from ..devices.paths import stats_path
     from ..observe.shm import Shm
 
+    if not _daemon_alive(dev_id):
+        return None   # what a dead daemon left in the box is not the log's state
     try:
         s = Shm(stats_path(dev_id))
     except (OSError, UblkError):
@@ -91,7 +112,7 @@ def status(area) -> dict | None:
 
 def status_line(path: str, st: dict | None) -> str:
     if st is None:
-        return f"write log: {path} (closed)"
+        return f"write log: {path} (no daemon has it open)"
     n = st["entries"]
     line = (f"write log: {path}: {n} entr{'y' if n == 1 else 'ies'}, {st['bytes'] >> 20} MiB, {st['marks']} marks; "
             f"{st['held'] >> 10} KiB held in memory (most {st['held_max'] >> 20} MiB of "

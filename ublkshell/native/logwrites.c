@@ -58,10 +58,10 @@ static void list_splice(struct lw_list *to, struct lw_list *from)
 	from->head = from->tail = NULL;
 }
 
-/* what a block holds against the memory bound: a WRITE's data (a mark's name is not charged) */
+/* what a block holds against the memory bound: itself and a WRITE's data */
 static uint64_t block_bytes(const struct lw_block *b)
 {
-	return b->zeroes || (b->flags & LW_MARK) ? 0 : b->data_len;
+	return b->charged ? sizeof(*b) + (b->zeroes || (b->flags & LW_MARK) ? 0 : b->data_len) : 0;
 }
 
 void lw_free_chain(struct us_lwlog *lw, struct lw_block *b)
@@ -109,7 +109,7 @@ struct us_lwlog *us_lw_open(int fd, uint32_t sectorsize, uint64_t entries, uint6
 	lw->sectorsize = sectorsize;
 	for (lw->shift = 0; (512U << lw->shift) < sectorsize; lw->shift++)
 		;
-	lw->entries = entries;
+	lw->entries = lw->counted = entries;
 	lw->next_off = next_off ? next_off : sectorsize;
 	lw->limit = limit;
 	if (pthread_mutex_init(&lw->lock, NULL))
@@ -117,7 +117,7 @@ struct us_lwlog *us_lw_open(int fd, uint32_t sectorsize, uint64_t entries, uint6
 	pthread_cond_init(&lw->work, NULL);
 	pthread_cond_init(&lw->idle, NULL);
 	/* a valid (empty or adopted) log before the first IO: replay reads it at once */
-	*err = -lw_write_super(lw);
+	*err = -lw_write_super(lw, entries);
 	if (*err)
 		goto fail_sync;
 	if (pthread_create(&lw->thr, NULL, lw_writer, lw)) {
@@ -136,12 +136,17 @@ fail:
 	return NULL;
 }
 
-/* under lock: count a new block's data against the limit; 0 if logging goes on */
-static int charge(struct us_lwlog *lw, uint64_t len)
+/* under lock: count a block against the limit; 0 if logging goes on */
+static int charge(struct us_lwlog *lw, struct lw_block *b)
 {
+	uint64_t len;
+
 	if (lw->error)
 		return -1;
+	b->charged = 1;
+	len = block_bytes(b);
 	if (lw->bytes + len > lw->limit) {
+		b->charged = 0;
 		lw_stop_logging(lw, ENOBUFS);
 		return -1;
 	}
@@ -151,9 +156,16 @@ static int charge(struct us_lwlog *lw, uint64_t len)
 	return 0;
 }
 
+/*
+ * The target is about to run io: note what it will change, and take a WRITE's
+ * data now, as the kernel's target does at map time (a torn fault has already
+ * cut nr_sectors to what the store will get).
+ */
 static void lw_begin(struct us_lwlog *lw, struct us_io *io)
 {
 	unsigned op = io->op_flags & 0xff;
+	uint32_t mask = (1U << lw->shift) - 1;
+	size_t len = (size_t)io->nr_sectors << 9;
 	struct lw_block *b;
 
 	io->lw = NULL;
@@ -162,10 +174,35 @@ static void lw_begin(struct us_lwlog *lw, struct us_io *io)
 	if (op != UBLK_IO_OP_FLUSH && op != UBLK_IO_OP_WRITE && op != UBLK_IO_OP_DISCARD &&
 	    op != UBLK_IO_OP_WRITE_ZEROES)
 		return;
-	if (op != UBLK_IO_OP_FLUSH && !io->nr_sectors)
+	if ((op != UBLK_IO_OP_FLUSH && !io->nr_sectors) || __atomic_load_n(&lw->error, __ATOMIC_RELAXED))
 		return;
-	/* WRITE data is copied at completion, when the store holds it too */
-	b = calloc(1, sizeof(*b) + (op == UBLK_IO_OP_WRITE ? (size_t)io->nr_sectors << 9 : 0));
+	if (op != UBLK_IO_OP_FLUSH && ((io->start_sector | io->nr_sectors) & mask)) {
+		/* the log counts in the device's blocks: a smaller IO cannot be written down */
+		pthread_mutex_lock(&lw->lock);
+		lw_stop_logging(lw, EINVAL);
+		pthread_mutex_unlock(&lw->lock);
+		return;
+	}
+	b = malloc(sizeof(*b) + (op == UBLK_IO_OP_WRITE ? len : 0));
+	if (b) {
+		memset(b, 0, sizeof(*b));
+		b->sector = io->start_sector >> lw->shift;
+		b->nr_sectors = io->nr_sectors >> lw->shift;
+		if (op == UBLK_IO_OP_FLUSH) {
+			b->flags = LW_FLUSH;
+		} else if (op == UBLK_IO_OP_DISCARD) {
+			b->flags = LW_DISCARD;
+		} else {
+			b->data_len = len;
+			b->zeroes = op == UBLK_IO_OP_WRITE_ZEROES;
+			if (!b->zeroes)
+				memcpy(b->data, io->buf, len);
+			if (io->op_flags & UBLK_IO_F_FUA)
+				b->flags = LW_FUA;
+		}
+		if (op != UBLK_IO_OP_FLUSH && io->op_flags & UBLK_IO_F_META)
+			b->flags |= LW_META;
+	}
 	pthread_mutex_lock(&lw->lock);
 	if (!b) {
 		lw_stop_logging(lw, ENOMEM);
@@ -173,7 +210,7 @@ static void lw_begin(struct us_lwlog *lw, struct us_io *io)
 		free(b);
 		b = NULL;
 	} else if (op == UBLK_IO_OP_FLUSH) {
-		b->flags = LW_FLUSH;
+		b->sector = b->nr_sectors = 0;
 		b->cap_head = lw->held.head;
 		b->cap_tail = lw->held.tail;
 		lw->held.head = lw->held.tail = NULL;
@@ -182,16 +219,15 @@ static void lw_begin(struct us_lwlog *lw, struct us_io *io)
 	io->lw = b;
 }
 
+/* the result goes back: log what reached the store (a torn write's kept part even if it failed) */
 static void lw_end(struct us_lwlog *lw, struct us_io *io, int result)
 {
 	struct lw_block *b = io->lw;
-	unsigned op = io->op_flags & 0xff;
-	uint64_t len = (uint64_t)io->nr_sectors << 9;
 
 	if (!b)
 		return;
 	io->lw = NULL;
-	if (op == UBLK_IO_OP_FLUSH) {
+	if (b->flags & LW_FLUSH) {
 		pthread_mutex_lock(&lw->lock);
 		if (lw->error) {
 			lw_free_chain(lw, b);
@@ -210,26 +246,12 @@ static void lw_end(struct us_lwlog *lw, struct us_io *io, int result)
 		pthread_mutex_unlock(&lw->lock);
 		return;
 	}
-	if (result < 0) {
+	if (result < 0 && (io->fault & 0xff) != US_FA_TORN) {
 		free(b);	/* never charged: it holds no captured writes */
 		return;
 	}
-	b->sector = io->start_sector >> lw->shift;
-	b->nr_sectors = io->nr_sectors >> lw->shift;
-	if (op == UBLK_IO_OP_DISCARD) {
-		b->flags = LW_DISCARD;
-	} else {
-		b->data_len = (uint32_t)len;
-		b->zeroes = op == UBLK_IO_OP_WRITE_ZEROES;
-		if (!b->zeroes)
-			memcpy(b->data, io->buf, len);
-		if (io->op_flags & UBLK_IO_F_FUA)
-			b->flags = LW_FUA;
-	}
-	if (io->op_flags & UBLK_IO_F_META)
-		b->flags |= LW_META;
 	pthread_mutex_lock(&lw->lock);
-	if (charge(lw, block_bytes(b))) {
+	if (charge(lw, b)) {
 		free(b);
 	} else if (b->flags & LW_FUA) {
 		list_add(&lw->ready, b);
@@ -250,29 +272,22 @@ void us_lw_end(struct us_queue *q, struct us_io *io, int result)
 	lw_end(q->dev->cfg.logw, io, result);
 }
 
-/* under lock: wait until the writer has written everything queued before this call */
-static int drain_locked(struct us_lwlog *lw, int timeout_ms)
+static void deadline_in(struct timespec *until, int timeout_ms)
 {
-	struct timespec until;
-
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += timeout_ms / 1000;
-	until.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-	if (until.tv_nsec >= 1000000000) {
-		until.tv_sec++;
-		until.tv_nsec -= 1000000000;
+	clock_gettime(CLOCK_REALTIME, until);
+	until->tv_sec += timeout_ms / 1000;
+	until->tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+	if (until->tv_nsec >= 1000000000) {
+		until->tv_sec++;
+		until->tv_nsec -= 1000000000;
 	}
-	while ((lw->ready.head || lw->busy) && !lw->error)
-		if (pthread_cond_timedwait(&lw->idle, &lw->lock, &until) == ETIMEDOUT)
-			return -ETIMEDOUT;
-	return lw->error ? -lw->error : 0;
 }
 
-int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *index)
+int us_lw_mark_add(struct us_lwlog *lw, const char *name, uint64_t *ticket)
 {
 	size_t len = strlen(name);
 	struct lw_block *b;
-	int r;
+	int r = 0;
 
 	/* the name shares the header sector with the entry, and readers want a NUL after it */
 	if (!len || len > lw->sectorsize - sizeof(struct lw_entry) - 1)
@@ -281,22 +296,73 @@ int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *
 	if (!b)
 		return -ENOMEM;
 	memcpy(b->data, name, len);
-	b->data_len = (uint32_t)len;
+	b->data_len = len;
 	b->flags = LW_MARK;
 	pthread_mutex_lock(&lw->lock);
 	if (lw->error) {
 		r = -lw->error;
 		free(b);
 	} else {
+		b->seq = *ticket = ++lw->mark_seq;
 		list_add(&lw->ready, b);
 		lw->marks++;
 		pthread_cond_signal(&lw->work);
-		r = drain_locked(lw, timeout_ms);
-		if (!r && index)
-			*index = lw->last_mark;
 	}
 	pthread_mutex_unlock(&lw->lock);
 	return r;
+}
+
+/* under lock */
+static int mark_state_locked(struct us_lwlog *lw, uint64_t ticket, uint64_t *index)
+{
+	if (lw->mark_done >= ticket) {
+		/* marks are written in ticket order; only the last one's entry is remembered */
+		if (index)
+			*index = lw->mark_done == ticket ? lw->last_mark : UINT64_MAX;
+		return 1;
+	}
+	return lw->error ? -lw->error : 0;
+}
+
+int us_lw_mark_state(struct us_lwlog *lw, uint64_t ticket, uint64_t *index)
+{
+	int r;
+
+	pthread_mutex_lock(&lw->lock);
+	r = mark_state_locked(lw, ticket, index);
+	pthread_mutex_unlock(&lw->lock);
+	return r;
+}
+
+int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *index)
+{
+	struct timespec until;
+	uint64_t ticket;
+	int r = us_lw_mark_add(lw, name, &ticket);
+
+	if (r)
+		return r;
+	deadline_in(&until, timeout_ms);
+	pthread_mutex_lock(&lw->lock);
+	while (!(r = mark_state_locked(lw, ticket, index)))
+		if (pthread_cond_timedwait(&lw->idle, &lw->lock, &until) == ETIMEDOUT) {
+			r = -ETIMEDOUT;
+			break;
+		}
+	pthread_mutex_unlock(&lw->lock);
+	return r < 0 ? r : 0;
+}
+
+/* under lock: wait until the writer has written everything queued before this call */
+static int drain_locked(struct us_lwlog *lw, int timeout_ms)
+{
+	struct timespec until;
+
+	deadline_in(&until, timeout_ms);
+	while ((lw->ready.head || lw->busy) && !lw->error)
+		if (pthread_cond_timedwait(&lw->idle, &lw->lock, &until) == ETIMEDOUT)
+			return -ETIMEDOUT;
+	return lw->error ? -lw->error : 0;
 }
 
 int us_lw_sync(struct us_lwlog *lw, int timeout_ms)
@@ -312,7 +378,7 @@ int us_lw_sync(struct us_lwlog *lw, int timeout_ms)
 void us_lw_status(struct us_lwlog *lw, struct us_lw_status *st)
 {
 	pthread_mutex_lock(&lw->lock);
-	st->entries = lw->entries;
+	st->entries = lw->counted;
 	st->log_bytes = lw->next_off;
 	st->held_bytes = lw->bytes;
 	st->held_max = lw->held_max;
@@ -321,7 +387,7 @@ void us_lw_status(struct us_lwlog *lw, struct us_lw_status *st)
 	pthread_mutex_unlock(&lw->lock);
 }
 
-int us_lw_close(struct us_lwlog *lw, const char *end_mark)
+int us_lw_close(struct us_lwlog *lw, const char *end_mark, int timeout_ms)
 {
 	int r;
 
@@ -333,14 +399,22 @@ int us_lw_close(struct us_lwlog *lw, const char *end_mark)
 		list_splice(&lw->ready, &lw->held);
 	pthread_mutex_unlock(&lw->lock);
 	if (end_mark && *end_mark)
-		us_lw_mark(lw, end_mark, 60000, NULL);
+		us_lw_mark(lw, end_mark, timeout_ms, NULL);
 	pthread_mutex_lock(&lw->lock);
+	/* a writer that cannot finish in time drops the rest: the log stays valid where it ends */
+	if (drain_locked(lw, timeout_ms) == -ETIMEDOUT) {
+		__atomic_store_n(&lw->abandon, 1, __ATOMIC_RELAXED);
+		if (!lw->error)
+			lw->error = ETIMEDOUT;
+	}
 	lw->stop = 1;
 	pthread_cond_signal(&lw->work);
 	pthread_mutex_unlock(&lw->lock);
 	pthread_join(lw->thr, NULL);
 	r = lw->error;
-	if (!r && lw_write_super(lw) == 0 && fsync(lw->fd) < 0 && errno != EINVAL)
+	if (!r)
+		r = lw_write_super(lw, lw->entries);
+	if (fsync(lw->fd) < 0 && errno != EINVAL && !r)
 		r = errno;
 	pthread_mutex_lock(&lw->lock);
 	lw_free_chain(lw, lw->held.head);
@@ -356,7 +430,8 @@ int us_lw_close(struct us_lwlog *lw, const char *end_mark)
 
 /* ---- tests: drive the log without a device --------------------------------- */
 
-void *us_lw_test_begin(struct us_lwlog *lw, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors)
+void *us_lw_test_begin(struct us_lwlog *lw, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors,
+		       const char *data)
 {
 	struct us_io *io = calloc(1, sizeof(*io) + ((size_t)nr_sectors << 9));
 
@@ -366,13 +441,10 @@ void *us_lw_test_begin(struct us_lwlog *lw, uint32_t op_flags, uint64_t sector, 
 	io->start_sector = sector;
 	io->nr_sectors = nr_sectors;
 	io->buf = (char *)(io + 1);
+	if (data)
+		memcpy(io->buf, data, (size_t)nr_sectors << 9);
 	lw_begin(lw, io);
 	return io;
-}
-
-char *us_lw_test_buf(void *io)
-{
-	return ((struct us_io *)io)->buf;
 }
 
 void us_lw_test_end(struct us_lwlog *lw, void *io, int result)

@@ -3,8 +3,7 @@
  * The --log-writes writer thread: what the queue threads made ready goes to
  * the log file in dm-log-writes' layout (crash/logwrites.py reads it): the
  * super block in the first sector, then per entry one sector of header (a
- * mark's name inside it) and, for a write, its data. The super block is
- * rewritten after each batch, so it never counts an entry not yet whole.
+ * mark's name inside it) and, for a write, its data.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,9 +39,9 @@ static int write_all(int fd, struct iovec *iov, int n, uint64_t off)
 	return 0;
 }
 
-int lw_write_super(struct us_lwlog *lw)
+int lw_write_super(struct us_lwlog *lw, uint64_t n)
 {
-	struct lw_super s = { LW_MAGIC, LW_VERSION, lw->entries, lw->sectorsize };
+	struct lw_super s = { LW_MAGIC, LW_VERSION, n, lw->sectorsize };
 	struct iovec iov[2] = {
 		{ &s, sizeof(s) },
 		{ lw->zero, lw->sectorsize - sizeof(s) },
@@ -51,59 +50,143 @@ int lw_write_super(struct us_lwlog *lw)
 	return write_all(lw->fd, iov, 2, 0);
 }
 
-/* the entry's header sector, then its data (a mark's name is inside the header) */
-static int write_block(struct us_lwlog *lw, struct lw_block *b)
+/*
+ * Entries lie one after the other in the file, so the writer gathers many
+ * into one pwritev: under emulation a syscall per entry costs more than the
+ * data. Blocks stay alive until their chain is written, and the headers
+ * live here until the call.
+ */
+#define ACC_IOV		1024
+#define ACC_HDRS	(ACC_IOV / 3)
+
+struct acc {
+	struct iovec	iov[ACC_IOV];
+	struct lw_entry	hdr[ACC_HDRS];
+	int		n, nh;
+	uint64_t	start, len;	/* where the gathered entries go, and their bytes */
+	uint64_t	entries;
+};
+
+/* write what is gathered; entries and next_off then count it */
+static int acc_flush(struct us_lwlog *lw, struct acc *a)
 {
-	int n = 0, mark = !!(b->flags & LW_MARK);
-	/* data_len counts only a mark's name, as the kernel's target writes it: data is nr_sectors */
-	struct lw_entry e = { b->sector, b->nr_sectors, b->flags, mark ? b->data_len : 0 };
-	struct iovec iov[4];
-	uint64_t off = lw->next_off, left;
-	int r;
+	int r = a->n ? write_all(lw->fd, a->iov, a->n, a->start) : 0;
 
-	iov[n++] = (struct iovec){ &e, sizeof(e) };
-	if (mark)
-		iov[n++] = (struct iovec){ b->data, b->data_len };
-	iov[n++] = (struct iovec){ lw->zero, lw->sectorsize - sizeof(e) - (mark ? b->data_len : 0) };
-	/* header and data in one call: the log's writes are most of its cost */
-	if (!mark && !b->zeroes && b->data_len)
-		iov[n++] = (struct iovec){ b->data, b->data_len };
-	r = write_all(lw->fd, iov, n, off);
-	if (r)
-		return r;
-	off += lw->sectorsize + (mark || b->zeroes ? 0 : b->data_len);
-	/* zeroes go out a sector buffer at a time: they were never stored */
-	for (left = b->zeroes ? b->data_len : 0; !r && left; ) {
-		size_t k = left < lw->zero_len ? left : lw->zero_len;
-
-		iov[0] = (struct iovec){ lw->zero, k };
-		r = write_all(lw->fd, iov, 1, off);
-		off += k;
-		left -= k;
+	if (!r && a->entries) {
+		pthread_mutex_lock(&lw->lock);
+		lw->next_off = a->start + a->len;
+		lw->entries += a->entries;
+		pthread_mutex_unlock(&lw->lock);
 	}
-	if (!r)
-		lw->next_off = off;
+	a->start += a->len;
+	a->n = a->nh = 0;
+	a->len = a->entries = 0;
 	return r;
 }
 
-/* the writer: a FLUSH's captured writes, then the FLUSH, in list order */
-static int write_chain(struct us_lwlog *lw, struct lw_block *b, int *super)
+/* a WRITE_ZEROES's zeroes, a buffer at a time: they were never stored */
+static int write_zeroes(struct us_lwlog *lw, struct acc *a, uint64_t left)
 {
 	int r = 0;
 
-	for (; b && !r; b = b->next) {
-		if (b->cap_head)
-			r = write_chain(lw, b->cap_head, super);
+	while (!r && left) {
+		size_t k = left < lw->zero_len ? left : lw->zero_len;
+		struct iovec iov = { lw->zero, k };
+
+		r = write_all(lw->fd, &iov, 1, a->start);
+		a->start += k;
+		left -= k;
+	}
+	if (!r) {
+		pthread_mutex_lock(&lw->lock);
+		lw->next_off = a->start;
+		pthread_mutex_unlock(&lw->lock);
+	}
+	return r;
+}
+
+/* the entry's header sector (a mark's name inside it), then its data */
+static int add_block(struct us_lwlog *lw, struct acc *a, struct lw_block *b)
+{
+	int mark = !!(b->flags & LW_MARK), r;
+	struct lw_entry *e;
+
+	if (a->n + 4 > ACC_IOV || a->nh == ACC_HDRS) {
+		r = acc_flush(lw, a);
 		if (r)
+			return r;
+	}
+	e = &a->hdr[a->nh++];
+	/* data_len counts only a mark's name, as the kernel's target writes it: data is nr_sectors */
+	*e = (struct lw_entry){ b->sector, b->nr_sectors, b->flags, mark ? b->data_len : 0 };
+	a->iov[a->n++] = (struct iovec){ e, sizeof(*e) };
+	if (mark)
+		a->iov[a->n++] = (struct iovec){ b->data, b->data_len };
+	a->iov[a->n++] = (struct iovec){ lw->zero, lw->sectorsize - sizeof(*e) - (mark ? b->data_len : 0) };
+	a->len += lw->sectorsize;
+	if (!mark && !b->zeroes && b->data_len) {
+		a->iov[a->n++] = (struct iovec){ b->data, b->data_len };
+		a->len += b->data_len;
+	}
+	a->entries++;
+	if (b->zeroes && b->data_len) {
+		r = acc_flush(lw, a);
+		if (!r)
+			r = write_zeroes(lw, a, b->data_len);
+		if (r)
+			return r;
+	}
+	return 0;
+}
+
+/*
+ * After a FLUSH, FUA write or mark (as the kernel does after FUA writes and
+ * marks): what is gathered goes out, then the super block, so a reader and a
+ * killed daemon's log count every persistence point written so far, never
+ * half an entry.
+ */
+static int persist(struct us_lwlog *lw, struct acc *a, struct lw_block *b)
+{
+	uint64_t n;
+	int r = acc_flush(lw, a);
+
+	if (r)
+		return r;
+	pthread_mutex_lock(&lw->lock);
+	n = lw->entries;
+	pthread_mutex_unlock(&lw->lock);
+	r = lw_write_super(lw, n);
+	if (r)
+		return r;
+	pthread_mutex_lock(&lw->lock);
+	lw->counted = n;
+	if (b->flags & LW_MARK) {
+		lw->last_mark = n - 1;
+		lw->mark_done = b->seq;
+		pthread_cond_broadcast(&lw->idle);
+	}
+	pthread_mutex_unlock(&lw->lock);
+	return 0;
+}
+
+static int gone(struct us_lwlog *lw)
+{
+	return __atomic_load_n(&lw->error, __ATOMIC_RELAXED) || __atomic_load_n(&lw->abandon, __ATOMIC_RELAXED);
+}
+
+/* a FLUSH's captured writes, then the FLUSH, in list order; stops once logging has */
+static int write_chain(struct us_lwlog *lw, struct acc *a, struct lw_block *b)
+{
+	int r = 0;
+
+	for (; b && !r && !gone(lw); b = b->next) {
+		if (b->cap_head)
+			r = write_chain(lw, a, b->cap_head);
+		if (r || gone(lw))
 			break;
-		r = write_block(lw, b);
-		if (!r) {
-			if (b->flags & LW_MARK)
-				lw->last_mark = lw->entries;
-			lw->entries++;
-			if (b->flags & (LW_FUA | LW_MARK | LW_FLUSH))
-				*super = 1;
-		}
+		r = add_block(lw, a, b);
+		if (!r && b->flags & (LW_FUA | LW_MARK | LW_FLUSH))
+			r = persist(lw, a, b);
 	}
 	return r;
 }
@@ -111,25 +194,33 @@ static int write_chain(struct us_lwlog *lw, struct lw_block *b, int *super)
 void *lw_writer(void *arg)
 {
 	struct us_lwlog *lw = arg;
+	struct acc *a = calloc(1, sizeof(*a));
 
+	if (!a) {
+		pthread_mutex_lock(&lw->lock);
+		lw_stop_logging(lw, ENOMEM);
+		pthread_mutex_unlock(&lw->lock);
+	}
 	pthread_mutex_lock(&lw->lock);
 	for (;;) {
 		struct lw_block *chain;
-		int r, super = 0;
+		int r;
 
-		while (!lw->ready.head && !lw->stop)
+		while ((!lw->ready.head || !a) && !lw->stop)
 			pthread_cond_wait(&lw->work, &lw->lock);
-		if (!lw->ready.head)
+		if (!lw->ready.head || !a)
 			break;
 		chain = lw->ready.head;
 		lw->ready.head = lw->ready.tail = NULL;
 		lw->busy = 1;
 		pthread_mutex_unlock(&lw->lock);
 
-		r = lw->error ? 0 : write_chain(lw, chain, &super);
-		/* the super block counts what is complete: a reader never sees half an entry */
-		if (!r && super)
-			r = lw_write_super(lw);
+		a->start = lw->next_off;
+		r = write_chain(lw, a, chain);
+		if (!r && !gone(lw))
+			r = acc_flush(lw, a);
+		a->n = a->nh = 0;
+		a->len = a->entries = 0;
 
 		pthread_mutex_lock(&lw->lock);
 		lw_free_chain(lw, chain);
@@ -139,5 +230,6 @@ void *lw_writer(void *arg)
 		pthread_cond_broadcast(&lw->idle);
 	}
 	pthread_mutex_unlock(&lw->lock);
+	free(a);
 	return NULL;
 }

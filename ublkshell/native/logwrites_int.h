@@ -37,8 +37,10 @@ struct lw_block {
 	/* a FLUSH: the held writes it captured when it was sent */
 	struct lw_block	*cap_head, *cap_tail;
 	uint64_t	sector, nr_sectors, flags;	/* sectors of sectorsize */
-	uint32_t	data_len;
+	uint64_t	data_len;
+	uint64_t	seq;		/* a mark's ticket (us_lw_mark_add) */
 	uint8_t		zeroes;		/* WRITE_ZEROES: data_len zero bytes, none stored */
+	uint8_t		charged;	/* counted in bytes (held against the memory bound) */
 	char		data[];
 };
 
@@ -50,19 +52,24 @@ struct us_lwlog {
 	pthread_mutex_t	lock;
 	pthread_cond_t	work, idle;
 	struct lw_list	held, ready;
-	uint64_t	bytes;		/* data in held, ready and captured blocks */
+	uint64_t	bytes;		/* charged blocks: held, ready, captured, being written */
 	uint64_t	limit;
 	int		fd;
 	uint32_t	sectorsize;
 	unsigned	shift;		/* sectorsize = 512 << shift */
+	/* the writer's, changed under lock so that status and marks read them whole */
 	uint64_t	next_off;	/* where the next entry goes */
-	uint64_t	entries;	/* written; the super block counts them */
+	uint64_t	entries;	/* entries written */
+	uint64_t	counted;	/* entries the super block counts */
 	uint64_t	held_max;
 	uint32_t	marks;
-	uint64_t	last_mark;	/* the entry number of the last mark written */
+	uint64_t	mark_seq;	/* tickets handed out */
+	uint64_t	mark_done;	/* the ticket of the last mark written */
+	uint64_t	last_mark;	/* its entry number */
 	int		error;		/* positive errno once logging stopped */
 	int		busy;		/* the writer holds blocks off the ready list */
 	int		stop;
+	int		abandon;	/* close gave up waiting: the writer drops what is left */
 	pthread_t	thr;
 	char		*zero;		/* sectorsize zeroes, and a WRITE_ZEROES's data */
 	size_t		zero_len;
@@ -72,8 +79,8 @@ struct us_lwlog {
 void lw_stop_logging(struct us_lwlog *lw, int err);
 /* under lw->lock: free a chain (and what its FLUSHes captured), uncharging its data */
 void lw_free_chain(struct us_lwlog *lw, struct lw_block *b);
-/* logwrites_file.c */
-int lw_write_super(struct us_lwlog *lw);
+/* logwrites_file.c: the super block counting n entries */
+int lw_write_super(struct us_lwlog *lw, uint64_t n);
 void *lw_writer(void *arg);
 
 #endif

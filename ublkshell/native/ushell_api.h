@@ -151,7 +151,7 @@ void us_wlog_test_end(struct us_wlog *w, void *io, int completed);
  */
 struct us_lwlog;
 struct us_lw_status {
-	uint64_t	entries;	/* counted by the log's super block */
+	uint64_t	entries;	/* counted by the log's super block (what a reader sees) */
 	uint64_t	log_bytes;	/* the log file's length */
 	uint64_t	held_bytes;	/* write data in memory now */
 	uint64_t	held_max;	/* the most there ever was */
@@ -161,23 +161,29 @@ struct us_lw_status {
 struct us_lwlog *us_lw_open(int fd, uint32_t sectorsize, uint64_t entries, uint64_t next_off,
 			    uint64_t limit, int *err);
 /*
- * Append a mark after everything logged so far and wait until it is in the
- * file: 0 with *index its entry number, or -errno (-EINVAL: empty, or longer
- * than a sector holds beside the entry header).
+ * Append a mark after everything logged so far: 0 and its *ticket, or -errno
+ * (-EINVAL: empty, or longer than a sector holds beside the entry header).
+ * us_lw_mark_state: 1 once it is in the file (*index: its entry number, or
+ * UINT64_MAX if a later mark was written first), 0 while it waits, -errno if
+ * logging stopped first. us_lw_mark: both, waiting up to timeout_ms.
  */
+int us_lw_mark_add(struct us_lwlog *lw, const char *name, uint64_t *ticket);
+int us_lw_mark_state(struct us_lwlog *lw, uint64_t ticket, uint64_t *index);
 int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *index);
 /* wait until what is ready is in the file: 0 or -errno (-ETIMEDOUT) */
 int us_lw_sync(struct us_lwlog *lw, int timeout_ms);
 void us_lw_status(struct us_lwlog *lw, struct us_lw_status *st);
 /*
- * Stop the writer and free. end_mark non-NULL (an orderly end): writes still
- * held are logged first, then a mark of that name if it is not empty.
- * 0, or -errno: logging had stopped, or the last write or fsync failed.
+ * Stop the writer and free. end_mark non-NULL: writes still held are logged
+ * first (they happened to the device), then a mark of that name if it is not
+ * empty; NULL drops them. What the writer cannot write within timeout_ms is
+ * dropped (-ETIMEDOUT). 0, or -errno: logging had stopped, or the last write
+ * or the fsync failed.
  */
-int us_lw_close(struct us_lwlog *lw, const char *end_mark);
-/* Tests: an IO as the pipeline hands it to the log (buf: a WRITE's data, filled before end) */
-void *us_lw_test_begin(struct us_lwlog *lw, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors);
-char *us_lw_test_buf(void *io);
+int us_lw_close(struct us_lwlog *lw, const char *end_mark, int timeout_ms);
+/* Tests: an IO as the pipeline hands it to the log (data: a WRITE's, nr_sectors x 512 bytes) */
+void *us_lw_test_begin(struct us_lwlog *lw, uint32_t op_flags, uint64_t sector, uint32_t nr_sectors,
+		       const char *data);
 void us_lw_test_end(struct us_lwlog *lw, void *io, int result);
 
 /*
