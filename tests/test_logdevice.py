@@ -162,6 +162,7 @@ def test_past_the_memory_bound_logging_stops_and_the_log_stays_valid(tmp_path):
     lw.end(lw.begin(WRITE, 0, 64, b"a"))              # 32K held
     lw.end(lw.begin(OPFLUSH))
     assert lw.mark(b"kept") == 2
+    assert lib.us_lw_sync(lw.lw, 5000) == 0            # the writer has let go of what it wrote
     for i in range(4):                                 # 128K without a flush: over 64K
         lw.end(lw.begin(WRITE, 64 * i, 64, b"b"))
     st_ = lw.status()

@@ -304,7 +304,9 @@ def cli_parser() -> argparse.ArgumentParser:
     _trace_stops(rec)
     offer(rec, {"--output": PATH, "--format": None})
 
-    offer(add_crash_parsers(sub), {"log": PATH, "target": PATH, "--check-at": None})
+    replay, crashtest = add_crash_parsers(sub)
+    offer(replay, {"log": PATH, "target": PATH, "--check-at": None})
+    offer(crashtest, {"--fs": None, "--log": PATH, "--workdir": PATH})
     add_device_parsers(sub)
 
     demo = sub.add_parser("demo", help="a mem device with ext4 on it, end to end",

@@ -8,8 +8,9 @@ from .logdevice import MAX_MARK
 from .replay import CHECK_AT
 
 
-def add_parsers(sub) -> argparse.ArgumentParser:
-    """`replay`; returned, for commands.py to say what Tab offers for its values."""
+def add_parsers(sub) -> tuple:
+    """`replay`, `mark` and `crashtest`; replay's and crashtest's parsers are returned, for
+    commands.py to say what Tab offers for their values."""
     r = sub.add_parser(
         "replay", help="replay a dm-log-writes log onto a device or image, to any entry or mark",
         description=(
@@ -59,11 +60,10 @@ def add_parsers(sub) -> argparse.ArgumentParser:
     m.add_argument("id", type=devids.arg, metavar="ID")
     m.add_argument("name", metavar="NAME", help=f"up to {MAX_MARK} bytes")
     m.add_argument("--json", action="store_true")
-    add_crashtest_parser(sub)
-    return r
+    return r, add_crashtest_parser(sub)
 
 
-def add_crashtest_parser(sub) -> None:
+def add_crashtest_parser(sub) -> argparse.ArgumentParser:
     from .crashtest import FS
 
     c = sub.add_parser(
@@ -111,3 +111,4 @@ def add_crashtest_parser(sub) -> None:
     c.add_argument("--json", action="store_true", help="a JSON summary on stdout (the workload's output "
                                                        "goes to stderr)")
     c.add_argument("workload", nargs=argparse.REMAINDER, metavar="-- WORKLOAD...")
+    return c

@@ -13,13 +13,14 @@
  * writes. WRITE_ZEROES is logged as a write of zeroes, as the kernel's target
  * sees it (it emulates write-zeroes by writing zero pages).
  *
- * What is logged is what reached the target and was acknowledged: a write a
- * fault failed or dropped never touched the store, so the log leaves it out
- * and a replay rebuilds what the store holds.
+ * What is logged is what reached the store: a write a fault failed or dropped
+ * never touched it, so the log leaves it out; a torn write is logged as the
+ * part the target wrote. A replay rebuilds what the store holds.
  *
- * Queue threads only link blocks under a mutex and copy the data once; one
- * writer thread per device appends to the file, so the IO never waits for
- * the log's disk. Memory is bounded: past the limit (writes held without a
+ * Queue threads copy a write's data once, when the target starts (as the
+ * kernel's target copies at map time), and link blocks under a mutex; one
+ * writer thread per device appends to the file (logwrites_file.c), so the IO
+ * never waits for the log's disk. Memory is bounded: past the limit (writes held without a
  * flush, or a writer that cannot keep up) logging stops for good, the log
  * stays valid up to its last counted entry, and the status says why.
  */
@@ -46,7 +47,7 @@ static void list_add(struct lw_list *l, struct lw_block *b)
 }
 
 /* move all of from behind to */
-static void list_splice(struct lw_list *to, struct lw_list *from)
+void lw_list_splice(struct lw_list *to, struct lw_list *from)
 {
 	if (!from->head)
 		return;
@@ -80,60 +81,12 @@ void lw_free_chain(struct us_lwlog *lw, struct lw_block *b)
 void lw_stop_logging(struct us_lwlog *lw, int err)
 {
 	if (!lw->error)
-		lw->error = err;
+		__atomic_store_n(&lw->error, err, __ATOMIC_RELAXED);	/* the writer looks between blocks */
 	lw_free_chain(lw, lw->held.head);
 	lw->held.head = lw->held.tail = NULL;
 	lw_free_chain(lw, lw->ready.head);
 	lw->ready.head = lw->ready.tail = NULL;
 	pthread_cond_broadcast(&lw->idle);
-}
-
-struct us_lwlog *us_lw_open(int fd, uint32_t sectorsize, uint64_t entries, uint64_t next_off,
-			    uint64_t limit, int *err)
-{
-	struct us_lwlog *lw;
-
-	*err = -EINVAL;
-	if (sectorsize < 512 || sectorsize > 4096 || (sectorsize & (sectorsize - 1)) ||
-	    (next_off && next_off < sectorsize) || next_off % sectorsize)
-		return NULL;
-	*err = -ENOMEM;
-	lw = calloc(1, sizeof(*lw));
-	if (!lw)
-		return NULL;
-	lw->zero_len = 1 << 20;
-	lw->zero = calloc(1, lw->zero_len);
-	if (!lw->zero)
-		goto fail;
-	lw->fd = fd;
-	lw->sectorsize = sectorsize;
-	for (lw->shift = 0; (512U << lw->shift) < sectorsize; lw->shift++)
-		;
-	lw->entries = lw->counted = entries;
-	lw->next_off = next_off ? next_off : sectorsize;
-	lw->limit = limit;
-	if (pthread_mutex_init(&lw->lock, NULL))
-		goto fail;
-	pthread_cond_init(&lw->work, NULL);
-	pthread_cond_init(&lw->idle, NULL);
-	/* a valid (empty or adopted) log before the first IO: replay reads it at once */
-	*err = -lw_write_super(lw, entries);
-	if (*err)
-		goto fail_sync;
-	if (pthread_create(&lw->thr, NULL, lw_writer, lw)) {
-		*err = -EAGAIN;
-		goto fail_sync;
-	}
-	*err = 0;
-	return lw;
-fail_sync:
-	pthread_cond_destroy(&lw->work);
-	pthread_cond_destroy(&lw->idle);
-	pthread_mutex_destroy(&lw->lock);
-fail:
-	free(lw->zero);
-	free(lw);
-	return NULL;
 }
 
 /* under lock: count a block against the limit; 0 if logging goes on */
@@ -203,13 +156,18 @@ static void lw_begin(struct us_lwlog *lw, struct us_io *io)
 		if (op != UBLK_IO_OP_FLUSH && io->op_flags & UBLK_IO_F_META)
 			b->flags |= LW_META;
 	}
+	if (b && op != UBLK_IO_OP_FLUSH) {
+		/* a write's block meets the lock once, at its end (charge looks at error there) */
+		io->lw = b;
+		return;
+	}
 	pthread_mutex_lock(&lw->lock);
 	if (!b) {
 		lw_stop_logging(lw, ENOMEM);
 	} else if (lw->error) {
 		free(b);
 		b = NULL;
-	} else if (op == UBLK_IO_OP_FLUSH) {
+	} else {
 		b->sector = b->nr_sectors = 0;
 		b->cap_head = lw->held.head;
 		b->cap_tail = lw->held.tail;
@@ -235,7 +193,7 @@ static void lw_end(struct us_lwlog *lw, struct us_io *io, int result)
 			/* nothing was made durable: the captured writes wait for the next FLUSH */
 			struct lw_list cap = { b->cap_head, b->cap_tail };
 
-			list_splice(&cap, &lw->held);
+			lw_list_splice(&cap, &lw->held);
 			lw->held = cap;
 			b->cap_head = b->cap_tail = NULL;
 			lw_free_chain(lw, b);
@@ -272,7 +230,7 @@ void us_lw_end(struct us_queue *q, struct us_io *io, int result)
 	lw_end(q->dev->cfg.logw, io, result);
 }
 
-static void deadline_in(struct timespec *until, int timeout_ms)
+void lw_deadline(struct timespec *until, int timeout_ms)
 {
 	clock_gettime(CLOCK_REALTIME, until);
 	until->tv_sec += timeout_ms / 1000;
@@ -342,7 +300,7 @@ int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *
 
 	if (r)
 		return r;
-	deadline_in(&until, timeout_ms);
+	lw_deadline(&until, timeout_ms);
 	pthread_mutex_lock(&lw->lock);
 	while (!(r = mark_state_locked(lw, ticket, index)))
 		if (pthread_cond_timedwait(&lw->idle, &lw->lock, &until) == ETIMEDOUT) {
@@ -351,28 +309,6 @@ int us_lw_mark(struct us_lwlog *lw, const char *name, int timeout_ms, uint64_t *
 		}
 	pthread_mutex_unlock(&lw->lock);
 	return r < 0 ? r : 0;
-}
-
-/* under lock: wait until the writer has written everything queued before this call */
-static int drain_locked(struct us_lwlog *lw, int timeout_ms)
-{
-	struct timespec until;
-
-	deadline_in(&until, timeout_ms);
-	while ((lw->ready.head || lw->busy) && !lw->error)
-		if (pthread_cond_timedwait(&lw->idle, &lw->lock, &until) == ETIMEDOUT)
-			return -ETIMEDOUT;
-	return lw->error ? -lw->error : 0;
-}
-
-int us_lw_sync(struct us_lwlog *lw, int timeout_ms)
-{
-	int r;
-
-	pthread_mutex_lock(&lw->lock);
-	r = drain_locked(lw, timeout_ms);
-	pthread_mutex_unlock(&lw->lock);
-	return r;
 }
 
 void us_lw_status(struct us_lwlog *lw, struct us_lw_status *st)
@@ -385,47 +321,6 @@ void us_lw_status(struct us_lwlog *lw, struct us_lw_status *st)
 	st->marks = lw->marks;
 	st->error = lw->error;
 	pthread_mutex_unlock(&lw->lock);
-}
-
-int us_lw_close(struct us_lwlog *lw, const char *end_mark, int timeout_ms)
-{
-	int r;
-
-	if (!lw)
-		return 0;
-	pthread_mutex_lock(&lw->lock);
-	/* as dm-log-writes' teardown: writes never flushed still happened to the device */
-	if (end_mark && !lw->error)
-		list_splice(&lw->ready, &lw->held);
-	pthread_mutex_unlock(&lw->lock);
-	if (end_mark && *end_mark)
-		us_lw_mark(lw, end_mark, timeout_ms, NULL);
-	pthread_mutex_lock(&lw->lock);
-	/* a writer that cannot finish in time drops the rest: the log stays valid where it ends */
-	if (drain_locked(lw, timeout_ms) == -ETIMEDOUT) {
-		__atomic_store_n(&lw->abandon, 1, __ATOMIC_RELAXED);
-		if (!lw->error)
-			lw->error = ETIMEDOUT;
-	}
-	lw->stop = 1;
-	pthread_cond_signal(&lw->work);
-	pthread_mutex_unlock(&lw->lock);
-	pthread_join(lw->thr, NULL);
-	r = lw->error;
-	if (!r)
-		r = lw_write_super(lw, lw->entries);
-	if (fsync(lw->fd) < 0 && errno != EINVAL && !r)
-		r = errno;
-	pthread_mutex_lock(&lw->lock);
-	lw_free_chain(lw, lw->held.head);
-	lw_free_chain(lw, lw->ready.head);
-	pthread_mutex_unlock(&lw->lock);
-	pthread_cond_destroy(&lw->work);
-	pthread_cond_destroy(&lw->idle);
-	pthread_mutex_destroy(&lw->lock);
-	free(lw->zero);
-	free(lw);
-	return -r;
 }
 
 /* ---- tests: drive the log without a device --------------------------------- */

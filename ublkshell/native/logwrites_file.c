@@ -3,14 +3,19 @@
  * The --log-writes writer thread: what the queue threads made ready goes to
  * the log file in dm-log-writes' layout (crash/logwrites.py reads it): the
  * super block in the first sector, then per entry one sector of header (a
- * mark's name inside it) and, for a write, its data.
+ * mark's name inside it) and, for a write, its data. Also the log's life:
+ * open (the thread starts) and close (what is left is written, or dropped
+ * after a deadline).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/uio.h>
 
+#include "ushell.h"
 #include "logwrites_int.h"
 
 static int write_all(int fd, struct iovec *iov, int n, uint64_t off)
@@ -232,4 +237,115 @@ void *lw_writer(void *arg)
 	pthread_mutex_unlock(&lw->lock);
 	free(a);
 	return NULL;
+}
+
+struct us_lwlog *us_lw_open(int fd, uint32_t sectorsize, uint64_t entries, uint64_t next_off,
+			    uint64_t limit, int *err)
+{
+	struct us_lwlog *lw;
+
+	*err = -EINVAL;
+	if (sectorsize < 512 || sectorsize > 4096 || (sectorsize & (sectorsize - 1)) ||
+	    (next_off && next_off < sectorsize) || next_off % sectorsize)
+		return NULL;
+	*err = -ENOMEM;
+	lw = calloc(1, sizeof(*lw));
+	if (!lw)
+		return NULL;
+	lw->zero_len = 1 << 20;
+	lw->zero = calloc(1, lw->zero_len);
+	if (!lw->zero)
+		goto fail;
+	lw->fd = fd;
+	lw->sectorsize = sectorsize;
+	for (lw->shift = 0; (512U << lw->shift) < sectorsize; lw->shift++)
+		;
+	lw->entries = lw->counted = entries;
+	lw->next_off = next_off ? next_off : sectorsize;
+	lw->limit = limit;
+	if (pthread_mutex_init(&lw->lock, NULL))
+		goto fail;
+	pthread_cond_init(&lw->work, NULL);
+	pthread_cond_init(&lw->idle, NULL);
+	/* a valid (empty or adopted) log before the first IO: replay reads it at once */
+	*err = -lw_write_super(lw, entries);
+	if (*err)
+		goto fail_sync;
+	if (pthread_create(&lw->thr, NULL, lw_writer, lw)) {
+		*err = -EAGAIN;
+		goto fail_sync;
+	}
+	*err = 0;
+	return lw;
+fail_sync:
+	pthread_cond_destroy(&lw->work);
+	pthread_cond_destroy(&lw->idle);
+	pthread_mutex_destroy(&lw->lock);
+fail:
+	free(lw->zero);
+	free(lw);
+	return NULL;
+}
+
+/* under lock: wait until the writer has written everything queued before this call */
+static int drain_locked(struct us_lwlog *lw, int timeout_ms)
+{
+	struct timespec until;
+
+	lw_deadline(&until, timeout_ms);
+	while ((lw->ready.head || lw->busy) && !lw->error)
+		if (pthread_cond_timedwait(&lw->idle, &lw->lock, &until) == ETIMEDOUT)
+			return -ETIMEDOUT;
+	return lw->error ? -lw->error : 0;
+}
+
+int us_lw_sync(struct us_lwlog *lw, int timeout_ms)
+{
+	int r;
+
+	pthread_mutex_lock(&lw->lock);
+	r = drain_locked(lw, timeout_ms);
+	pthread_mutex_unlock(&lw->lock);
+	return r;
+}
+
+int us_lw_close(struct us_lwlog *lw, const char *end_mark, int timeout_ms)
+{
+	int r;
+
+	if (!lw)
+		return 0;
+	pthread_mutex_lock(&lw->lock);
+	/* as dm-log-writes' teardown: writes never flushed still happened to the device */
+	if (end_mark && !lw->error)
+		lw_list_splice(&lw->ready, &lw->held);
+	pthread_mutex_unlock(&lw->lock);
+	if (end_mark && *end_mark)
+		us_lw_mark(lw, end_mark, timeout_ms, NULL);
+	pthread_mutex_lock(&lw->lock);
+	/* a writer that cannot finish in time drops the rest: the log stays valid where it ends */
+	if (drain_locked(lw, timeout_ms) == -ETIMEDOUT) {
+		__atomic_store_n(&lw->abandon, 1, __ATOMIC_RELAXED);
+		if (!lw->error)
+			__atomic_store_n(&lw->error, ETIMEDOUT, __ATOMIC_RELAXED);
+	}
+	lw->stop = 1;
+	pthread_cond_signal(&lw->work);
+	pthread_mutex_unlock(&lw->lock);
+	pthread_join(lw->thr, NULL);
+	r = lw->error;
+	if (!r)
+		r = lw_write_super(lw, lw->entries);
+	if (fsync(lw->fd) < 0 && errno != EINVAL && !r)
+		r = errno;
+	pthread_mutex_lock(&lw->lock);
+	lw_free_chain(lw, lw->held.head);
+	lw_free_chain(lw, lw->ready.head);
+	pthread_mutex_unlock(&lw->lock);
+	pthread_cond_destroy(&lw->work);
+	pthread_cond_destroy(&lw->idle);
+	pthread_mutex_destroy(&lw->lock);
+	free(lw->zero);
+	free(lw);
+	return -r;
 }

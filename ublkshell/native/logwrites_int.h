@@ -79,6 +79,11 @@ struct us_lwlog {
 void lw_stop_logging(struct us_lwlog *lw, int err);
 /* under lw->lock: free a chain (and what its FLUSHes captured), uncharging its data */
 void lw_free_chain(struct us_lwlog *lw, struct lw_block *b);
+/* logwrites.c: move all of from behind to */
+void lw_list_splice(struct lw_list *to, struct lw_list *from);
+/* logwrites.c: a CLOCK_REALTIME deadline timeout_ms from now, for pthread_cond_timedwait */
+struct timespec;
+void lw_deadline(struct timespec *until, int timeout_ms);
 /* logwrites_file.c: the super block counting n entries */
 int lw_write_super(struct us_lwlog *lw, uint64_t n);
 void *lw_writer(void *arg);
