@@ -164,5 +164,8 @@ def test_bad_requests_are_one_line_errors_and_leave_nothing(env, tmp_path):
         r = crashtest(work, *args, check=False)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode != 0 and why in last and "Traceback" not in r.stderr, (args, r.stderr)
+        # progress lines first ("crashtest: ..."), then the error: one line
+        assert [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("crashtest: ")] == [last], \
+            r.stderr
     assert (tmp_path / "taken.log").read_bytes() == b"x"
     assert list(work.iterdir()) == [], "a failed crashtest left files behind"

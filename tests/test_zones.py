@@ -213,7 +213,6 @@ def spec(**kw):
     (dict(zone_size="2T"), "--zone-size: 2T is out of range"),
     (dict(zone_size="0"), "--zone-size: the size must be greater than zero"),
     (dict(size="1T", zone_size="64k"), "more than 1048576: use larger zones"),
-    (dict(io_mode="batch"), "--io-mode batch:"),
     (dict(zero_copy="on"), "--zero-copy on:"),
     (dict(powercut=True), "--powercut"),
     (dict(zoned=False), "--zone-size is for zoned devices: add --zoned"),

@@ -163,7 +163,7 @@ def cli_parser() -> argparse.ArgumentParser:
     a.add_argument("--zoned", action="store_true",
                    help="mem: a host-managed zoned device (UBLK_F_ZONED, Linux 6.6+): writes only at a "
                         "zone's write pointer (else EIO), zone open/close/finish/reset, zone append, "
-                        "`blkzone report`; per-tag IO with user copy, no zero copy")
+                        "`blkzone report`; user copy, no zero copy")
     a.add_argument("--zone-size", metavar="SIZE",
                    help="--zoned: zone size, a power of two from 64k to 1T that divides --size (default 256M)")
     a.add_argument("--conv-zones", type=int, metavar="N",

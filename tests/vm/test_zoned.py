@@ -41,7 +41,8 @@ def test_geometry_write_pointer_zone_ops_faults_and_trace(devices):
                       "--max-open", "4", "--max-active", "6")
     p, did = dev["path"], str(dev["id"])
     assert dev["zoned"] == {"zone_size": ZONE, "zones": 16, "conv_zones": 2, "max_open": 4, "max_active": 6}
-    assert dev["io_mode"] == "per-tag" and not dev["zero_copy"]
+    # auto: batch IO, whose commit elements carry zone append LBAs (UBLK_BATCH_F_HAS_ZONE_LBA)
+    assert dev["io_mode"] == "batch" and not dev["zero_copy"]
     assert (sysfs(p, "zoned"), sysfs(p, "chunk_sectors"), sysfs(p, "nr_zones")) == (
         "host-managed", str(SECT_PER_ZONE), "16")
     assert (sysfs(p, "max_open_zones"), sysfs(p, "max_active_zones")) == ("4", "6")
@@ -96,9 +97,11 @@ def test_geometry_write_pointer_zone_ops_faults_and_trace(devices):
     assert all(x["cond"] in (0, 1) for x in report(p)), "reset all: every sequential zone empty"
 
 
-def test_fio_zbd_verify(devices):
+@pytest.mark.parametrize("mode", ["per-tag", "batch"])
+def test_fio_zbd_verify(devices, mode):
     dev = devices.add("-t", "mem", "--size", "256M", "--zoned", "--zone-size", "16M", "--conv-zones", "2",
-                      "-q", "2")
+                      "-q", "2", "--io-mode", mode)
+    assert dev["io_mode"] == mode
     f = run(["fio", "--name=zbd", f"--filename={dev['path']}", "--zonemode=zbd", "--direct=1",
              "--ioengine=psync", "--rw=write", "--bs=64k", f"--offset={2 * ZONE}", "--size=96M",
              "--verify=crc32c", "--do_verify=1", "--verify_state_save=0", "--output-format=json"],
@@ -148,14 +151,17 @@ ZONED_FS = {
 }
 
 
-@pytest.mark.parametrize("fs", sorted(ZONED_FS))
-def test_zoned_filesystem_files_check_and_remount(devices, scratch, fs):
+# btrfs writes its data with zone appends: both ways a result carries the LBA back
+@pytest.mark.parametrize("fs,mode", [("btrfs", "per-tag"), ("btrfs", "batch"), ("f2fs", "batch")])
+def test_zoned_filesystem_files_check_and_remount(devices, scratch, fs, mode):
     """A zoned filesystem on it: files written and fsync'ed, some deleted, the filesystem's
     checker clean, and a remount reads every file back. Small zones: both reserve whole zones
     (f2fs a section per zone for its cleaner; on 2G of 64M zones it left 74 MiB to write, and
     btrfs's writeback waited for ever there), so 4M zones, as many drives' are not."""
     mkfs, checker, clean = ZONED_FS[fs]
-    dev = devices.add("-t", "mem", "--size", "1G", "--zoned", "--zone-size", "4M", "--conv-zones", "16")
+    dev = devices.add("-t", "mem", "--size", "1G", "--zoned", "--zone-size", "4M", "--conv-zones", "16",
+                      "--io-mode", mode)
+    assert dev["io_mode"] == mode
     mnt = os.path.join(scratch, fs)
     os.makedirs(mnt)
     run([*mkfs, dev["path"]], timeout=300)
@@ -184,3 +190,9 @@ def test_zoned_filesystem_files_check_and_remount(devices, scratch, fs):
         run(["umount", mnt])
     # the data went into sequential zones, written up to their pointers
     assert any(z["type"] == 2 and z["wp"] > 0 for z in report(dev["path"]))
+    if fs == "btrfs":
+        # its data went by zone append, each landing where the result said: the files read back
+        tr = cli("trace", str(dev["id"]), "--from-start", "--json", "--count", "1", "op=zone_append",
+                 timeout=60)
+        (rec,) = [json.loads(line) for line in tr.stdout.splitlines()]
+        assert rec["op"] == "zone_append" and rec["result"] > 0, rec

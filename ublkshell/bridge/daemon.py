@@ -122,9 +122,7 @@ class Daemon:
         spec = self.spec
         self.target.open()
         flags = recovery_flags(spec.get("recovery"), self.ctrl.features)
-        # zoned: per tag, as the batch front end carries no zone append LBA (targets.check_zoned)
-        flags |= io_mode_flags("per-tag" if spec.get("zoned") else spec.get("io_mode", "auto"),
-                               self.ctrl.features, spec["depth"])
+        flags |= io_mode_flags(spec.get("io_mode", "auto"), self.ctrl.features, spec["depth"])
         flags |= self.target.dev_flags(self.ctrl.features)
         flags |= zero_copy_flags(spec.get("zero_copy", "auto"), self.ctrl.features,
                                  self.target.zero_copy_pays())

@@ -102,6 +102,11 @@ def _tail(out: bytes) -> str:
     return "\n".join(out.decode(errors="replace").splitlines()[-TAIL:])
 
 
+def _one_line(out: bytes) -> str:
+    """A tool's last words, for a one-line error."""
+    return " | ".join(ln.strip() for ln in out.decode(errors="replace").splitlines()[-3:] if ln.strip())
+
+
 class Run:
     def __init__(self, a: dict, size: int, user_check):
         self.a, self.size, self.user_check = a, size, user_check
@@ -160,7 +165,7 @@ class Run:
         p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
         if p.returncode:
             raise UblkError(f"crashtest: {what} failed ({shlex.join(argv)}, exit {p.returncode}): "
-                            f"{_tail(p.stdout + p.stderr)}")
+                            f"{_one_line(p.stdout + p.stderr)}")
 
     def _flush(self, path) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -181,7 +186,7 @@ class Run:
         if p.returncode == 0:
             self.mounted.add(mnt)
         elif not loop:
-            raise UblkError(f"crashtest: mount failed ({shlex.join(argv)}): {_tail(p.stdout + p.stderr)}")
+            raise UblkError(f"crashtest: mount failed ({shlex.join(argv)}): {_one_line(p.stdout + p.stderr)}")
         return p
 
     def _umount(self, mnt) -> int:

@@ -36,9 +36,6 @@ def check_zoned(spec: dict, targets: dict, zoned: bool, zone_size, conv_zones, m
         raise UsageError("--zoned is ublk's (UBLK_F_ZONED): a FUSE file has no zones")
     if spec.get("powercut"):
         raise UsageError("--powercut undoes data, not write pointers: it cannot be used with --zoned")
-    if spec.get("io_mode") == "batch":
-        raise UsageError("--io-mode batch: ublkshell's batch front end does not carry zone append "
-                         "LBAs; a zoned device serves per tag (--io-mode auto or per-tag)")
     if spec.get("zero_copy") in ("on", "fallback"):
         raise UsageError(f"--zero-copy {spec['zero_copy']}: the driver moves a zoned device's data "
                          "only by user copy (UBLK_F_USER_COPY); use --zero-copy auto or off")

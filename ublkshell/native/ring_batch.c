@@ -47,13 +47,15 @@ struct us_buf_reg {
 };
 
 /*
- * UBLK_BATCH_F_HAS_BUF_ADDR: the element carries the tag's buffer after its
- * header. A zero-copy device has no daemon buffers: its element is the header
- * alone, whose buf_index names the slot the tag's pages are registered at.
+ * An element is its header, then (UBLK_BATCH_F_HAS_BUF_ADDR) the tag's buffer,
+ * then (UBLK_BATCH_F_HAS_ZONE_LBA, a zoned device) where a zone append landed.
+ * A zero-copy device has no daemon buffers, its buf_index names the slot the
+ * tag's pages are registered at; a user-copy device (zoned) names none.
  */
 struct batch_elem {
 	struct ublk_elem_header h;
 	uint64_t	buf_addr;
+	uint64_t	zone_lba;
 };
 
 struct us_batch {
@@ -62,7 +64,7 @@ struct us_batch {
 	char		*fetch_buf[NR_FETCH];
 	unsigned	fetch_off[NR_FETCH];	/* where the next CQE's tags start */
 	char		*commit_buf[NR_COMMIT_BUFS];
-	unsigned	elem_bytes;		/* 16 with the buffer's address, 8 without */
+	unsigned	elem_bytes;		/* 8, and 8 more for each of buf_addr and zone_lba */
 	uint16_t	elem_flags;
 	unsigned	commit_busy;		/* bit i: buffer i is in a command in flight */
 	unsigned	commit_nr[NR_COMMIT_BUFS];	/* elements sent in it */
@@ -159,15 +161,27 @@ static unsigned batch_flush(struct us_queue *q)
 static void batch_complete(struct us_queue *q, unsigned tag, int result)
 {
 	struct us_batch *b = q->fe_q;
-	struct batch_elem *e = (struct batch_elem *)(b->commit_buf[b->cur] + b->nr++ * b->elem_bytes);
+	char *e = b->commit_buf[b->cur] + b->nr++ * b->elem_bytes;
+	struct ublk_elem_header *h = (struct ublk_elem_header *)e;
+	unsigned off = sizeof(*h);
 
 	/* a tag is ours once per fetch, so depth elements always fit */
-	e->h.tag = tag;
+	h->tag = tag;
 	/* zero copy: the slot unregistered now, and the one the tag's next request is registered at */
-	e->h.buf_index = us_zc_slot(q, tag);
-	e->h.result = result;
-	if (b->elem_bytes == sizeof(*e))
-		e->buf_addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
+	h->buf_index = us_zc_slot(q, tag);
+	h->result = result;
+	if (b->elem_flags & UBLK_BATCH_F_HAS_BUF_ADDR) {
+		uint64_t addr = (uint64_t)(uintptr_t)q->ios[tag].buf;
+
+		memcpy(e + off, &addr, sizeof(addr));
+		off += sizeof(addr);
+	}
+	if (b->elem_flags & UBLK_BATCH_F_HAS_ZONE_LBA) {
+		/* as the per-tag commit: only a zone append's result has a place */
+		uint64_t lba = (q->ios[tag].op_flags & 0xff) == UBLK_IO_OP_ZONE_APPEND ? q->ios[tag].append_lba : 0;
+
+		memcpy(e + off, &lba, sizeof(lba));
+	}
 	q->results_pending = b->nr;
 }
 
@@ -332,13 +346,17 @@ static int batch_queue_start(struct us_queue *q)
 		if (ret)
 			return ret;
 	}
+	b->elem_bytes = sizeof(struct ublk_elem_header);
 	if (q->dev->zc) {
-		b->elem_bytes = sizeof(struct ublk_elem_header);
 		/* a slot the kernel cannot fill brings the tag flagged NEED_REG_BUF: it takes the copy path */
 		b->elem_flags = UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK;
-	} else {
-		b->elem_bytes = sizeof(struct batch_elem);
+	} else if (!q->dev->ucopy) {
+		b->elem_bytes += sizeof(uint64_t);
 		b->elem_flags = UBLK_BATCH_F_HAS_BUF_ADDR;
+	}
+	if (q->dev->cfg.zone_sectors) {
+		b->elem_bytes += sizeof(uint64_t);
+		b->elem_flags |= UBLK_BATCH_F_HAS_ZONE_LBA;
 	}
 	for (i = 0; i < NR_COMMIT_BUFS; i++) {
 		b->commit_buf[i] = calloc(depth, sizeof(struct batch_elem));
