@@ -16,10 +16,11 @@ The users' interpreter: the venv's python lives under /root (0700 on the host), 
 users run the system python of the same version with the venv's site-packages and this
 checkout on PYTHONPATH (both readable by everyone); nothing on the host is chmod-ed.
 
-A's server runs without its stats tree: a user's tree is mounted through the setuid
-fusermount3, which refuses a uid with no passwd entry ("fusermount3: could not determine
-username"), and these users have none by design; the tree's own tests run as root
-(tests/vm/test_server_tree.py).
+A's server mounts its own stats tree through the setuid fusermount3, which looks the user
+up ("fusermount3: could not determine username" without an entry): the test gives A, B and
+C passwd entries in the guest only, by bind-mounting a copy of /etc/passwd with their lines
+over it (a mount in the guest's namespace; the host's file is never written), and opens
+/dev/fuse to users as distributions' udev rules do.
 """
 import json
 import os
@@ -146,17 +147,35 @@ def _one_line_error(r, *words):
     return line
 
 
-def test_two_users(setup, scratch):
+@pytest.fixture
+def passwd(scratch):
+    # and /dev/fuse open to users, as distributions' udev rules make it (MODE="0666")
+    fuse_mode = os.stat("/dev/fuse").st_mode & 0o7777
+    os.chmod("/dev/fuse", 0o666)
+    path = os.path.join(scratch, "passwd")
+    with open("/etc/passwd") as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text + "".join(f"ublktest{u}:x:{u}:{u}::/run/user/{u}:/usr/sbin/nologin\n" for u in (A, B, C)))
+    os.chmod(path, 0o644)
+    run(["mount", "--bind", path, "/etc/passwd"])
+    yield
+    run(["umount", "/etc/passwd"], check=False)
+    os.chmod("/dev/fuse", fuse_mode)
+
+
+def test_two_users(setup, passwd, scratch):
     secret = os.path.join(scratch, "root-only.img")
     with open(secret, "wb") as f:
         f.truncate(16 << 20)
     os.chmod(secret, 0o600)
     os.chmod(scratch, 0o755)
 
-    # A's own server (its stats tree is left out: see the module's notes)
+    # A's own server, with its own stats tree
     argv, env = _as(A)
-    server = subprocess.Popen(argv + [_python(), "-P", "-m", "ublkshell", "serve", "--no-fuse"], env=env,
-                              cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server_log = open(os.path.join(scratch, "server.log"), "w+")
+    server = subprocess.Popen(argv + [_python(), "-P", "-m", "ublkshell", "serve"], env=env,
+                              cwd="/", stdout=subprocess.DEVNULL, stderr=server_log)
     a_sock = f"/run/user/{A}/ublkshell/ublkshell.sock"
     a_state = f"/run/user/{A}/ublkshell"
     try:
@@ -203,6 +222,20 @@ def test_two_users(setup, scratch):
         assert a_stats["rc"] == 0 and json.loads(a_stats["out"]), a_stats
         # through A's own server
         assert a_shell["rc"] == 0 and "unprivileged_dev" in a_shell["out"], a_shell
+        # A watches its device in its own tree; nobody else may enter it
+        tree = f"{a_state}/stats"
+        deadline = time.monotonic() + 30
+        while True:
+            (a_tree,) = _steps(A, [["listdir", tree]])
+            if f"ublkb{a_id}" in a_tree["out"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        server_log.seek(0)
+        assert a_tree["rc"] == 0 and f"ublkb{a_id}" in json.loads(a_tree["out"]), (a_tree, server_log.read())
+        (a_read,) = _steps(A, [["read", f"{tree}/ublkb{a_id}/stats.json"]])
+        assert a_read["rc"] == 0 and json.loads(a_read["out"])["ops"]["write"]["ios"] >= 32, a_read
+        (b_tree,) = _steps(B, [["listdir", tree]])
+        assert b_tree["rc"] == 1 and "PermissionError" in b_tree["err"], b_tree
 
         # root sees both users' devices, and deletes B's (every command carries the path)
         everyone = {d["id"]: d for d in json.loads(cli("list", "--json").stdout)}

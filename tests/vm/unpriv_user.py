@@ -2,7 +2,7 @@
 interpreter (each fresh one costs seconds under emulation), one JSON line out.
 
 argv[1]: a JSON list of steps, each a CLI argv list, ["connect", SOCKET] (a request
-straight to a server's socket) or ["listdir", PATH]."""
+straight to a server's socket), ["listdir", PATH] or ["read", PATH]."""
 import contextlib
 import io
 import json
@@ -40,9 +40,17 @@ def _listdir(path):
         return {"argv": ["listdir", path], "rc": 1, "out": "", "err": f"{type(e).__name__}: {e}"}
 
 
+def _read(path):
+    try:
+        with open(path) as f:
+            return {"argv": ["read", path], "rc": 0, "out": f.read(), "err": ""}
+    except OSError as e:
+        return {"argv": ["read", path], "rc": 1, "out": "", "err": f"{type(e).__name__}: {e}"}
+
+
 def main():
     results = []
-    steps = {"connect": _connect, "listdir": _listdir}
+    steps = {"connect": _connect, "listdir": _listdir, "read": _read}
     for step in json.loads(sys.argv[1]):
         results.append(steps[step[0]](step[1]) if step[0] in steps else _cli(step))
     print(json.dumps(results))
