@@ -84,13 +84,21 @@ class Bench(UblkDevices):
         self.dm.append(name)
         return f"/dev/mapper/{name}"
 
+    def _drop_kernel(self, problems: list | None = None) -> None:
+        """The dm devices, then their loop devices. problems: collect what fails and go on
+        (cleanup); None: raise at the first, leaving the rest for cleanup."""
+        for owned, cmd in ((self.dm, ["dmsetup", "remove"]), (self.loops, ["losetup", "-d"])):
+            while owned:
+                try:
+                    run([*cmd, owned[0]], " ".join(cmd), timeout=120)
+                except BenchError as e:
+                    if problems is None:
+                        raise
+                    problems.append(str(e))
+                owned.pop(0)
+
     def drop_kernel(self) -> None:
-        for name in self.dm:
-            run(["dmsetup", "remove", name], "dmsetup remove", timeout=120)
-        self.dm.clear()
-        for dev in self.loops:
-            run(["losetup", "-d", dev], "losetup -d", timeout=60)
-        self.loops.clear()
+        self._drop_kernel()
         for name in ("data.img", "log.img"):
             path = os.path.join(self.dir, name)
             if os.path.exists(path):
@@ -98,16 +106,7 @@ class Bench(UblkDevices):
 
     def cleanup(self) -> list[str]:
         problems = super().cleanup()
-        for name in list(self.dm):
-            try:
-                run(["dmsetup", "remove", name], "dmsetup remove", timeout=120)
-            except BenchError as e:
-                problems.append(str(e))
-        for dev in self.loops:
-            try:
-                run(["losetup", "-d", dev], "losetup -d", timeout=60)
-            except BenchError as e:
-                problems.append(str(e))
+        self._drop_kernel(problems)
         run(["rm", "-rf", self.dir], "rm", timeout=60)
         return problems
 

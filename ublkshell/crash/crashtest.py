@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import UblkError, UsageError
 from ..validate import Arg, check, flag, text, whole
 from .logwrites import Log, flag_names
+from .progress import Progress
 from .replay import apply_to_file
 from .states import epochs, states
 
@@ -241,7 +242,7 @@ class Run:
         first = None
         slots = list(range(self.jobs))
         lock = threading.Lock()
-        progress = _Progress(limit)
+        progress = Progress("crashtest", "state", limit)
         with ThreadPoolExecutor(self.jobs) as pool:
             for ep, sts in plan:
                 sts = sts[:max(0, limit - done)]
@@ -257,7 +258,7 @@ class Run:
                             slots.append(slot)
                 for st, why in pool.map(one, sts):
                     done += 1
-                    progress(done, failed)
+                    progress(done, f", {failed} failed")
                     if why:
                         failed += 1
                         if first is None:
@@ -394,20 +395,3 @@ def _copy_file(src: str, dst: str, size: int) -> None:
             if n <= 0:
                 break
             done += n
-
-
-class _Progress:
-    def __init__(self, total: int):
-        self.total, self.shown = total, 0.0
-        self.on = sys.stderr.isatty() and total > 0
-
-    def __call__(self, done: int, failed: int) -> None:
-        now = time.monotonic()
-        if self.on and (now - self.shown > 0.25 or done == self.total):
-            self.shown = now
-            print(f"\rcrashtest: state {done}/{self.total} ({100 * done // self.total}%), {failed} failed",
-                  end="", file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.on and self.shown:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)

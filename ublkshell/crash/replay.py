@@ -12,11 +12,11 @@ import os
 import shlex
 import stat
 import sys
-import time
 
 from ..errors import UblkError, UsageError
 from ..validate import Arg, check, flag, text, whole, U64
 from .logwrites import DISCARD, FLUSH, MARK, Entry, Log, flag_names
+from .progress import Progress
 
 CHECK_AT = ("flush", "mark", "each")
 # a check's output is shown only when it fails: its last lines
@@ -229,25 +229,6 @@ def _punch(fd: int, offset: int, length: int) -> bool:
     return _fallocate[0](fd, FALLOC_PUNCH, offset, length) == 0
 
 
-class Progress:
-    """`replay: entry i/N` on a terminal's stderr, a few times a second; nothing elsewhere."""
-
-    def __init__(self, total: int):
-        self.total, self.shown = total, 0.0
-        self.on = sys.stderr.isatty() and total > 0
-
-    def __call__(self, i: int) -> None:
-        now = time.monotonic()
-        if self.on and now - self.shown > 0.25:
-            self.shown = now
-            print(f"\rreplay: entry {i + 1}/{self.total} ({100 * (i + 1) // self.total}%)",
-                  end="", file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.on and self.shown:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-
-
 def _replay(log: Log, entries: list[Entry], a: dict, check_argv: list[str] | None) -> int:
     from ..units import parse_size
 
@@ -255,7 +236,7 @@ def _replay(log: Log, entries: list[Entry], a: dict, check_argv: list[str] | Non
     size = parse_size(a["size"], "--size") if a["size"] else None
     target = Target(a["target"], size, log)
     counts = {"writes": 0, "discards": 0, "flushes": 0, "marks": 0, "bytes": 0, "checks": 0}
-    progress = Progress(len(entries))
+    progress = Progress("replay", "entry", len(entries))
     try:
         # a target too small is said before anything is written to it
         for e in entries:
@@ -265,14 +246,14 @@ def _replay(log: Log, entries: list[Entry], a: dict, check_argv: list[str] | Non
                 target.zero(e.sector * ss, e.nr_sectors * ss)
                 counts["discards"] += 1
             elif e.data_at >= 0:
-                _copy(log, e, target, ss)
+                _write_data(log, e, target.fd, target.path)
                 counts["writes"] += 1
                 counts["bytes"] += e.nr_sectors * ss
             if e.flags & FLUSH:
                 counts["flushes"] += 1
             if e.flags & MARK:
                 counts["marks"] += 1
-            progress(e.index)
+            progress(e.index + 1)
             if check_argv and _check_point(e, a["check_at"]):
                 counts["checks"] += 1
                 failed = _run_check(target, check_argv, e)
@@ -296,10 +277,6 @@ def _replay(log: Log, entries: list[Entry], a: dict, check_argv: list[str] | Non
               f"({human(counts['bytes'])}), {counts['discards']} discards, {counts['flushes']} flushes, "
               f"{counts['marks']} marks{checked}")
     return 0
-
-
-def _copy(log: Log, e: Entry, target: Target, ss: int) -> None:
-    _write_data(log, e, target.fd, target.path)
 
 
 def _write_data(log: Log, e: Entry, fd: int, path: str) -> None:
