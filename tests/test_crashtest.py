@@ -169,3 +169,29 @@ def test_bad_requests_are_one_line_errors_and_leave_nothing(env, tmp_path):
             r.stderr
     assert (tmp_path / "taken.log").read_bytes() == b"x"
     assert list(work.iterdir()) == [], "a failed crashtest left files behind"
+
+
+@pytestmark_fuse
+def test_a_crashtest_killed_halfway_leaves_nothing(env):
+    """SIGTERM while the workload runs: the workload, its mount, the device and the work
+    directory all go, as on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, work = env
+    p = subprocess.Popen([sys.executable, "-m", "ublkshell", "crashtest", "--workdir", str(work), "--size", "32M",
+                          "--", "sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def mounted():
+        with open("/proc/mounts") as f:
+            return any(str(work) in line for line in f)
+    deadline = time.monotonic() + 60
+    while not mounted() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the workload starts right after the mount
+    assert mounted(), "the workload never started"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert not list(work.iterdir()), "a killed crashtest left files behind"

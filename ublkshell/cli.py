@@ -268,7 +268,13 @@ def _dispatch(parser, argv) -> int:
         a = commands.args_of(args)
         if a["workload"][:1] == ["--"]:
             a["workload"] = a["workload"][1:]
-        return crashtest(a)
+        # a SIGTERM or a closed terminal ends it as Ctrl-C does: its device, mounts and images go
+        old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return crashtest(a)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
     if args.verb == "serve":
         from .bridge.protocol import SOCKET_PATH
         from .bridge.server import default_mount, serve
